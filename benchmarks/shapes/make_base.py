@@ -1,0 +1,130 @@
+"""Re-create the shapes world's base model from its recipe (see base_recipe.toml).
+
+    python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml --out benchmarks/shapes/base
+    python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml --out /tmp/base --device cuda
+
+The work folder (--work, default .cache/make_base) keeps the data, the VAE and the pretraining run, so an
+interrupted pretraining resumes. The result is a standard diffusers StableDiffusion3Pipeline folder (fp16
+weights, no T5) plus SHA256SUMS and recipe.toml.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import soarbench  # noqa: F401  (torchvision fallback before diffusers imports)
+from soarbench import config as C
+from soarbench.harness.data import load_pixels, read_records
+from soarbench.models.tiny import TinySD3Config, build_tiny_sd3
+
+
+def train_vae(model_dir: Path, records, cfg: dict, device: str, log) -> None:
+    """Fit the tiny VAE on the shapes images: L1 + MSE reconstruction and a small KL term."""
+    import random
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae").to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=float(cfg["lr"]), weight_decay=0.0)
+    rng = random.Random(int(cfg["seed"]))
+    gen = torch.Generator(device=device).manual_seed(int(cfg["seed"]))
+    pixels = torch.stack([load_pixels(r, rng, False) for r in records]).to(device)
+    bs, steps = int(cfg["batch_size"]), int(cfg["steps"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        x = pixels[torch.randint(len(pixels), (bs,), generator=gen, device=device)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + float(cfg["kl_weight"]) * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(pixels[i:i + 512]).latent_dist.mean for i in range(0, len(pixels), 512)])
+        rec = torch.cat([vae.decode(lat[i:i + 512]).sample for i in range(0, len(lat), 512)])
+    shift, scale = lat.mean().item(), 1.0 / lat.std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    err = (rec.clamp(-1, 1) - pixels).abs().mul(127.5).mean().item()
+    log(f"vae: mean abs reconstruction error {err:.2f}/255, shift {shift:.4f}, scale {scale:.4f}")
+    vae.cpu().save_pretrained(model_dir / "vae")
+
+
+def export(model_dir: Path, run_dir: Path, out: Path, recipe_text: str) -> None:
+    """Full pipeline folder = the VAE/scheduler/tokenizers of model_dir + the pretrained components, in fp16."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from soarbench.harness.checkpoint import latest_checkpoint
+    from soarbench.models.sd3 import SD3Adapter
+
+    ckpt = latest_checkpoint(run_dir)
+    adapter = SD3Adapter.from_pretrained(ckpt, device="cpu", max_sequence_length=0)
+    pipe: StableDiffusion3Pipeline = adapter.pipe
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(tmp)
+    (tmp / "recipe.toml").write_text(recipe_text)
+    sums = []
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(tmp).as_posix()}")
+    (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", type=Path, default=Path(__file__).with_name("base_recipe.toml"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("base"))
+    ap.add_argument("--work", type=Path, default=Path(".cache/make_base"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="override a recipe value")
+    args = ap.parse_args(argv)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    recipe = C.apply_overrides(C.load_toml(args.recipe), args.overrides)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    from soarbench.worlds.shapes import write_training_split
+
+    data_dir = work / "data"
+    if not (data_dir / "train.jsonl").is_file():
+        write_training_split(data_dir, n_images=int(recipe["data"]["n_images"]), seed=int(recipe["data"]["seed"]),
+                             size=int(recipe["tiny"]["image_size"]))
+    records = read_records(data_dir / "train.jsonl")
+    log(f"data: {len(records)} images ({time.time() - t_start:.0f}s)")
+
+    model_dir = work / "init"
+    if not (model_dir / "model_index.json").is_file():
+        build_tiny_sd3(model_dir, TinySD3Config.from_dict(recipe["tiny"]))
+        train_vae(model_dir, records, recipe["vae"], device, log)
+        (model_dir / "vae_done").write_text("ok")
+
+    from soarbench.harness.train import train
+
+    cfg = C.deep_merge(recipe["pretrain"], {"model": {"path": str(model_dir.resolve())},
+                                            "data": {"jsonl": str((data_dir / "train.jsonl").resolve())},
+                                            "train": {"device": device}, "run": {"name": "base", "group": "base"}})
+    run_dir = work / "pretrain"
+    train(cfg, run_dir, resume=(run_dir / "train_log.jsonl").exists(), log=log)
+    export(model_dir, run_dir, args.out, args.recipe.read_text() + "\n# overrides: " + json.dumps(args.overrides) + "\n")
+    log(f"base written to {args.out} in {time.time() - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

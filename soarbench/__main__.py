@@ -1,0 +1,3 @@
+from soarbench.cli import main
+
+main()

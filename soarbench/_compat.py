@@ -1,0 +1,58 @@
+"""Make torchvision importable beside a CPU-only torch.
+
+The torchvision 0.28.0 wheel that matches torch 2.13.0 is a CUDA build: its compiled ops fail to load with the
+CPU torch, `import torchvision` then raises "operator torchvision::nms does not exist", and transformers,
+diffusers, open_clip and timm all import torchvision. We register the `torchvision::nms` schema with a CPU
+kernel, but only when the real op is missing; on a machine whose torchvision ops load this does nothing.
+Imported first by `soarbench/__init__.py`.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+
+def _nms_cpu(boxes, scores, iou_threshold: float):
+    import torch
+
+    order = scores.argsort(descending=True)
+    boxes = boxes[order]
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    areas = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        w = (torch.minimum(x2[i], x2[i + 1:]) - torch.maximum(x1[i], x1[i + 1:])).clamp(min=0)
+        h = (torch.minimum(y2[i], y2[i + 1:]) - torch.maximum(y1[i], y1[i + 1:])).clamp(min=0)
+        inter = w * h
+        iou = inter / (areas[i] + areas[i + 1:] - inter).clamp(min=1e-12)
+        suppressed[i + 1:] |= iou > iou_threshold
+    return order[torch.tensor(keep, dtype=torch.long)]
+
+
+def install_torchvision_fallback() -> None:
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    import torch
+
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - attribute lookup is the probe
+        return  # the real op is registered already
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        lib = torch.library.Library("torchvision", "DEF")
+        # torchvision registers fake (meta) kernels for exactly these two ops at import time
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.impl("nms", _nms_cpu, "CPU")
+        lib.impl("qnms", lambda d, s, t: _nms_cpu(d.dequantize(), s.dequantize(), t), "CPU")
+        # keep the library object alive for the life of the process
+        install_torchvision_fallback._lib = lib  # type: ignore[attr-defined]
+    except RuntimeError:
+        pass  # another copy defined it first
+
+
+install_torchvision_fallback()

@@ -1,0 +1,242 @@
+"""The `soarbench` command line. Every subcommand's help ends with worked examples.
+
+User errors (bad files, unknown names, missing models) print one line and exit 2, without a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from soarbench.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="soarbench: post-train rectified-flow text-to-image models (SFT, SOAR, Flow-GRPO) under one "
+                       "matched budget, and score them as the papers do.\n\n"
+                       "Examples:\n\n"
+                       "  soarbench run benchmarks/shapes/experiment.toml --out runs/shapes\n\n"
+                       "  soarbench train --config benchmarks/shapes/soar.toml --out runs/soar\n\n"
+                       "  soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base\n\n"
+                       "  soarbench report runs/shapes --out reports/shapes")
+metrics_app = typer.Typer(no_args_is_help=True, help="The metric registry.")
+data_app = typer.Typer(no_args_is_help=True, help="Prompt sets and training data.")
+app.add_typer(metrics_app, name="metrics")
+app.add_typer(data_app, name="data")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _log(message: str) -> None:
+    _console().print(message, markup=False, highlight=False)
+
+
+class _Bar:
+    """A rich progress bar that the harness drives through a plain callable(done, total)."""
+
+    def __init__(self, description: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=_console(), transient=True,
+                                 disable=not sys.stderr.isatty())
+        self.description, self.task = description, None
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=total)
+        self.progress.update(self.task, completed=done, total=total)
+        if total is not None and done >= total:
+            self.progress.stop()
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", help="TOML config file."),
+    out: Path = typer.Option(..., "--out", help="Run folder to create (or resume with --resume)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Override method.name: sft | soar."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+):
+    """Train one method under the config's budget; prints the budget arithmetic before spending anything.
+
+    Examples:
+
+      soarbench train --config benchmarks/shapes/soar.toml --out runs/soar
+
+      soarbench train --config benchmarks/shapes/soar.toml --method sft --set budget.amount=20000 --out runs/sft
+
+      torchrun --nproc_per_node 8 -m soarbench train --config sd35m.toml --set train.mixed_precision=bf16 --out runs/x
+    """
+    from soarbench import config as C
+    from soarbench.harness.train import train as run_train
+    from soarbench.methods import METHODS
+
+    cfg = C.apply_overrides(C.load_toml(config), list(set_))
+    if method is not None:
+        METHODS.check(method)
+        cfg.setdefault("method", {})["name"] = method
+    elif "method" in cfg and "name" in cfg["method"]:
+        METHODS.check(cfg["method"]["name"])
+    run_train(cfg, out, resume=resume, log=_log, progress=_Bar("training"))
+    _log(f"done: {out}")
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Option(..., "--model", help="A diffusers SD3 folder or a soarbench checkpoint folder."),
+    benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see the registry)."),
+    out: Path = typer.Option(..., "--out", help="Eval folder; an interrupted eval resumes here."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metric names."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same images and scores."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Euler steps (benchmark default: 40)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (benchmark default: 4.5)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    max_sequence_length: int = typer.Option(77, "--max-sequence-length", help="T5 tokens (as in training)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+):
+    """Generate a benchmark's images with fixed seeds and score them.
+
+    Examples:
+
+      soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base --max-sequence-length 0
+
+      soarbench eval --model runs/soar/checkpoints/step_000100 --benchmark shapes --steps 10 --out evals/soar10
+    """
+    import torch
+
+    from soarbench.benchmarks import BENCHMARKS, build_benchmark
+    from soarbench.evaluate import evaluate
+    from soarbench.metrics.registry import METRICS
+    from soarbench.models.sd3 import SD3Adapter
+
+    BENCHMARKS.check(benchmark)
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    for name in names or []:
+        METRICS.check(name)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    adapter = SD3Adapter.from_pretrained(model, device=dev, max_sequence_length=max_sequence_length)
+    bench = build_benchmark(benchmark)
+    summary = evaluate(adapter, bench, out, seed=seed, metric_names=names, batch_size=batch_size,
+                       model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
+                       num_steps=steps, guidance=guidance, on_progress=_Bar(f"eval {benchmark}"))
+    for key, value in summary["scores"].items():
+        typer.echo(f"{key}\t{value:.4f}")
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="Run, eval or experiment folders."),
+    out: Path = typer.Option(..., "--out", help="Report folder: main_table.csv, report.md, index.html."),
+    title: str = typer.Option("soarbench report", "--title"),
+):
+    """Tables (CSV, Markdown) and one self-contained HTML page with the training-step curves.
+
+    Examples:
+
+      soarbench report runs/shapes --out reports/shapes
+
+      soarbench report runs/sft runs/soar --out reports/mine --title "SFT vs SOAR"
+    """
+    from soarbench.report import write_report
+
+    paths = write_report(list(run_dirs), out, title=title)
+    for kind, path in paths.items():
+        typer.echo(f"{kind}\t{path}")
+
+
+@app.command()
+def run(
+    experiment: Path = typer.Argument(..., help="Experiment TOML: [common], [runs.NAME], [experiment]."),
+    out: Path = typer.Option(..., "--out", help="Experiment folder (runs, base eval)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a value of the experiment file: key=value."),
+):
+    """Every method of an experiment from the same base under the same budget, then eval, then the report.
+
+    Examples:
+
+      soarbench run benchmarks/shapes/experiment.toml --out runs/shapes
+
+      soarbench run benchmarks/shapes/experiment.toml --set common.budget.amount=4000 --out runs/quick
+    """
+    from soarbench.experiment import run_experiment
+
+    run_experiment(experiment, out, list(set_), log=_log, progress_factory=lambda name: _Bar(name))
+
+
+@metrics_app.command("list")
+def metrics_list():
+    """Each metric, what it needs and whether that is present.
+
+    Example:
+
+      soarbench metrics list
+    """
+    from soarbench.metrics.registry import METRICS
+
+    for name in METRICS.names():
+        needs = METRICS.meta(name).get("needs", [])
+        typer.echo(f"{name}\tneeds: {'; '.join(needs) or 'nothing'}")
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Path = typer.Option(..., "--out", help="Folder for train.jsonl + images/ (HY-SOAR format)."),
+    n_images: int = typer.Option(4000, "--n-images"),
+    seed: int = typer.Option(1, "--seed"),
+    image_size: int = typer.Option(32, "--image-size"),
+    test_metadata: Optional[Path] = typer.Option(None, "--test-metadata", help="Also write the test split here."),
+):
+    """Write the shapes world's training split (and optionally its held-out test prompts).
+
+    Example:
+
+      soarbench data shapes --out data/shapes --n-images 4000 --test-metadata data/shapes/test.jsonl
+    """
+    from soarbench.worlds.shapes import write_test_metadata, write_training_split
+
+    typer.echo(write_training_split(out, n_images=n_images, seed=seed, size=image_size))
+    if test_metadata is not None:
+        typer.echo(write_test_metadata(test_metadata))
+
+
+@app.command()
+def env():
+    """Versions, devices and git sha, for bug reports.
+
+    Example:
+
+      soarbench env
+    """
+    import json
+
+    from soarbench import provenance
+
+    typer.echo(json.dumps({**provenance.git_state(), "versions": provenance.package_versions(),
+                           "devices": provenance.devices()}, indent=2))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

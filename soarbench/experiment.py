@@ -1,0 +1,104 @@
+"""`soarbench run EXPERIMENT.toml --out DIR`: every method of an experiment, then eval, then the report.
+
+An experiment file holds a [common] config shared by every run, one [runs.NAME] table per method (merged over
+[common]; `seeds = [0, 1, 2]` repeats it), and an [experiment] table (name, report folder, whether to evaluate
+the base model). Runs land in DIR/NAME-sSEED/, the base model's eval in DIR/base/, and the report in the
+[experiment] report folder (default DIR/report). A finished run is skipped when the command is repeated; an
+unfinished one resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from soarbench import config as C
+from soarbench.errors import UserError
+
+
+def plan_runs(exp: dict) -> list[tuple[str, dict]]:
+    common = C.section(exp, "common")
+    runs = C.section(exp, "runs")
+    if not runs:
+        raise UserError("experiment: no [runs.NAME] tables")
+    plan = []
+    for group, over in runs.items():
+        if not isinstance(over, dict):
+            raise UserError(f"experiment: runs.{group} must be a table")
+        over = dict(over)
+        seeds = over.pop("seeds", [C.deep_merge({"train": {"seed": 0}}, common)["train"]["seed"]])
+        for seed in seeds:
+            name = f"{group}-s{seed}"
+            cfg = C.deep_merge(common, over)
+            cfg = C.deep_merge(cfg, {"train": {"seed": int(seed)}, "run": {"name": name, "group": group}})
+            plan.append((name, cfg))
+    return plan
+
+
+def finished(run_dir: Path) -> bool:
+    record = run_dir / "run.json"
+    if not record.is_file() or not (run_dir / "train_log.jsonl").is_file():
+        return False
+    steps = json.loads(record.read_text())["budget"]["steps"]
+    last = (run_dir / "train_log.jsonl").read_text().strip().splitlines()
+    return bool(last) and steps is not None and json.loads(last[-1])["step"] >= steps
+
+
+def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callable[[str], None],
+                   progress_factory: Callable[[str], Any] | None = None) -> Path:
+    from soarbench.harness.train import train
+    from soarbench.report import write_report
+
+    exp = C.apply_overrides(C.load_toml(path), overrides)
+    meta = C.section(exp, "experiment")
+    plan = plan_runs(exp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from soarbench.io import atomic_write_text
+
+    atomic_write_text(out_dir / "experiment.toml", C.dumps_toml(exp))
+    if meta.get("evaluate_base", True):
+        evaluate_base(plan[0][1], out_dir / "base", log)
+    for name, cfg in plan:
+        run_dir = out_dir / name
+        if finished(run_dir):
+            log(f"[{name}] already finished, skipped")
+            continue
+        log(f"[{name}] training")
+        progress = progress_factory(name) if progress_factory else None
+        train(cfg, run_dir, resume=(run_dir / "train_log.jsonl").exists(), log=lambda m, n=name: log(f"[{n}] {m}"),
+              progress=progress)
+    report_dir = Path(meta.get("report", out_dir / "report"))
+    paths = write_report([out_dir], report_dir, title=meta.get("title", f"soarbench: {meta.get('name', path.stem)}"))
+    log(f"report: {paths.get('html', report_dir / 'index.html')}")
+    return report_dir
+
+
+def evaluate_base(cfg: dict, folder: Path, log) -> None:
+    """The base model's eval, shared by every run of the experiment (done once)."""
+    import torch
+
+    from soarbench.benchmarks import build_benchmark
+    from soarbench.evaluate import evaluate
+    from soarbench.harness.budget import Counters
+    from soarbench.harness.train import model_info, resolve_config
+    from soarbench.models.sd3 import SD3Adapter
+
+    cfg = resolve_config(C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}}))
+    ecfg = cfg.get("eval", {})
+    if not ecfg.get("benchmark"):
+        return
+    bench = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))
+    target = folder / "evals" / "step_000000" / bench.name
+    if (target / "summary.json").is_file():
+        log("[base] eval already done, skipped")
+        return
+    log("[base] evaluating the base model")
+    device = "cuda" if torch.cuda.is_available() and cfg["train"]["device"] in ("auto", "cuda") else "cpu"
+    adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=device,
+                                         max_sequence_length=int(cfg["model"].get("max_sequence_length", 77)))
+    info = model_info(cfg, "base", 0, Counters(), Path(cfg["model"]["path"]))
+    summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
+                       batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,
+                       num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"))
+    main = next(iter(summary["scores"].items()))
+    log(f"[base] {main[0]} = {main[1]:.4f}")

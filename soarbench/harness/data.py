@@ -1,0 +1,223 @@
+"""Training data in the HY-SOAR JSONL format, bucketed batches, disjoint rank shards.
+
+One object per line: {"md5": "<hash>", "caption_en": "A photo of ...", "bw": 512, "bh": 512}; the image is
+<image_dir>/<md5>.jpg (or .png). Lines with an empty caption are skipped; a caption that is itself a JSON string
+yields its first non-empty long_caption / medium_caption / short_caption / text. Images are resized to cover the
+(bw, bh) bucket, randomly cropped, optionally flipped, normalised to [-1, 1]. Every global batch comes from one
+bucket; rank r takes its own slice, so shards never overlap.
+
+When nothing random touches the pixels (no flip, every image already at its bucket size) the VAE posterior of
+each image is computed once and sampled per step: identical in distribution to encoding every step, and far
+cheaper on small worlds. Frozen text encoders likewise encode each caption once.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from soarbench.errors import UserError
+from soarbench.harness.distributed import World
+from soarbench.io import read_jsonl
+from soarbench.methods.base import Batch
+from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
+
+CAPTION_KEYS = ("long_caption", "medium_caption", "short_caption", "text")
+
+
+@dataclass
+class Record:
+    image: Path
+    caption: str
+    bw: int
+    bh: int
+    where: str  # "file:line", for error messages
+
+
+def caption_of(raw) -> str:
+    """caption_en, or the first non-empty known field when caption_en holds a JSON object as a string."""
+    if not isinstance(raw, str):
+        return ""
+    text = raw.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(obj, dict):
+            for key in CAPTION_KEYS:
+                value = obj.get(key)
+                if isinstance(value, str) and value.strip():
+                    return value.strip()
+            return ""
+    return text
+
+
+def read_records(jsonl: str | Path, image_dir: str | Path | None = None) -> list[Record]:
+    jsonl = Path(jsonl)
+    image_dir = Path(image_dir) if image_dir else jsonl.parent / "images"
+    records = []
+    for lineno, obj in read_jsonl(jsonl, required=("md5", "caption_en")):
+        where = f"{jsonl}:{lineno}"
+        caption = caption_of(obj["caption_en"])
+        if not caption:
+            continue
+        try:
+            bw, bh = int(obj.get("bw", 0)), int(obj.get("bh", 0))
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: fields 'bw' and 'bh' must be integers") from None
+        if bw <= 0 or bh <= 0:
+            raise UserError(f"{where}: fields 'bw' and 'bh' must be positive integers (the bucket size)")
+        image = next((image_dir / f"{obj['md5']}{ext}" for ext in (".jpg", ".png")
+                      if (image_dir / f"{obj['md5']}{ext}").is_file()), None)
+        if image is None:
+            raise UserError(f"{where}: image {image_dir / (str(obj['md5']) + '.jpg')} is missing")
+        records.append(Record(image, caption, bw, bh, where))
+    if not records:
+        raise UserError(f"{jsonl}: no usable lines (every caption is empty)")
+    return records
+
+
+def load_pixels(rec: Record, rng: random.Random, random_flip: bool) -> torch.Tensor:
+    """Resize to cover the bucket, random crop, optional flip; (3, bh, bw) in [-1, 1]."""
+    try:
+        with Image.open(rec.image) as im:
+            im = im.convert("RGB")
+            scale = max(rec.bw / im.width, rec.bh / im.height)
+            if scale != 1.0 or im.size != (rec.bw, rec.bh):
+                size = (max(rec.bw, round(im.width * scale)), max(rec.bh, round(im.height * scale)))
+                if size != im.size:
+                    im = im.resize(size, Image.BICUBIC)
+                left = rng.randint(0, im.width - rec.bw)
+                top = rng.randint(0, im.height - rec.bh)
+                im = im.crop((left, top, left + rec.bw, top + rec.bh))
+            if random_flip and rng.random() < 0.5:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            arr = np.asarray(im, dtype=np.float32)
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{rec.where}: cannot read image {rec.image} ({e.__class__.__name__})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def image_size(rec: Record) -> tuple[int, int]:
+    try:
+        with Image.open(rec.image) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{rec.where}: cannot read image {rec.image} ({e.__class__.__name__})") from None
+
+
+class BucketSampler:
+    """Global batches of size batch * world from one bucket at a time; the same order on every rank."""
+
+    def __init__(self, records: list[Record], global_batch: int, seed: int):
+        self.buckets: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(records):
+            self.buckets.setdefault((r.bw, r.bh), []).append(i)
+        if all(len(v) < global_batch for v in self.buckets.values()):
+            raise UserError(f"data: every bucket holds fewer than one global batch ({global_batch} images)")
+        self.global_batch, self.seed = global_batch, seed
+        self.epoch, self._queue = 0, []
+
+    def _refill(self) -> None:
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        batches = []
+        for key in sorted(self.buckets):
+            idx = list(self.buckets[key])
+            rng.shuffle(idx)
+            batches += [idx[i:i + self.global_batch] for i in range(0, len(idx) - self.global_batch + 1,
+                                                                    self.global_batch)]
+        rng.shuffle(batches)
+        self._queue = batches
+        self.epoch += 1
+
+    def next(self) -> list[int]:
+        if not self._queue:
+            self._refill()
+        return self._queue.pop()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "queue": self._queue}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._queue = state["epoch"], [list(b) for b in state["queue"]]
+
+
+class TrainData:
+    def __init__(self, records: list[Record], adapter: SD3Adapter, world: World, batch_size: int, seed: int,
+                 random_flip: bool = False, train_text: bool = False, cache: bool = True):
+        self.records, self.adapter, self.world = records, adapter, world
+        self.batch_size, self.random_flip, self.train_text = batch_size, random_flip, train_text
+        self.sampler = BucketSampler(records, batch_size * world.world_size, seed)
+        self.pixel_rng = random.Random(seed * world.world_size + world.rank)
+        self.latent_gen = torch.Generator(device=world.device).manual_seed(
+            (seed * world.world_size + world.rank) * 7919 + 17)
+        self._posterior: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._text_cache: dict[str, TextEmbeddings] = {}
+        if cache and not random_flip and all(image_size(r) == (r.bw, r.bh) for r in records):
+            self._posterior = self._encode_all()
+
+    def _encode_all(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        sizes = {(r.bw, r.bh) for r in self.records}
+        if len(sizes) != 1:
+            return None  # mixed buckets: encode per batch
+        means, stds = [], []
+        for i in range(0, len(self.records), chunk):
+            px = torch.stack([load_pixels(r, self.pixel_rng, False) for r in self.records[i:i + chunk]])
+            m, s = self.adapter.posterior(px)
+            means.append(m)
+            stds.append(s)
+        return torch.cat(means), torch.cat(stds)
+
+    def _latents(self, idx: list[int]) -> torch.Tensor:
+        if self._posterior is not None:
+            mean, std = self._posterior
+            sel = torch.tensor(idx, device=mean.device)
+            noise = torch.randn(mean[sel].shape, generator=self.latent_gen, device=self.latent_gen.device)
+            return self.adapter.to_model_latents(mean[sel] + std[sel] * noise.to(mean.device))
+        px = torch.stack([load_pixels(self.records[i], self.pixel_rng, self.random_flip) for i in idx])
+        return self.adapter.encode_images(px, generator=self.latent_gen)
+
+    def _text(self, captions: list[str]) -> TextEmbeddings:
+        if self.train_text:
+            return self.adapter.encode_prompts(captions, grad=True)
+        missing = sorted({c for c in captions if c not in self._text_cache})
+        if missing:
+            enc = self.adapter.encode_prompts(missing)
+            for j, c in enumerate(missing):
+                self._text_cache[c] = enc[j:j + 1]
+        return TextEmbeddings.cat([self._text_cache[c] for c in captions])
+
+    def next_batch(self) -> Batch:
+        global_idx = self.sampler.next()
+        r, b = self.world.rank, self.batch_size
+        idx = global_idx[r * b:(r + 1) * b]
+        # every rank knows the whole global batch, so the unique-prompt counter needs no communication
+        self.last_global_captions = [self.records[i].caption for i in global_idx]
+        captions = [self.records[i].caption for i in idx]
+        return Batch(z0=self._latents(idx), text=self._text(captions), prompts=captions)
+
+
+def ensure_generated(dcfg: dict, world: World) -> None:
+    """Worlds that make their own data (the shapes world) write it once where data.jsonl points."""
+    gen = dcfg.get("generate")
+    if not gen or Path(dcfg["jsonl"]).is_file():
+        return
+    if gen.get("world") != "shapes":
+        from soarbench.errors import did_you_mean
+
+        raise did_you_mean("data.generate.world", str(gen.get("world")), ["shapes"])
+    if world.is_main:
+        from soarbench.worlds.shapes import write_training_split
+
+        target = Path(dcfg["jsonl"])
+        write_training_split(target.parent, n_images=int(gen.get("n_images", 4000)), seed=int(gen.get("seed", 1)),
+                             size=int(gen.get("image_size", 32)))
+        if not target.is_file():
+            raise UserError(f"data.jsonl = {target}: the shapes world writes train.jsonl in that folder")
+    world.barrier()

@@ -1,0 +1,258 @@
+"""`soarbench train`: one method, one budget, one run folder.
+
+    soarbench train --config benchmarks/shapes/soar.toml --out runs/soar
+    torchrun --nproc_per_node 8 -m soarbench train --config sd35m_soar.toml --out runs/soar   # 8 GPUs
+
+RUN_DIR gets config.toml (resolved), run.json, train_log.jsonl (one line per optimizer step, with the budget
+counters), checkpoints/step_N/ (resumable with --resume) and evals/step_N/<benchmark>/ at the configured budget
+fractions.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from soarbench import config as C
+from soarbench.errors import UserError
+from soarbench.harness.budget import Budget, Counters, StepCost
+from soarbench.harness.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from soarbench.harness.data import TrainData, ensure_generated, read_records
+from soarbench.harness.distributed import World, init_world, rank_seed
+from soarbench.io import append_jsonl, atomic_write_json, atomic_write_text
+from soarbench.methods import build_method
+from soarbench.methods.base import StepContext
+from soarbench.models.sd3 import SD3Adapter, TRAINABLE_COMPONENTS
+
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "seed": 0, "batch_size": 8, "lr": 2e-5, "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8,
+    "grad_clip": 1.0, "warmup_steps": 0, "mixed_precision": "no", "gradient_checkpointing": False,
+    "allow_tf32": True, "components": ["transformer"], "device": "auto", "threads": 0,
+}
+
+
+def method_cost(method_name: str, options: dict, batch: int, world: int) -> StepCost:
+    """The budget arithmetic of one optimizer step, before anything is spent."""
+    n = batch * world
+    if method_name == "soar":
+        lam, L, M = options.get("lambda_aux", 1.0), options.get("trajectory_length", 6), options.get(
+            "num_rollout_paths", 1)
+        if lam == 0 or L == 0:
+            return StepCost(fwd_bwd=n, unique_prompts=n)
+        # M > 1: samples whose t1 clipped to 0 take no stochastic path, so this is an upper bound
+        return StepCost(fwd_bwd=n + M * L * n, no_grad_fwd=n, unique_prompts=n)
+    return StepCost(fwd_bwd=n, unique_prompts=n)
+
+
+def eval_steps(total_steps: int, points: int) -> list[int]:
+    """Steps at evenly spaced budget fractions 1/points .. 1."""
+    return sorted({max(1, round(total_steps * k / points)) for k in range(1, points + 1)})
+
+
+def resolve_config(cfg: dict) -> dict:
+    cfg = C.deep_merge({"train": TRAIN_DEFAULTS}, cfg)
+    C.require(cfg, "model.path")
+    C.require(cfg, "data.jsonl")
+    C.require(cfg, "method.name")
+    Budget.from_config(C.section(cfg, "budget"))
+    bad = [c for c in cfg["train"]["components"] if c not in TRAINABLE_COMPONENTS]
+    if bad:
+        raise UserError(f"config: train.components has unknown '{bad[0]}' (valid: {', '.join(TRAINABLE_COMPONENTS)})")
+    return cfg
+
+
+def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=None) -> Path:
+    cfg = resolve_config(cfg)
+    out_dir = Path(out_dir)
+    tcfg, mcfg, dcfg = cfg["train"], dict(cfg["method"]), cfg["data"]
+    method_name = mcfg.pop("name")
+    method = build_method(method_name, mcfg)
+    budget = Budget.from_config(cfg["budget"])
+
+    if tcfg["threads"]:
+        torch.set_num_threads(int(tcfg["threads"]))
+    world = init_world(tcfg["device"])
+    if world.device.type == "cuda" and tcfg["allow_tf32"]:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed = int(tcfg["seed"])
+    torch.manual_seed(rank_seed(seed, world))
+    random.seed(rank_seed(seed, world))
+    np.random.seed(rank_seed(seed, world) % 2**32)
+
+    cost = method_cost(method_name, mcfg, int(tcfg["batch_size"]), world.world_size)
+    total_steps = budget.steps_affordable(cost)
+    if world.is_main:
+        log(budget.arithmetic(cost, world.world_size, int(tcfg["batch_size"])))
+
+    ensure_generated(dcfg, world)
+    records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))
+    adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=world.device, dtype=torch.float32,
+                                         max_sequence_length=int(cfg["model"].get("max_sequence_length", 77)))
+    components = list(tcfg["components"])
+    params = []
+    for name in components:
+        module = getattr(adapter.pipe, name)
+        module.requires_grad_(True).train()
+        params += [p for p in module.parameters() if p.requires_grad]
+    if tcfg["gradient_checkpointing"]:
+        adapter.transformer.enable_gradient_checkpointing()
+    train_text = any(c.startswith("text_encoder") for c in components)
+    data = TrainData(records, adapter, world, int(tcfg["batch_size"]), seed,
+                     random_flip=bool(dcfg.get("random_flip", False)), train_text=train_text)
+    optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), betas=tuple(tcfg["betas"]),
+                                  weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
+    warmup = int(tcfg["warmup_steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    generator = torch.Generator(device=world.device).manual_seed(rank_seed(seed, world))
+    counters = Counters(no_grad_fraction=budget.no_grad_fraction)
+    ctx = StepContext(adapter=adapter, generator=generator, sigmas=_grid(adapter, world.device),
+                      world_size=world.world_size, all_reduce_sum=world.all_reduce_sum)
+    ecfg = cfg.get("eval", {})
+    evals_at = eval_steps(total_steps, int(ecfg.get("points", 4))) if total_steps and ecfg.get("benchmark") else []
+    base_model = Path(cfg["model"]["path"]).resolve()
+
+    step = 0
+    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        step = _restore(ckpt, adapter, components, optimizer, scheduler, counters, data, generator, world)
+        log(f"resumed from {ckpt} at step {step}")
+    elif out_dir.joinpath("train_log.jsonl").exists() and not resume:
+        raise UserError(f"{out_dir}: already holds a run (train_log.jsonl); pass --resume to continue it or "
+                        f"choose another --out")
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.toml", C.dumps_toml(cfg))
+        atomic_write_json(out_dir / "run.json", run_record(cfg, method_name, budget, cost, total_steps, world))
+        if step == 0 and ecfg.get("include_base", False):
+            _evaluate(cfg, adapter, out_dir, 0, counters, method_name, log)
+
+    autocast = _autocast(tcfg["mixed_precision"], world.device)
+    wall_start = time.perf_counter() - counters.wall_s
+    while _more(budget, counters, step, total_steps):
+        step += 1
+        batch = data.next_batch()
+        with autocast:
+            out = method.loss(ctx, batch)
+        out.loss.backward()
+        world.average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"])) if tcfg["grad_clip"] else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        counters.fwd_bwd += int(world.all_reduce_sum(torch.tensor(out.fwd_bwd)).item())
+        counters.no_grad_fwd += int(world.all_reduce_sum(torch.tensor(out.no_grad_fwd)).item())
+        counters.add_prompts(data.last_global_captions)
+        counters.optimizer_steps += 1
+        counters.wall_s = time.perf_counter() - wall_start
+        # out.loss is this rank's share of the pooled objective times world size (see methods/base.py)
+        loss_value = world.all_reduce_sum(out.loss.detach().float()).item() / world.world_size
+        if world.is_main:
+            append_jsonl(out_dir / "train_log.jsonl", {
+                "step": step, "loss": loss_value, **{k: float(v) for k, v in out.logs.items()},
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None, "budget": counters.as_dict()})
+        if progress is not None:
+            progress(step, total_steps)
+        if step in evals_at or not _more(budget, counters, step, total_steps):
+            t_pause = time.perf_counter()
+            state = _trainer_state(step, optimizer, scheduler, counters, data, generator, world)
+            if world.is_main:
+                save_checkpoint(out_dir, step, adapter, components, base_model, state,
+                                {"step": step, "method": method_name, "run_name": cfg.get("run", {}).get("name")})
+                if ecfg.get("benchmark"):
+                    _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)
+            world.barrier()
+            wall_start += time.perf_counter() - t_pause  # evaluation is not training time
+    return out_dir
+
+
+def _more(budget: Budget, counters: Counters, step: int, total_steps: int | None) -> bool:
+    if total_steps is not None:
+        return step < total_steps
+    return counters.value(budget.unit) < budget.amount
+
+
+def _grid(adapter: SD3Adapter, device) -> torch.Tensor:
+    from soarbench.flow import training_sigmas
+
+    sc = adapter.scheduler_config
+    return training_sigmas(float(sc.get("shift", 3.0)), int(sc.get("num_train_timesteps", 1000))).to(device)
+
+
+def _autocast(mode: str, device: torch.device):
+    if mode in ("no", "fp32", None):
+        return contextlib.nullcontext()
+    if mode not in ("bf16", "fp16"):
+        raise UserError(f"config: train.mixed_precision must be no, bf16 or fp16, got '{mode}'")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def run_record(cfg: dict, method: str, budget: Budget, cost: StepCost, steps: int | None, world: World) -> dict:
+    run = cfg.get("run", {})
+    return {"run_name": run.get("name", method), "group": run.get("group", method), "method": method,
+            "seed": int(cfg["train"]["seed"]), "base_model": str(cfg["model"]["path"]),
+            "budget": {"unit": budget.unit, "amount": budget.amount, "no_grad_fraction": budget.no_grad_fraction,
+                       "steps": steps, "per_step": cost.__dict__},
+            "world_size": world.world_size}
+
+
+def model_info(cfg: dict, method: str, step: int, counters: Counters, path: Path) -> dict:
+    run = cfg.get("run", {})
+    name, group = run.get("name", method), run.get("group", method)
+    return {"path": str(path), "run_name": name, "group": group, "method": method,
+            "seed": int(cfg["train"]["seed"]), "step": step, "budget_spent": counters.as_dict(),
+            "label": "base" if method == "base" else f"{group}@{step}"}
+
+
+def _evaluate(cfg: dict, adapter: SD3Adapter, out_dir: Path, step: int, counters: Counters, method: str, log) -> None:
+    from soarbench.benchmarks import build_benchmark
+    from soarbench.evaluate import evaluate
+
+    ecfg = cfg["eval"]
+    bench = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))
+    folder = out_dir / "evals" / f"step_{step:06d}" / bench.name
+    info = model_info(cfg, method if step else "base", step, counters, out_dir / "checkpoints" / f"step_{step:06d}")
+    summary = evaluate(adapter, bench, folder, seed=int(ecfg.get("seed", 0)), batch_size=int(ecfg.get("batch_size", 64)),
+                       model_info=info, config=cfg, num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"))
+    main = next(iter(summary["scores"].items()))
+    log(f"eval step {step}: {main[0]} = {main[1]:.4f}")
+
+
+def _trainer_state(step, optimizer, scheduler, counters, data, generator, world) -> dict:
+    states = world.all_gather_objects({"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                                       "pixel_rng": data.pixel_rng.getstate(),
+                                       "latent_gen": data.latent_gen.get_state()})
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "counters": counters.state_dict(), "sampler": data.sampler.state_dict(), "rank_rng": states,
+            "world_size": world.world_size}
+
+
+def _restore(ckpt: Path, adapter, components, optimizer, scheduler, counters, data, generator, world) -> int:
+    state = load_trainer_state(ckpt)
+    if state["world_size"] != world.world_size:
+        raise UserError(f"{ckpt}: saved with {state['world_size']} ranks, resumed with {world.world_size}")
+    for name in components:
+        module = getattr(adapter.pipe, name)
+        loaded = type(module).from_pretrained(ckpt / name, dtype=torch.float32, local_files_only=True)
+        module.load_state_dict(loaded.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restored = Counters.from_state(state["counters"])
+    counters.__dict__.update(restored.__dict__)
+    data.sampler.load_state_dict(state["sampler"])
+    mine = state["rank_rng"][world.rank]
+    generator.set_state(mine["generator"])
+    torch.set_rng_state(mine["torch"])
+    data.pixel_rng.setstate(_tupleize(mine["pixel_rng"]))
+    data.latent_gen.set_state(mine["latent_gen"])
+    return int(state["step"])
+
+
+def _tupleize(x):
+    return tuple(_tupleize(v) for v in x) if isinstance(x, (list, tuple)) else x

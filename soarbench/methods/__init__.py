@@ -1,0 +1,20 @@
+"""Training methods: one file each, holding its loss and nothing else."""
+from __future__ import annotations
+
+from typing import Any
+
+from soarbench.registry import LazyRegistry
+
+METHODS = LazyRegistry("method")
+METHODS.add("sft", "soarbench.methods.sft:SFT")
+METHODS.add("soar", "soarbench.methods.soar:SOAR")
+
+
+def build_method(name: str, options: dict[str, Any]):
+    cls = METHODS.load(name)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        from soarbench.errors import UserError
+
+        raise UserError(f"[method] options for '{name}': {e}") from None

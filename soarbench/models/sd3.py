@@ -1,0 +1,214 @@
+"""The SD3 / SD3.5 adapter: the one loader and the few calls the harness makes on a model.
+
+The same class serves SD3.5-Medium from a local diffusers folder and the tiny shapes model; they differ only in
+the files on disk. A fine-tuned checkpoint is a folder with `soarbench_checkpoint.json` naming its base model and
+the components it replaces (the transformer, and the text encoders when they were trained), so evaluation loads
+exactly what training saved.
+
+Conventions (SD3, rectified flow): z_sigma = (1 - sigma) z0 + sigma z1, sigma = 1 is noise, the transformer
+predicts v = z1 - z0 at timestep sigma * 1000, latents are (vae_latent - shift_factor) * scaling_factor.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from soarbench.errors import UserError
+
+CHECKPOINT_FILE = "soarbench_checkpoint.json"
+TRAINABLE_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class TextEmbeddings:
+    """Prompt embeddings as SD3 consumes them: a token sequence and a pooled vector per prompt."""
+
+    tokens: torch.Tensor  # (B, seq, joint_attention_dim)
+    pooled: torch.Tensor  # (B, pooled_projection_dim)
+
+    def __getitem__(self, idx) -> "TextEmbeddings":
+        return TextEmbeddings(self.tokens[idx], self.pooled[idx])
+
+    def to(self, *args, **kwargs) -> "TextEmbeddings":
+        return TextEmbeddings(self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(parts: Sequence["TextEmbeddings"]) -> "TextEmbeddings":
+        return TextEmbeddings(torch.cat([p.tokens for p in parts]), torch.cat([p.pooled for p in parts]))
+
+    def repeat(self, n: int) -> "TextEmbeddings":
+        return TextEmbeddings(self.tokens.expand(n, *self.tokens.shape[1:]),
+                              self.pooled.expand(n, *self.pooled.shape[1:]))
+
+
+def resolve_model_folder(path: str | Path) -> tuple[Path, dict | None]:
+    """(base pipeline folder, checkpoint record or None); a UserError for anything that is not a model."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: model folder does not exist")
+    if (path / CHECKPOINT_FILE).is_file():
+        record = json.loads((path / CHECKPOINT_FILE).read_text())
+        base = Path(record["base_model"])
+        if not base.is_absolute():
+            base = (path / base).resolve()
+        base_folder, _ = resolve_model_folder(base)
+        return base_folder, record
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"{path}: not a model folder (expected model_index.json of a diffusers SD3 pipeline, "
+                        f"or {CHECKPOINT_FILE} of a soarbench checkpoint)")
+    return path, None
+
+
+class SD3Adapter:
+    """Loads an SD3-family pipeline folder and exposes text encoding, VAE coding and the velocity model."""
+
+    def __init__(self, pipe, max_sequence_length: int, source: Path, checkpoint: dict | None):
+        self.pipe = pipe
+        self.max_sequence_length = max_sequence_length
+        self.source = source
+        self.checkpoint = checkpoint
+        self._null: TextEmbeddings | None = None
+
+    # ---- loading ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, max_sequence_length: int = 77,
+                        load_t5: bool = True) -> "SD3Adapter":
+        from diffusers import StableDiffusion3Pipeline
+        from diffusers.utils import logging as dlogging
+        from transformers.utils import logging as tlogging
+
+        base, record = resolve_model_folder(path)
+        index = json.loads((base / "model_index.json").read_text())
+        extra = {}
+        if not load_t5 or index.get("text_encoder_3", [None])[0] is None:
+            extra = {"text_encoder_3": None, "tokenizer_3": None}
+        dlogging.set_verbosity_error()
+        dlogging.disable_progress_bar()
+        tlogging.set_verbosity_error()
+        tlogging.disable_progress_bar()
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=dtype, local_files_only=True, **extra)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{base}: could not load the SD3 pipeline ({str(e).splitlines()[0]})") from None
+        if record is not None:
+            cls._load_components(pipe, Path(path), record["components"], dtype)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(device)
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        return cls(pipe, max_sequence_length, Path(path), record)
+
+    @staticmethod
+    def _load_components(pipe, folder: Path, components: Sequence[str], dtype: torch.dtype) -> None:
+        for name in components:
+            if name not in TRAINABLE_COMPONENTS:
+                raise UserError(f"{folder / CHECKPOINT_FILE}: unknown component '{name}'")
+            module = getattr(pipe, name)
+            loaded = type(module).from_pretrained(folder / name, dtype=dtype, local_files_only=True)
+            setattr(pipe, name, loaded)
+            pipe.register_modules(**{name: loaded})
+
+    def save_components(self, folder: Path, components: Sequence[str], base_model: Path, extra: dict) -> None:
+        """Write a checkpoint: the trained components plus a record naming the base folder."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in components:
+            module = getattr(self.pipe, name)
+            module.save_pretrained(folder / name, safe_serialization=True)
+        record = {"base_model": str(Path(base_model).resolve()), "components": list(components), **extra}
+        from soarbench.io import atomic_write_json
+
+        atomic_write_json(folder / CHECKPOINT_FILE, record)
+
+    # ---- parts -----------------------------------------------------------------------------------------
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @transformer.setter
+    def transformer(self, module) -> None:
+        self.pipe.transformer = module
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipe.transformer.parameters()).device
+
+    @property
+    def latent_channels(self) -> int:
+        return self.pipe.transformer.config.in_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae_scale_factor
+        return (self.latent_channels, height // f, width // f)
+
+    @property
+    def scheduler_config(self) -> dict:
+        return dict(self.pipe.scheduler.config)
+
+    # ---- text ------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str], grad: bool = False) -> TextEmbeddings:
+        """SD3's own prompt encoding (both CLIPs' penultimate layers, T5 or its zeros, pooled CLIP outputs)."""
+        ctx = torch.enable_grad() if grad else torch.no_grad()
+        with ctx:
+            tokens, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.device,
+                num_images_per_prompt=1, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+        return TextEmbeddings(tokens, pooled)
+
+    def null_embeddings(self) -> TextEmbeddings:
+        """The empty prompt's embedding (not zeros), computed once: the unconditional branch of CFG."""
+        if self._null is None:
+            self._null = self.encode_prompts([""])
+        return self._null
+
+    # ---- latents ---------------------------------------------------------------------------------------
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> model latents, sampling the VAE posterior."""
+        cfg = self.pipe.vae.config
+        with torch.no_grad():
+            dist = self.pipe.vae.encode(pixels.to(self.device, self.pipe.vae.dtype)).latent_dist
+            latent = dist.sample(generator=generator)
+        return (latent - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior, for caching when the pixels never change."""
+        with torch.no_grad():
+            dist = self.pipe.vae.encode(pixels.to(self.device, self.pipe.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def to_model_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.pipe.vae.config
+        return (vae_latents - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model latents -> pixels in [-1, 1]."""
+        cfg = self.pipe.vae.config
+        with torch.no_grad():
+            z = latents.to(self.pipe.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            return self.pipe.vae.decode(z).sample.clamp(-1, 1)
+
+    # ---- velocity --------------------------------------------------------------------------------------
+    def velocity(self, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
+                 transformer=None) -> torch.Tensor:
+        """v_theta(z_sigma, sigma * 1000, text). `transformer` overrides the module (DDP wrapper, reference net)."""
+        net = transformer if transformer is not None else self.pipe.transformer
+        dtype = self.pipe.transformer.dtype
+        sigma = sigma.reshape(-1).expand(z.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
+        out = net(hidden_states=z.to(dtype), timestep=(sigma * 1000).to(dtype),
+                  encoder_hidden_states=text.tokens.to(dtype), pooled_projections=text.pooled.to(dtype),
+                  return_dict=False)[0]
+        return out

@@ -1,0 +1,433 @@
+"""Find and load what the report reads: eval summaries (summary.json) and training logs (train_log.jsonl).
+
+Any argument may be an eval folder, a training run folder, an experiment folder holding several runs, or one
+of those files itself; each is searched recursively. Every file is validated on load, and a malformed one is a
+UserError naming the file and the field, so a report is never silently built from half-read data.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from soarbench.errors import UserError
+from soarbench.io import read_jsonl
+
+SUMMARY_FILE = "summary.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
+RUN_FILE = "run.json"
+SUMMARY_SCHEMA_PREFIX = "soarbench.eval/"
+BASE_METHOD = "base"
+# Method recorded for a training log whose folder has no run.json; _fallback_warnings reports such logs.
+UNKNOWN_METHOD = "unknown"
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """One model checkpoint scored on one benchmark (one summary.json).
+
+    `method` is what the summary says; a training run's own step-0 evaluation says "base" (no training yet)
+    while its group is the run's, so a group's method is resolved over all its files (ReportData.group_methods).
+    """
+
+    path: Path
+    run_name: str
+    group: str
+    method: str
+    seed: int | None
+    step: int | None  # None: a model evaluated on its own (`soarbench eval`), outside any training run
+    benchmark: str
+    prompt_set_sha256: str | None
+    n_prompts: int | None
+    images_per_prompt: int | None
+    scores: Mapping[str, float]  # NaN where the summary has null
+    metrics: Mapping[str, Mapping[str, Any]]  # metric name -> {"scale", "higher_is_better", ...}
+    per_prompt: Mapping[str, tuple[float, ...]]
+    budget: Mapping[str, float]  # model.budget_spent; empty when the summary has none
+    provenance: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    """The loss curve of one training run, one point per optimizer step, sorted by step."""
+
+    path: Path
+    run_name: str
+    group: str
+    method: str
+    seed: int | None
+    steps: tuple[int, ...]
+    losses: tuple[float, ...]  # NaN where the log has null or a non-finite loss
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced the evaluations, merged over all summaries: every distinct value is kept."""
+
+    git_shas: tuple[str, ...] = ()
+    git_dirty: bool | None = None  # True when any evaluation ran from a dirty tree; None when none says
+    packages: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # name -> distinct versions
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything found under the report's arguments, plus warnings worth showing the reader."""
+
+    evals: tuple[EvalSummary, ...]
+    train_logs: tuple[TrainLog, ...]
+    group_methods: Mapping[str, str]  # group -> its training method, or "base" for a group of base models only
+    provenance: Provenance
+    warnings: tuple[str, ...] = ()
+
+    def benchmarks(self) -> list[str]:
+        """Benchmark names in order of first appearance."""
+        return list(dict.fromkeys(e.benchmark for e in self.evals))
+
+    def evals_for(self, benchmark: str) -> list[EvalSummary]:
+        return [e for e in self.evals if e.benchmark == benchmark]
+
+
+def collect(paths: Iterable[Path | str]) -> ReportData:
+    """Discover, load and cross-check every summary.json and train_log.jsonl under `paths`."""
+    summary_paths, log_paths = discover(paths)
+    evals = tuple(load_summary(p) for p in summary_paths)
+    logs = tuple(load_train_log(p) for p in log_paths)
+    _check_unique_evals(evals)
+    warnings = _prompt_set_warnings(evals) + _fallback_warnings(logs)
+    return ReportData(
+        evals=evals,
+        train_logs=logs,
+        group_methods=resolve_group_methods(evals, logs),
+        provenance=merge_provenance(evals),
+        warnings=tuple(warnings),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Discovery
+
+
+def discover(paths: Iterable[Path | str]) -> tuple[list[Path], list[Path]]:
+    """Every summary.json and train_log.jsonl under `paths`, each file once, in a deterministic order."""
+    summaries: dict[Path, Path] = {}
+    logs: dict[Path, Path] = {}
+    for raw in paths:
+        path = Path(raw)
+        found_summaries, found_logs = _discover_one(path)
+        if not found_summaries and not found_logs:
+            raise UserError(
+                f"{path}: no {SUMMARY_FILE} or {TRAIN_LOG_FILE} found (expected a run, eval or experiment folder)"
+            )
+        # Keyed by resolved path: an experiment folder passed together with one of its runs is read once.
+        for p in found_summaries:
+            summaries.setdefault(p.resolve(), p)
+        for p in found_logs:
+            logs.setdefault(p.resolve(), p)
+    return list(summaries.values()), list(logs.values())
+
+
+def _discover_one(path: Path) -> tuple[list[Path], list[Path]]:
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.name == SUMMARY_FILE:
+            return [path], []
+        if path.name == TRAIN_LOG_FILE:
+            return [], [path]
+        return [], []
+    summaries = sorted(p for p in path.rglob(SUMMARY_FILE) if p.is_file())
+    logs = sorted(p for p in path.rglob(TRAIN_LOG_FILE) if p.is_file())
+    return summaries, logs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summary.json
+
+
+def load_summary(path: Path) -> EvalSummary:
+    """Parse and validate one summary.json; any missing or ill-typed field is a UserError naming it."""
+    doc = _load_json_object(path)
+    fields = _Fields(doc, path)
+    schema = fields.string("schema")
+    if not schema.startswith(SUMMARY_SCHEMA_PREFIX):
+        raise UserError(f"{path}: field 'schema' is '{schema}', expected '{SUMMARY_SCHEMA_PREFIX}N'")
+    scores = fields.number_map("scores")
+    if not scores:
+        raise UserError(f"{path}: field 'scores' is empty")
+    run_name, group = _model_identity(fields)
+    if fields.get("model.step") is _MISSING:
+        raise UserError(f"{path}: missing field 'model.step'")
+    return EvalSummary(
+        path=path,
+        run_name=run_name,
+        group=group,
+        method=fields.string("model.method"),
+        seed=fields.integer("model.seed", optional=True),
+        step=fields.integer("model.step", optional=True, minimum=0),
+        benchmark=fields.string("benchmark.name"),
+        prompt_set_sha256=fields.string("benchmark.prompt_set_sha256", optional=True),
+        n_prompts=fields.integer("benchmark.n_prompts", optional=True),
+        images_per_prompt=fields.integer("benchmark.images_per_prompt", optional=True),
+        scores=scores,
+        metrics=fields.mapping("metrics", optional=True),
+        per_prompt=fields.number_lists("per_prompt", optional=True),
+        budget=fields.number_map("model.budget_spent", optional=True),
+        provenance=fields.mapping("provenance", optional=True),
+    )
+
+
+_MISSING = object()  # sentinel: a field absent from the document (unlike one present with value null)
+
+
+def _model_identity(fields: _Fields) -> tuple[str, str]:
+    """(run_name, group). A model evaluated on its own (`soarbench eval`) has neither; its label stands for both."""
+    if fields.get("model.run_name") is _MISSING and fields.get("label") is not _MISSING:
+        run_name = fields.string("label")
+    else:
+        run_name = fields.string("model.run_name")
+    group = fields.string("model.group") if fields.get("model.group") is not _MISSING else run_name
+    return run_name, group
+
+
+class _Fields:
+    """Typed access to dotted fields of a JSON document; every failure names the file and the field."""
+
+    def __init__(self, doc: Mapping[str, Any], path: Path):
+        self.doc = doc
+        self.path = path
+
+    def get(self, dotted: str) -> Any:
+        node: Any = self.doc
+        for part in dotted.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    def fail(self, dotted: str, expected: str, value: Any) -> UserError:
+        return UserError(f"{self.path}: field '{dotted}' must be {expected}, got {json.dumps(value)[:80]}")
+
+    def _required(self, dotted: str, optional: bool) -> Any:
+        value = self.get(dotted)
+        if value is _MISSING and not optional:
+            raise UserError(f"{self.path}: missing field '{dotted}'")
+        return None if value is _MISSING else value
+
+    def string(self, dotted: str, optional: bool = False) -> Any:
+        value = self._required(dotted, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.fail(dotted, "a non-empty string", value)
+        return value
+
+    def integer(self, dotted: str, optional: bool = False, minimum: int | None = None) -> Any:
+        value = self._required(dotted, optional)
+        if value is None and optional:
+            return None
+        if not _is_int(value) or (minimum is not None and value < minimum):
+            expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+            raise self.fail(dotted, expected, value)
+        return int(value)
+
+    def mapping(self, dotted: str, optional: bool = False) -> dict[str, Any]:
+        value = self._required(dotted, optional)
+        if value is None and optional:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(dotted, "an object", value)
+        return dict(value)
+
+    def number_map(self, dotted: str, optional: bool = False) -> dict[str, float]:
+        """An object of numbers; null stands for a value that could not be computed and becomes NaN."""
+        return {key: self._number(f"{dotted}.{key}", v) for key, v in self.mapping(dotted, optional).items()}
+
+    def number_lists(self, dotted: str, optional: bool = False) -> dict[str, tuple[float, ...]]:
+        out = {}
+        for key, values in self.mapping(dotted, optional).items():
+            if not isinstance(values, list):
+                raise self.fail(f"{dotted}.{key}", "a list of numbers", values)
+            out[key] = tuple(self._number(f"{dotted}.{key}[{i}]", v) for i, v in enumerate(values))
+        return out
+
+    def _number(self, dotted: str, value: Any) -> float:
+        if value is None:
+            return math.nan
+        if not _is_number(value):
+            raise self.fail(dotted, "a number or null", value)
+        return float(value)
+
+
+def _load_json_object(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_log.jsonl (+ run.json beside it)
+
+
+def load_train_log(path: Path) -> TrainLog:
+    """Read one training log and the identity of its run from run.json in the same folder.
+
+    A resumed run can log a step again after restarting from a checkpoint; the last line for a step wins, as it
+    describes the run that continued. Without run.json the folder name stands in for run and group name.
+    """
+    run_name, group, method, seed = _run_identity(path.parent)
+    loss_by_step: dict[int, float] = {}
+    for lineno, record in read_jsonl(path, required=("step", "loss")):
+        step, loss = record["step"], record["loss"]
+        if not _is_int(step) or step < 0:
+            raise UserError(f"{path}:{lineno}: field 'step' must be an integer >= 0, got {json.dumps(step)}")
+        if loss is not None and not _is_number(loss):
+            raise UserError(f"{path}:{lineno}: field 'loss' must be a number or null, got {json.dumps(loss)[:80]}")
+        loss_by_step[step] = math.nan if loss is None or not math.isfinite(loss) else float(loss)
+    steps = tuple(sorted(loss_by_step))
+    return TrainLog(
+        path=path,
+        run_name=run_name,
+        group=group,
+        method=method,
+        seed=seed,
+        steps=steps,
+        losses=tuple(loss_by_step[s] for s in steps),
+    )
+
+
+def _run_identity(run_dir: Path) -> tuple[str, str, str, int | None]:
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        return run_dir.name, run_dir.name, UNKNOWN_METHOD, None
+    fields = _Fields(_load_json_object(run_file), run_file)
+    return (
+        fields.string("run_name"),
+        fields.string("group"),
+        fields.string("method"),
+        fields.integer("seed", optional=True),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-checks
+
+
+def _check_unique_evals(evals: Iterable[EvalSummary]) -> None:
+    """Two summaries for the same run, step and benchmark would count one seed twice: refuse them."""
+    seen: dict[tuple[str, int | None, str], Path] = {}
+    for e in evals:
+        key = (e.run_name, e.step, e.benchmark)
+        if key in seen:
+            raise UserError(
+                f"{e.path}: run '{e.run_name}' step {e.step} on '{e.benchmark}' is also evaluated in {seen[key]}; "
+                "pass only one of them"
+            )
+        seen[key] = e.path
+
+
+def resolve_group_methods(evals: Iterable[EvalSummary], logs: Iterable[TrainLog]) -> dict[str, str]:
+    """Each group's method: the one training method of its runs, or "base" for a group of base evaluations only.
+
+    A run's step-0 evaluation is marked "base" (nothing trained yet) but belongs to the run's group; any other
+    disagreement means seeds of different methods share a group name, and their mean would mix methods.
+    """
+    first_seen: dict[str, tuple[str, Path]] = {}
+    items = [(e.group, e.method, e.path) for e in evals] + [(log.group, log.method, log.path) for log in logs]
+    for group, method, path in items:
+        if method in (BASE_METHOD, UNKNOWN_METHOD):
+            continue
+        first = first_seen.setdefault(group, (method, path))
+        if first[0] != method:
+            raise UserError(
+                f"{path}: group '{group}' has method '{method}' here but '{first[0]}' in {first[1]}; "
+                "runs of different methods need different group names"
+            )
+    base_groups = {group for group, method, _ in items if method == BASE_METHOD}
+    resolved = {}
+    for group, _, _ in items:
+        if group in first_seen:
+            resolved[group] = first_seen[group][0]
+        else:
+            resolved[group] = BASE_METHOD if group in base_groups else UNKNOWN_METHOD
+    return resolved
+
+
+def _prompt_set_warnings(evals: Iterable[EvalSummary]) -> list[str]:
+    by_benchmark: dict[str, dict[str, Path]] = {}
+    for e in evals:
+        if e.prompt_set_sha256 is not None:
+            by_benchmark.setdefault(e.benchmark, {}).setdefault(e.prompt_set_sha256, e.path)
+    return [
+        f"benchmark '{name}' was evaluated on {len(shas)} different prompt sets "
+        f"(e.g. {', '.join(str(p) for p in list(shas.values())[:2])}); its scores are not directly comparable"
+        for name, shas in by_benchmark.items()
+        if len(shas) > 1
+    ]
+
+
+def _fallback_warnings(logs: Iterable[TrainLog]) -> list[str]:
+    return [
+        f"{log.path}: no {RUN_FILE} beside it; using the folder name '{log.run_name}' as run and group name"
+        for log in logs
+        if log.method == UNKNOWN_METHOD
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Provenance
+
+# Where the summaries' free-form provenance block may keep each fact; the first key present wins.
+_GIT_SHA_KEYS = ("git_sha", "git.sha", "git.commit", "git_commit")
+_GIT_DIRTY_KEYS = ("git_dirty", "git.dirty")
+_PACKAGE_KEYS = ("packages", "versions", "package_versions")
+
+
+def merge_provenance(evals: Iterable[EvalSummary]) -> Provenance:
+    """Collect git sha, dirty flag and package versions from every summary that records them."""
+    shas: dict[str, None] = {}
+    dirty: bool | None = None
+    packages: dict[str, dict[str, None]] = {}
+    for e in evals:
+        prov = _Fields(e.provenance, e.path)
+        sha = _first_present(prov, _GIT_SHA_KEYS)
+        if isinstance(sha, str) and sha:
+            shas.setdefault(sha)
+        flag = _first_present(prov, _GIT_DIRTY_KEYS)
+        if isinstance(flag, bool):
+            dirty = flag or bool(dirty)
+        versions = _first_present(prov, _PACKAGE_KEYS)
+        if isinstance(versions, Mapping):
+            for name, version in versions.items():
+                if isinstance(version, (str, int, float)) and not isinstance(version, bool):
+                    packages.setdefault(str(name), {}).setdefault(str(version))
+    return Provenance(
+        git_shas=tuple(shas),
+        git_dirty=dirty,
+        packages={name: tuple(versions) for name, versions in sorted(packages.items())},
+    )
+
+
+def _first_present(fields: _Fields, keys: Iterable[str]) -> Any:
+    for key in keys:
+        value = fields.get(key)
+        if value is not _MISSING:
+            return value
+    return None

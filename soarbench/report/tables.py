@@ -1,0 +1,547 @@
+"""The report's tables: built from the collected evaluations, rendered as CSV and Markdown (HTML is in html.py).
+
+A row is a checkpoint: every evaluation of one group (the seeds of one method) at one step on one benchmark.
+With one seed a cell is that run's value; with two or more it is the mean over seeds with a bootstrap interval.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from soarbench import __version__
+from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData
+from soarbench.report.stats import DEFAULT_ALPHA, DEFAULT_SEED, N_RESAMPLES, PairedTest, bootstrap_ci, paired_bootstrap
+
+REFERENCE_GROUP = "sft"  # the final table tests every other group against this one
+GENEVAL_METRIC = "geneval"
+GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+# Groups sort by method in this order (others after, by name), so tables and legends read base -> sft -> ...
+METHOD_ORDER = (BASE_METHOD, "sft", "soar", "flow_grpo")
+
+SCORE, COUNT, SECONDS, DIFF, P_VALUE = "score", "count", "seconds", "diff", "p"
+UNIT_SCALE_DECIMALS = 3  # for scores in [0, 1]
+OTHER_DECIMALS = 2
+
+_UNIT_SCALE = re.compile(r"\[\s*0(?:\.0*)?\s*,\s*1(?:\.0*)?\s*\]")  # "accuracy in [0, 1]", "[0.0, 1.0]"
+_CONFIDENCE = f"{1 - DEFAULT_ALPHA:.0%}"
+
+STATS_NOTES = (
+    f"Seeds: where a checkpoint has two or more seeds (training runs of one group), a score cell is the mean over "
+    f"seeds and a {_CONFIDENCE} percentile bootstrap interval of that mean ({N_RESAMPLES:,} resamples of the "
+    f"seeds, RNG seed {DEFAULT_SEED}). From 2 or 3 seeds that interval is exactly [min, max]: read it as the "
+    "spread across seeds, not as a precise interval.",
+    f"Paired test vs '{REFERENCE_GROUP}' (final table): each group's per-prompt scores of the main metric are "
+    "averaged over its seeds, prompt by prompt; the differences d = group - "
+    f"{REFERENCE_GROUP} are resampled with replacement ({N_RESAMPLES:,} times, RNG seed {DEFAULT_SEED}). "
+    f"Δ is mean(d) and its interval the {DEFAULT_ALPHA / 2:.1%} and {1 - DEFAULT_ALPHA / 2:.1%} percentiles of "
+    "the resampled means. The two-sided p-value centres those means on zero (the null hypothesis) and counts "
+    "how many are at least as far from zero as the observed mean: p = (1 + count) / (1 + resamples), so its "
+    f"floor is {1 / (1 + N_RESAMPLES):.4f}. Prompts are the random unit; seed-to-seed variation shows in the "
+    "seed interval instead. The test runs only where both groups have per-prompt scores on the same prompt set.",
+    "Budget columns are means over seeds of the compute counters spent up to the checkpoint.",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cells and checkpoints
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A number in a table, with its interval when there is one."""
+
+    value: float
+    lo: float | None = None
+    hi: float | None = None
+
+    @property
+    def has_interval(self) -> bool:
+        return self.lo is not None and self.hi is not None
+
+
+def seed_stat(values: Iterable[float]) -> Cell | None:
+    """The value (one seed) or the mean with its bootstrap interval (two or more); None without a finite value."""
+    # Sorted so that the bootstrap draws, and so the interval, do not depend on the order runs were found in.
+    finite = tuple(sorted(float(v) for v in values if math.isfinite(v)))
+    return _seed_stat(finite) if finite else None
+
+
+@lru_cache(maxsize=4096)  # tables and curves ask for the same cells
+def _seed_stat(values: tuple[float, ...]) -> Cell:
+    if len(values) == 1:
+        return Cell(values[0])
+    ci = bootstrap_ci(values)
+    return Cell(ci.mean, ci.lo, ci.hi)
+
+
+def mean_cell(values: Iterable[float]) -> Cell | None:
+    """The plain mean, for counters whose spread across seeds is not a finding (budget spent)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return Cell(sum(finite) / len(finite)) if finite else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Every evaluation of one group at one step on one benchmark: one seed each."""
+
+    group: str
+    method: str  # the group's method (see ReportData.group_methods)
+    step: int | None
+    evals: tuple[EvalSummary, ...]
+
+    @property
+    def is_reference(self) -> bool:
+        """A model that was not trained here (the base model, or one evaluated on its own): a level, not a curve."""
+        return self.method == BASE_METHOD or self.step is None
+
+    @property
+    def label(self) -> str:
+        """"group@step"; a base or stand-alone model is just its group name (step 0 or none says nothing)."""
+        if self.step is None or (self.method == BASE_METHOD and self.step == 0):
+            return self.group
+        return f"{self.group}@{self.step}"
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.evals)
+
+    def score(self, key: str) -> Cell | None:
+        return seed_stat(e.scores.get(key, math.nan) for e in self.evals)
+
+    def budget(self, counter: str) -> Cell | None:
+        return mean_cell(e.budget.get(counter, math.nan) for e in self.evals)
+
+
+def group_sort_key(group: str, method: str) -> tuple[int, str]:
+    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, group
+
+
+def checkpoints(evals: Iterable[EvalSummary], group_methods: Mapping[str, str]) -> list[Checkpoint]:
+    """Evaluations grouped by (group, step), ordered by group (see METHOD_ORDER) then step."""
+    grouped: dict[tuple[str, int | None], list[EvalSummary]] = {}
+    for e in evals:
+        grouped.setdefault((e.group, e.step), []).append(e)
+    cps = [
+        Checkpoint(group, group_methods.get(group, members[0].method), step, tuple(members))
+        for (group, step), members in grouped.items()
+    ]
+    return sorted(cps, key=lambda cp: (group_sort_key(cp.group, cp.method), _step_order(cp.step)))
+
+
+def _step_order(step: int | None) -> int:
+    return -1 if step is None else step
+
+
+def final_checkpoints(cps: Sequence[Checkpoint], key: str) -> list[Checkpoint]:
+    """Each group's checkpoint at its largest step with a `key` score (from the seeds that reached that step).
+
+    A last evaluation whose main score is null (it failed) does not hide the group's last real result.
+    """
+    scored_groups = {cp.group for cp in cps if cp.score(key) is not None}
+    last: dict[str, Checkpoint] = {}
+    for cp in cps:
+        if cp.group in scored_groups and cp.score(key) is None:
+            continue
+        if cp.group not in last or _step_order(cp.step) > _step_order(last[cp.group].step):
+            last[cp.group] = cp
+    return [cp for cp in cps if last[cp.group] is cp]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Columns
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: `key` names it in CSV and in a row's cells, `title` in Markdown and HTML."""
+
+    key: str
+    title: str
+    kind: str  # SCORE, COUNT, SECONDS, DIFF or P_VALUE
+    decimals: int = OTHER_DECIMALS
+
+
+BUDGET_COUNTERS = (("fwd_bwd", "fwd+bwd", COUNT), ("images", "images", COUNT), ("wall_s", "wall s", SECONDS))
+
+
+def main_metric(evals: Sequence[EvalSummary]) -> str:
+    """The benchmark's headline score: the first metric a summary declares, else its first top-level score."""
+    for e in evals:
+        for name in e.metrics:
+            if name in e.scores:
+                return name
+    keys = _score_keys_in_order(evals)
+    return next((k for k in keys if "/" not in k), keys[0])
+
+
+def score_columns(evals: Sequence[EvalSummary], main: str) -> list[Column]:
+    """Every score key present: the main metric first, each top-level metric followed by its "metric/..." keys."""
+    keys = _score_keys_in_order(evals)
+    top = [main] + [k for k in keys if "/" not in k and k != main]
+    ordered = []
+    for metric in top:
+        ordered.append(metric)
+        ordered += [k for k in keys if k.startswith(metric + "/")]
+    ordered += [k for k in keys if k not in ordered]  # sub-keys of a metric that has no top-level score
+    return [Column(k, k, SCORE, _score_decimals(k, evals)) for k in ordered]
+
+
+def budget_columns(evals: Sequence[EvalSummary]) -> list[Column]:
+    present = {counter for e in evals for counter in e.budget}
+    decimals = {COUNT: 0, SECONDS: OTHER_DECIMALS}
+    return [Column(key, title, kind, decimals[kind]) for key, title, kind in BUDGET_COUNTERS if key in present]
+
+
+def _score_keys_in_order(evals: Iterable[EvalSummary]) -> list[str]:
+    return list(dict.fromkeys(k for e in evals for k in e.scores))
+
+
+def _score_decimals(key: str, evals: Sequence[EvalSummary]) -> int:
+    """3 decimals for a metric on a [0, 1] scale, 2 otherwise; sub-keys share their metric's scale."""
+    metric = key.split("/", 1)[0]
+    for e in evals:
+        scale = e.metrics.get(metric, {}).get("scale")
+        if isinstance(scale, str):
+            return UNIT_SCALE_DECIMALS if _UNIT_SCALE.search(scale) else OTHER_DECIMALS
+    # No summary states the scale: judge by the values themselves.
+    values = [e.scores[key] for e in evals if key in e.scores and math.isfinite(e.scores[key])]
+    return UNIT_SCALE_DECIMALS if values and all(0 <= v <= 1 for v in values) else OTHER_DECIMALS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    group: str
+    method: str
+    step: int | None
+    n_seeds: int
+    cells: Mapping[str, Cell | None]
+
+
+@dataclass(frozen=True)
+class Table:
+    benchmark: str
+    title: str
+    columns: tuple[Column, ...]
+    rows: tuple[Row, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def has_seed_intervals(self) -> bool:
+        return any(
+            (cell := row.cells.get(col.key)) is not None and cell.has_interval
+            for row in self.rows
+            for col in self.columns
+            if col.kind == SCORE
+        )
+
+
+@dataclass(frozen=True)
+class BenchmarkTables:
+    """All tables of one benchmark."""
+
+    benchmark: str
+    description: str
+    main_metric: str
+    main: Table
+    final: Table
+    tasks: Table | None
+
+
+def build_tables(data: ReportData) -> list[BenchmarkTables]:
+    return [build_benchmark_tables(name, data.evals_for(name), data.group_methods) for name in data.benchmarks()]
+
+
+def build_benchmark_tables(
+    benchmark: str, evals: Sequence[EvalSummary], group_methods: Mapping[str, str]
+) -> BenchmarkTables:
+    main = main_metric(evals)
+    scores = score_columns(evals, main)
+    budget = budget_columns(evals)
+    cps = checkpoints(evals, group_methods)
+    finals = final_checkpoints(cps, main)
+    top_level = [c for c in scores if "/" not in c.key]
+    return BenchmarkTables(
+        benchmark=benchmark,
+        description=_benchmark_description(evals),
+        main_metric=main,
+        main=_table(benchmark, "All checkpoints", cps, scores + budget),
+        final=_final_table(benchmark, finals, main, top_level, budget),
+        tasks=_task_table(benchmark, finals, scores),
+    )
+
+
+def _table(
+    benchmark: str,
+    title: str,
+    cps: Sequence[Checkpoint],
+    columns: Sequence[Column],
+    extra: Mapping[str, Mapping[str, Cell]] | None = None,
+    notes: Sequence[str] = (),
+) -> Table:
+    """One row per checkpoint: score and budget cells computed from its evaluations, `extra` cells by group."""
+    extra = extra or {}
+    rows = []
+    for cp in cps:
+        cells = {c.key: _checkpoint_cell(cp, c) for c in columns if c.kind in (SCORE, COUNT, SECONDS)}
+        cells.update(extra.get(cp.group, {}))
+        rows.append(Row(cp.label, cp.group, cp.method, cp.step, cp.n_seeds, cells))
+    return Table(benchmark, title, tuple(columns), tuple(rows), tuple(notes))
+
+
+def _checkpoint_cell(cp: Checkpoint, column: Column) -> Cell | None:
+    return cp.score(column.key) if column.kind == SCORE else cp.budget(column.key)
+
+
+def _final_table(
+    benchmark: str,
+    finals: Sequence[Checkpoint],
+    main: str,
+    score_cols: Sequence[Column],
+    budget_cols: Sequence[Column],
+) -> Table:
+    """The final checkpoints with their top-level scores and, where it can run, the paired test vs REFERENCE_GROUP."""
+    reference_group = REFERENCE_GROUP
+    tests, notes = paired_tests(finals, main, reference_group)
+    if not tests:
+        return _table(benchmark, "Final checkpoints", finals, [*score_cols, *budget_cols], notes=notes)
+    decimals = next(c.decimals for c in score_cols if c.key == main)
+    diff_col = Column(f"{main}_diff_vs_{reference_group}", f"Δ {main} vs {reference_group}", DIFF, decimals)
+    p_col = Column(f"{main}_p_vs_{reference_group}", "p", P_VALUE)
+    extra = {
+        group: {diff_col.key: Cell(t.diff, t.lo, t.hi), p_col.key: Cell(t.p_value)} for group, t in tests.items()
+    }
+    columns = [*score_cols, diff_col, p_col, *budget_cols]
+    return _table(benchmark, "Final checkpoints", finals, columns, extra=extra, notes=notes)
+
+
+def _task_table(benchmark: str, finals: Sequence[Checkpoint], scores: Sequence[Column]) -> Table | None:
+    """GenEval accuracy per task at the final checkpoints; None for a benchmark without GenEval tasks."""
+    by_key = {c.key: c for c in scores}
+    tasks = [by_key[f"{GENEVAL_METRIC}/{t}"] for t in GENEVAL_TASKS if f"{GENEVAL_METRIC}/{t}" in by_key]
+    if not tasks:
+        return None
+    columns = [Column(c.key, c.key.split("/", 1)[1], SCORE, c.decimals) for c in tasks]
+    if GENEVAL_METRIC in by_key:
+        columns.insert(0, Column(GENEVAL_METRIC, "overall", SCORE, by_key[GENEVAL_METRIC].decimals))
+    return _table(benchmark, "GenEval accuracy per task (final checkpoints)", finals, columns)
+
+
+def _benchmark_description(evals: Sequence[EvalSummary]) -> str:
+    """E.g. "64 prompts x 4 images, prompt set 3f2a9c1d0b7e": taken from the first summary that says."""
+    parts = []
+    n_prompts = next((e.n_prompts for e in evals if e.n_prompts is not None), None)
+    per_prompt = next((e.images_per_prompt for e in evals if e.images_per_prompt is not None), None)
+    if n_prompts is not None:
+        parts.append(f"{n_prompts} prompts" + (f" x {per_prompt} images" if per_prompt is not None else ""))
+    sha = next((e.prompt_set_sha256 for e in evals if e.prompt_set_sha256), None)
+    if sha:
+        parts.append(f"prompt set sha256 {sha[:12]}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired test vs the reference group
+
+
+@dataclass(frozen=True)
+class _PerPrompt:
+    scores: np.ndarray  # mean over the checkpoint's seeds, one value per prompt
+    prompt_set: str | None
+
+
+def paired_tests(
+    finals: Sequence[Checkpoint], key: str, reference_group: str = REFERENCE_GROUP
+) -> tuple[dict[str, PairedTest], list[str]]:
+    """Paired bootstrap of every group's per-prompt `key` scores against the reference group's.
+
+    Returns the tests by group and notes explaining any that could not run.
+    """
+    per_prompt = {cp.group: pp for cp in finals if (pp := _per_prompt(cp, key)) is not None}
+    if not per_prompt:
+        return {}, []
+    reference = per_prompt.get(reference_group)
+    if reference is None or len(per_prompt) < 2:
+        return {}, [
+            f"No paired test: it needs per-prompt '{key}' scores for group '{reference_group}' and at least one "
+            f"other group (found them for: {', '.join(per_prompt)})."
+        ]
+    tests, notes = {}, []
+    for group, pp in per_prompt.items():
+        if group == reference_group:
+            continue
+        if pp.scores.shape != reference.scores.shape or (
+            pp.prompt_set and reference.prompt_set and pp.prompt_set != reference.prompt_set
+        ):
+            notes.append(f"No paired test for '{group}': it was evaluated on other prompts than '{reference_group}'.")
+            continue
+        tests[group] = paired_bootstrap(pp.scores, reference.scores)
+    return tests, notes
+
+
+def _per_prompt(cp: Checkpoint, key: str) -> _PerPrompt | None:
+    """The checkpoint's per-prompt scores averaged over seeds, or None unless every seed has them, alike."""
+    lists = [values for e in cp.evals if (values := e.per_prompt.get(key))]
+    prompt_sets = {e.prompt_set_sha256 for e in cp.evals}
+    if len(lists) != cp.n_seeds or len({len(v) for v in lists}) != 1 or len(prompt_sets) != 1:
+        return None
+    scores = np.asarray(lists, dtype=float).mean(axis=0)
+    if not np.all(np.isfinite(scores)):
+        return None
+    return _PerPrompt(scores, prompt_sets.pop())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def cell_parts(cell: Cell | None, column: Column) -> tuple[str, str]:
+    """(value, interval) as shown to a reader: "0.612", "[0.580, 0.640]"; the interval is "" when there is none."""
+    if cell is None or not math.isfinite(cell.value):
+        return "—", ""
+    if column.kind == P_VALUE:
+        return ("<0.001" if cell.value < 0.001 else f"{cell.value:.3f}"), ""
+    if column.kind == COUNT:
+        return _format_count(cell.value), ""
+    sign = "+" if column.kind == DIFF else ""
+    value = f"{cell.value:{sign}.{column.decimals}f}"
+    if not cell.has_interval:
+        return value, ""
+    return value, f"[{cell.lo:{sign}.{column.decimals}f}, {cell.hi:{sign}.{column.decimals}f}]"
+
+
+def format_cell(cell: Cell | None, column: Column) -> str:
+    value, interval = cell_parts(cell, column)
+    return f"{value} {interval}" if interval else value
+
+
+def _format_count(value: float) -> str:
+    # Counters are integers, but a mean over seeds need not be.
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.{OTHER_DECIMALS}f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CSV
+
+CSV_LEADING = ("benchmark", "label", "group", "method", "step", "n_seeds")
+
+
+def tables_csv(tables: Sequence[Table]) -> str:
+    """One CSV for several benchmarks' tables of one kind: the columns are the union, blank where absent.
+
+    Score columns are split into KEY_mean, KEY_lo, KEY_hi as soon as any row has a seed interval (single-seed
+    rows then leave _lo and _hi blank); a paired difference always has KEY, KEY_lo, KEY_hi. Numbers are not
+    rounded for display (see _csv_number).
+    """
+    columns = list({c.key: c for t in tables for c in t.columns}.values())
+    split = any(t.has_seed_intervals for t in tables)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*CSV_LEADING, *(name for c in columns for name in _csv_names(c, split))])
+    for table in tables:
+        for row in table.rows:
+            step = "" if row.step is None else row.step
+            leading = [table.benchmark, row.label, row.group, row.method, step, row.n_seeds]
+            values = (v for c in columns for v in _csv_values(row.cells.get(c.key), c, split))
+            writer.writerow([*leading, *values])
+    return buffer.getvalue()
+
+
+def _csv_names(column: Column, split: bool) -> list[str]:
+    if column.kind == DIFF:
+        return [column.key, f"{column.key}_lo", f"{column.key}_hi"]
+    if column.kind == SCORE and split:
+        return [f"{column.key}_mean", f"{column.key}_lo", f"{column.key}_hi"]
+    return [column.key]
+
+
+def _csv_values(cell: Cell | None, column: Column, split: bool) -> list[str]:
+    if column.kind == DIFF or (column.kind == SCORE and split):
+        if cell is None:
+            return ["", "", ""]
+        return [_csv_number(cell.value), _csv_number(cell.lo), _csv_number(cell.hi)]
+    return [_csv_number(cell.value if cell is not None else None)]
+
+
+def _csv_number(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return ""
+    if float(value).is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    # 12 significant digits: more than any score carries, few enough to drop noise like 0.20999999999999996
+    return f"{value:.12g}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def table_markdown(table: Table) -> str:
+    """A pipe table: model label, number of seeds, then the table's columns (numbers right-aligned)."""
+    header = ["model", "seeds", *(c.title for c in table.columns)]
+    lines = [_md_row(header), _md_row([":--", "--:", *("--:" for _ in table.columns)])]
+    for row in table.rows:
+        cells = (format_cell(row.cells.get(c.key), c) for c in table.columns)
+        lines.append(_md_row([row.label, str(row.n_seeds), *cells]))
+    return "\n".join(lines)
+
+
+def markdown_report(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTables]) -> str:
+    """report.md: provenance, then each benchmark's tables, then notes on the statistics and any warnings."""
+    out = [f"# {title}", "", *_md_provenance(data), "", "Curves: see index.html beside this file.", ""]
+    if not benchmarks:
+        out += ["No evaluations found (no summary.json).", ""]
+    for bench in benchmarks:
+        out += [f"## Benchmark: {bench.benchmark}", ""]
+        if bench.description:
+            out += [f"{bench.description}; main metric: {bench.main_metric}.", ""]
+        for table in (bench.final, bench.tasks, bench.main):
+            if table is None:
+                continue
+            out += [f"### {table.title}", "", table_markdown(table), ""]
+            out += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
+    out += ["## Notes", "", *(f"- {note}" for note in STATS_NOTES), ""]
+    if data.warnings:
+        out += ["## Warnings", "", *(f"- {_md_escape(w)}" for w in data.warnings), ""]
+    return "\n".join(out)
+
+
+def provenance_items(data: ReportData) -> list[tuple[str, str]]:
+    """(label, text) lines describing what the report was built from; shared by Markdown and HTML."""
+    provenance = data.provenance
+    inputs = f"{_count(len(data.evals), 'evaluation')}, {_count(len(data.train_logs), 'training log')}"
+    items = [("report by", f"soarbench {__version__}"), ("inputs", inputs)]
+    items.append(("git sha", ", ".join(provenance.git_shas) if provenance.git_shas else "not recorded"))
+    dirty = {None: "not recorded", True: "yes (uncommitted changes)", False: "no"}[provenance.git_dirty]
+    items.append(("dirty tree", dirty))
+    if provenance.packages:
+        items.append(("packages", ", ".join(f"{name} {' / '.join(v)}" for name, v in provenance.packages.items())))
+    return items
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _md_provenance(data: ReportData) -> list[str]:
+    return [f"- {label}: {_md_escape(text)}" for label, text in provenance_items(data)]
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(_md_escape(c) for c in cells) + " |"
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
