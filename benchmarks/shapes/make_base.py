@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("base"))
     ap.add_argument("--work", type=Path, default=Path(".cache/make_base"))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--export-only", action="store_true", help="export the work folder's last checkpoint")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override a recipe value")
     args = ap.parse_args(argv)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     model_dir = work / "init"
     if not (model_dir / "model_index.json").is_file():
         build_tiny_sd3(model_dir, TinySD3Config.from_dict(recipe["tiny"]))
+    if not (model_dir / "vae_done").is_file():
         train_vae(model_dir, records, recipe["vae"], device, log)
         (model_dir / "vae_done").write_text("ok")
 
@@ -120,7 +122,8 @@ def main(argv=None) -> int:
                                             "data": {"jsonl": str((data_dir / "train.jsonl").resolve())},
                                             "train": {"device": device}, "run": {"name": "base", "group": "base"}})
     run_dir = work / "pretrain"
-    train(cfg, run_dir, resume=(run_dir / "train_log.jsonl").exists(), log=log)
+    if not args.export_only:
+        train(cfg, run_dir, resume=(run_dir / "train_log.jsonl").exists(), log=log)
     export(model_dir, run_dir, args.out, args.recipe.read_text() + "\n# overrides: " + json.dumps(args.overrides) + "\n")
     log(f"base written to {args.out} in {time.time() - t_start:.0f}s")
     return 0

@@ -32,7 +32,7 @@ from soarbench.models.sd3 import SD3Adapter, TRAINABLE_COMPONENTS
 TRAIN_DEFAULTS: dict[str, Any] = {
     "seed": 0, "batch_size": 8, "lr": 2e-5, "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8,
     "grad_clip": 1.0, "warmup_steps": 0, "mixed_precision": "no", "gradient_checkpointing": False,
-    "allow_tf32": True, "components": ["transformer"], "device": "auto", "threads": 0,
+    "allow_tf32": True, "components": ["transformer"], "device": "auto", "threads": 0, "checkpoint_every": 0,
 }
 
 
@@ -145,8 +145,8 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        counters.fwd_bwd += int(world.all_reduce_sum(torch.tensor(out.fwd_bwd)).item())
-        counters.no_grad_fwd += int(world.all_reduce_sum(torch.tensor(out.no_grad_fwd)).item())
+        counters.fwd_bwd += int(world.all_reduce_sum(torch.tensor(out.fwd_bwd, device=world.device)).item())
+        counters.no_grad_fwd += int(world.all_reduce_sum(torch.tensor(out.no_grad_fwd, device=world.device)).item())
         counters.add_prompts(data.last_global_captions)
         counters.optimizer_steps += 1
         counters.wall_s = time.perf_counter() - wall_start
@@ -159,13 +159,14 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "budget": counters.as_dict()})
         if progress is not None:
             progress(step, total_steps)
-        if step in evals_at or not _more(budget, counters, step, total_steps):
+        every = int(tcfg["checkpoint_every"])
+        if step in evals_at or not _more(budget, counters, step, total_steps) or (every and step % every == 0):
             t_pause = time.perf_counter()
             state = _trainer_state(step, optimizer, scheduler, counters, data, generator, world)
             if world.is_main:
                 save_checkpoint(out_dir, step, adapter, components, base_model, state,
                                 {"step": step, "method": method_name, "run_name": cfg.get("run", {}).get("name")})
-                if ecfg.get("benchmark"):
+                if ecfg.get("benchmark") and (step in evals_at or not _more(budget, counters, step, total_steps)):
                     _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)
             world.barrier()
             wall_start += time.perf_counter() - t_pause  # evaluation is not training time
