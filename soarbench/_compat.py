@@ -32,14 +32,39 @@ def _nms_cpu(boxes, scores, iou_threshold: float):
     return order[torch.tensor(keep, dtype=torch.long)]
 
 
+def _native_ops_load(spec) -> bool:
+    """Load torchvision's compiled ops the way torchvision does; False when they cannot load here.
+
+    Probing `torch.ops.torchvision.nms` is not enough: before `import torchvision` the op is simply not yet
+    registered, and defining it then would collide with the real library when it loads later.
+    """
+    import glob
+    import os
+
+    import torch
+
+    folder = list(spec.submodule_search_locations or [])[0]
+    libs = glob.glob(os.path.join(folder, "_C*.so")) + glob.glob(os.path.join(folder, "_C*.pyd"))
+    if not libs:
+        return False
+    try:
+        torch.ops.load_library(libs[0])
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
 def install_torchvision_fallback() -> None:
-    if importlib.util.find_spec("torchvision") is None:
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
         return
     import torch
 
+    if _native_ops_load(spec):
+        return  # the real ops are registered
     try:
-        torch.ops.torchvision.nms  # noqa: B018 - attribute lookup is the probe
-        return  # the real op is registered already
+        torch.ops.torchvision.nms  # noqa: B018 - registered by an earlier fallback in this process
+        return
     except (AttributeError, RuntimeError):
         pass
     try:

@@ -7,7 +7,7 @@ Layout of an eval folder:
   summary.json         scores (raw), metric versions and scales, per-prompt means, provenance
 
 Sample (P, K) draws its initial noise from its own seed, derived from (seed, P, K), on the CPU, so the images do
-not depend on batching, device count or resumption. An interrupted eval resumes: samples already in
+not depend on batching, device count or resumption (beyond float rounding of batched matrix products). An interrupted eval resumes: samples already in
 samples.jsonl are not redone, and a sample counts once even if a crash repeated its line.
 """
 from __future__ import annotations

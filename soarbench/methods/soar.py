@@ -80,7 +80,9 @@ class SOAR(SFT):
         for z_off, members, sigma1 in paths:
             for _ in range(self.L):
                 u = torch.rand(len(members), generator=gen, device=gen.device).to(sigma1.device)
-                sigma_p = sigma1 + u * (self.sigma_upper - sigma1)
+                # an upper bound below sigma1 (possible when sigma_upper < 1) collapses to sigma1
+                upper = sigma1.clamp(min=self.sigma_upper)
+                sigma_p = sigma1 + u * (upper - sigma1)
                 z_p = renoise_toward(z_off, d.z1[members], sigma1, sigma_p)
                 zs.append(z_p)
                 sig.append(sigma_p)

@@ -1,0 +1,55 @@
+"""The tiny SD3 loads through the one loader; our Euler CFG sampler equals diffusers' SD3 pipeline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from soarbench.errors import UserError
+from soarbench.models import SD3Adapter
+from soarbench.sampling.ode import euler_sample
+
+
+def test_clip_tokenizer_from_open_clip_vocabulary_matches_openai_ids(tiny_model_dir):
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408
+
+
+@pytest.mark.parametrize("steps,guidance", [(4, 4.5), (3, 1.0)])
+def test_euler_cfg_sampler_matches_the_diffusers_pipeline(adapter, steps, guidance):
+    prompts = ["a photo of a red circle", "a photo of two crosses"]
+    noise = torch.randn(2, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    ours = euler_sample(adapter, adapter.encode_prompts(prompts), noise, num_steps=steps, guidance=guidance)
+    ref = adapter.pipe(prompt=prompts, latents=noise.clone(), num_inference_steps=steps, guidance_scale=guidance,
+                       height=32, width=32, output_type="latent", max_sequence_length=0).images
+    assert torch.allclose(ours, ref.float(), atol=1e-5)
+
+
+def test_not_a_model_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        SD3Adapter.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a model folder"):
+        SD3Adapter.from_pretrained(tmp_path / "empty")
+
+
+def test_checkpoint_folder_loads_its_components_over_the_base(adapter, tiny_model_dir, tmp_path):
+    with torch.no_grad():
+        for p in adapter.transformer.parameters():
+            p.add_(0.01)
+    adapter.save_components(tmp_path / "ckpt", ["transformer"], tiny_model_dir, {"step": 3})
+    record = json.loads((tmp_path / "ckpt" / "soarbench_checkpoint.json").read_text())
+    assert record["components"] == ["transformer"] and record["step"] == 3
+    loaded = SD3Adapter.from_pretrained(tmp_path / "ckpt", max_sequence_length=0)
+    base = SD3Adapter.from_pretrained(tiny_model_dir, max_sequence_length=0)
+    for (n, a), b, c in zip(adapter.transformer.named_parameters(), loaded.transformer.parameters(),
+                            base.transformer.parameters()):
+        assert torch.equal(a, b), n
+        assert not torch.equal(b, c)
+    # everything not in the checkpoint comes from the base folder
+    for a, b in zip(loaded.vae.parameters(), base.vae.parameters()):
+        assert torch.equal(a, b)

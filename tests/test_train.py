@@ -1,0 +1,83 @@
+"""The harness on micro runs: counters equal the config's arithmetic, resume resumes, bad budgets are refused."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from soarbench.errors import UserError
+from soarbench.harness.train import train
+from soarbench.models import SD3Adapter
+
+
+def _cfg(model_dir, data, method, **over):
+    cfg = {"model": {"path": str(model_dir), "max_sequence_length": 0},
+           "data": {"jsonl": str(data)},
+           "method": {"name": method},
+           "train": {"seed": 3, "batch_size": 4, "lr": 1e-3, "threads": 2},
+           "budget": {"unit": "fwd_bwd", "amount": 0}}
+    for key, value in over.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_sft_counters_equal_the_arithmetic(tiny_model_dir, shapes_data, tmp_path):
+    cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 5 + 3})  # buys 5 steps of 4
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    last = _log(tmp_path / "r")[-1]
+    assert last["step"] == 5
+    b = last["budget"]
+    assert (b["fwd_bwd"], b["no_grad_fwd"], b["images"], b["reward_calls"], b["optimizer_steps"]) == (20, 0, 0, 0, 5)
+    assert 1 <= b["unique_prompts"] <= 20
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["budget"]["steps"] == 5 and run["budget"]["per_step"]["fwd_bwd"] == 4
+
+
+def test_soar_counters_equal_the_arithmetic(tiny_model_dir, shapes_data, tmp_path):
+    L, B, steps = 2, 4, 3
+    cfg = _cfg(tiny_model_dir, shapes_data, "soar", method={"trajectory_length": L},
+               budget={"unit": "fwd_bwd_equiv", "amount": steps * (B * (1 + L) + B / 3), "no_grad_fraction": 1 / 3})
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    log = _log(tmp_path / "r")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    b = log[-1]["budget"]
+    assert (b["fwd_bwd"], b["no_grad_fwd"]) == (steps * B * (1 + L), steps * B)
+    assert b["fwd_bwd_equiv"] == pytest.approx(steps * (B * (1 + L) + B / 3))
+    assert all(r["loss_aux"] > 0 and r["aux_points"] == B * L for r in log)
+
+
+def test_resume_continues_exactly(tiny_model_dir, shapes_data, tmp_path):
+    base = _cfg(tiny_model_dir, shapes_data, "soar", method={"trajectory_length": 1},
+                budget={"unit": "optimizer_steps", "amount": 4})
+    train(base, tmp_path / "straight", log=lambda m: None)
+    half = {**base, "train": {**base["train"], "checkpoint_every": 2}}
+    # stop after 2 steps (a smaller budget), then resume the same folder under the full budget
+    train({**half, "budget": {"unit": "optimizer_steps", "amount": 2}}, tmp_path / "resumed", log=lambda m: None)
+    train(half, tmp_path / "resumed", resume=True, log=lambda m: None)
+    a = SD3Adapter.from_pretrained(tmp_path / "straight" / "checkpoints" / "step_000004", max_sequence_length=0)
+    b = SD3Adapter.from_pretrained(tmp_path / "resumed" / "checkpoints" / "step_000004", max_sequence_length=0)
+    for (name, p), q in zip(a.transformer.named_parameters(), b.transformer.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    la, lb = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+    assert la[-1]["budget"]["fwd_bwd"] == lb[-1]["budget"]["fwd_bwd"]
+
+
+def test_budget_smaller_than_one_step_is_refused(tiny_model_dir, shapes_data, tmp_path):
+    cfg = _cfg(tiny_model_dir, shapes_data, "soar", budget={"amount": 10})
+    with pytest.raises(UserError, match="cannot buy one whole step"):
+        train(cfg, tmp_path / "r", log=lambda m: None)
+
+
+def test_existing_run_is_not_overwritten(tiny_model_dir, shapes_data, tmp_path):
+    cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4})
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    before = (tmp_path / "r" / "train_log.jsonl").read_text()
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg, tmp_path / "r", log=lambda m: None)
+    assert (tmp_path / "r" / "train_log.jsonl").read_text() == before
