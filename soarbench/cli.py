@@ -33,7 +33,7 @@ def _console():
 
 
 def _log(message: str) -> None:
-    _console().print(message, markup=False, highlight=False)
+    _console().print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 class _Bar:

@@ -11,10 +11,10 @@ from soarbench.harness.train import train
 from soarbench.models import SD3Adapter
 
 
-def _cfg(model_dir, data, method, **over):
+def _cfg(model_dir, data, method_name, **over):
     cfg = {"model": {"path": str(model_dir), "max_sequence_length": 0},
            "data": {"jsonl": str(data)},
-           "method": {"name": method},
+           "method": {"name": method_name},
            "train": {"seed": 3, "batch_size": 4, "lr": 1e-3, "threads": 2},
            "budget": {"unit": "fwd_bwd", "amount": 0}}
     for key, value in over.items():

@@ -85,13 +85,13 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
     random.seed(rank_seed(seed, world))
     np.random.seed(rank_seed(seed, world) % 2**32)
 
+    ensure_generated(dcfg, world)
+    records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))  # bad data fails before anything is written
     cost = method_cost(method_name, mcfg, int(tcfg["batch_size"]), world.world_size)
     total_steps = budget.steps_affordable(cost)
     if world.is_main:
         log(budget.arithmetic(cost, world.world_size, int(tcfg["batch_size"])))
 
-    ensure_generated(dcfg, world)
-    records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))
     adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=world.device, dtype=torch.float32,
                                          max_sequence_length=int(cfg["model"].get("max_sequence_length", 77)))
     components = list(tcfg["components"])

@@ -1,0 +1,34 @@
+# soarbench: the two commands of a fresh machine are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test base clean
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# pinned torch 2.13.0 / torchvision 0.28.0: unpinned, pip would pull a multi-GB CUDA torch
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# SFT and SOAR from the committed shapes base under one budget, evaluated at 4 budget points, then the report
+demo: $(STAMP)
+	$(BIN)/soarbench run benchmarks/shapes/experiment.toml --out runs/shapes
+	@echo "report: reports/shapes/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+# re-create the committed base model from its recipe (long on a CPU; pass DEVICE=cuda on a GPU)
+DEVICE ?= auto
+base: $(STAMP)
+	$(BIN)/python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml \
+		--out benchmarks/shapes/base --device $(DEVICE)
+
+clean:
+	rm -rf runs .cache reports/shapes

@@ -1,0 +1,126 @@
+"""Bad input gets one clear line and a non-zero exit; the HY-SOAR data format is read as specified."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from soarbench.cli import main
+from soarbench.config import apply_overrides, parse_value
+from soarbench.errors import UserError
+from soarbench.harness.data import BucketSampler, Record, caption_of, read_records
+from soarbench.harness.distributed import World
+
+
+def _cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["soarbench", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip()
+    return e.value.code, err
+
+
+def _train_cfg(tmp_path, model, jsonl, method="sft"):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npath = "{model}"\nmax_sequence_length = 0\n[data]\njsonl = "{jsonl}"\n'
+                   f'[method]\nname = "{method}"\n[budget]\nunit = "fwd_bwd"\namount = 8\n[train]\nbatch_size = 4\n')
+    return cfg
+
+
+def test_malformed_jsonl_line_names_file_line_and_field(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    data = tmp_path / "train.jsonl"
+    data.write_text('\n{"md5": "b", "bw": 32}\n')
+    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+                     "--out", str(tmp_path / "run"))
+    assert code == 2 and "Traceback" not in err
+    assert err == f"error: {data}:2: missing field 'caption_en'"
+    data.write_text('{"md5": "b", "caption_en": \n')
+    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+                     "--out", str(tmp_path / "run"))
+    assert code == 2 and err.startswith(f"error: {data}:1: not valid JSON")
+    data.write_text('{"md5": "a", "caption_en": "x", "bw": 32, "bh": 32}\n')
+    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+                     "--out", str(tmp_path / "run"))
+    assert code == 2 and err.startswith(f"error: {data}:1: image") and err.endswith("is missing")
+
+
+def test_unreadable_image_names_the_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "abc.jpg").write_bytes(b"not a jpeg")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"md5": "abc", "caption_en": "a photo of a circle", "bw": 32, "bh": 32}\n' * 8)
+    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+                     "--out", str(tmp_path / "run"))
+    assert code == 2 and f"{data}:1: cannot read image" in err
+    assert not (tmp_path / "run" / "train_log.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "--config", "{cfg}", "--method", "soap", "--out", "{out}"], "unknown method 'soap'"),
+    (["eval", "--model", "{model}", "--benchmark", "shapez", "--out", "{out}"], "did you mean 'shapes'"),
+    (["eval", "--model", "{model}", "--benchmark", "shapes", "--metrics", "genevl", "--out", "{out}"],
+     "did you mean 'geneval'"),
+    (["eval", "--model", "{missing}", "--benchmark", "shapes", "--out", "{out}"], "model folder does not exist"),
+    (["eval", "--model", "{notmodel}", "--benchmark", "shapes", "--out", "{out}"], "not a model folder"),
+    (["report", "{notmodel}", "--out", "{out}"], "no summary.json or train_log.jsonl found"),
+])
+def test_bad_names_and_folders(tmp_path, monkeypatch, capsys, tiny_model_dir, args, expected):
+    (tmp_path / "plain").mkdir()
+    cfg = _train_cfg(tmp_path, tiny_model_dir, tmp_path / "none.jsonl")
+    subs = {"{cfg}": str(cfg), "{out}": str(tmp_path / "out"), "{model}": str(tiny_model_dir),
+            "{missing}": str(tmp_path / "nope"), "{notmodel}": str(tmp_path / "plain")}
+    code, err = _cli(monkeypatch, capsys, *[subs.get(a, a) for a in args])
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_user_error_from_the_console_script_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "soarbench", "eval", "--model", str(tmp_path / "x"),
+                           "--benchmark", "shapes", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'x'}: model folder does not exist"
+
+
+def test_caption_rules():
+    assert caption_of("A photo of a cat") == "A photo of a cat"
+    assert caption_of(json.dumps({"long_caption": "", "medium_caption": "medium", "text": "t"})) == "medium"
+    assert caption_of(json.dumps({"short_caption": " "})) == ""
+    assert caption_of("") == ""
+
+
+def test_empty_captions_are_skipped_and_png_or_jpg_found(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "b.jpg")
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"md5": "a", "caption_en": "one", "bw": 8, "bh": 8}, {"md5": "zz", "caption_en": "", "bw": 8, "bh": 8},
+        {"md5": "b", "caption_en": json.dumps({"text": "two"}), "bw": 8, "bh": 8}]) + "\n")
+    recs = read_records(tmp_path / "t.jsonl")
+    assert [(r.image.name, r.caption) for r in recs] == [("a.png", "one"), ("b.jpg", "two")]
+
+
+def test_rank_shards_are_disjoint_and_batches_come_from_one_bucket():
+    recs = [Record(Path(f"{i}"), f"c{i}", 32 if i % 3 else 64, 32, "") for i in range(60)]
+    sampler = BucketSampler(recs, global_batch=4 * 2, seed=0)
+    seen = []
+    for _ in range(6):
+        batch = sampler.next()
+        assert len({(recs[i].bw, recs[i].bh) for i in batch}) == 1
+        shards = [batch[r * 4:(r + 1) * 4] for r in range(2)]
+        assert not set(shards[0]) & set(shards[1])
+        seen += batch
+    assert len(seen) == len(set(seen))  # no sample twice within an epoch
+
+
+def test_set_overrides_parse_toml_values():
+    cfg = apply_overrides({"train": {"lr": 1.0}}, ["train.lr=1e-4", "method.name=soar", "data.flip=false",
+                                                  "train.betas=[0.9, 0.99]"])
+    assert cfg == {"train": {"lr": 1e-4, "betas": [0.9, 0.99]}, "method": {"name": "soar"}, "data": {"flip": False}}
+    assert parse_value("hello world") == "hello world"
+    with pytest.raises(UserError, match="expected key=value"):
+        apply_overrides({}, ["oops"])
