@@ -98,14 +98,15 @@ def eval_(
     steps: Optional[int] = typer.Option(None, "--steps", help="Euler steps (benchmark default: 40)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (benchmark default: 4.5)."),
     batch_size: int = typer.Option(64, "--batch-size"),
-    max_sequence_length: int = typer.Option(77, "--max-sequence-length", help="T5 tokens (as in training)."),
+    max_sequence_length: Optional[int] = typer.Option(
+        None, "--max-sequence-length", help="T5 tokens; default: the length recorded with the model, else 77."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ):
     """Generate a benchmark's images with fixed seeds and score them.
 
     Examples:
 
-      soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base --max-sequence-length 0
+      soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base
 
       soarbench eval --model runs/soar/checkpoints/step_000100 --benchmark shapes --steps 10 --out evals/soar10
     """

@@ -95,7 +95,7 @@ def evaluate_base(cfg: dict, folder: Path, log) -> None:
     log("[base] evaluating the base model")
     device = "cuda" if torch.cuda.is_available() and cfg["train"]["device"] in ("auto", "cuda") else "cpu"
     adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=device,
-                                         max_sequence_length=int(cfg["model"].get("max_sequence_length", 77)))
+                                         max_sequence_length=cfg["model"].get("max_sequence_length"))
     info = model_info(cfg, "base", 0, Counters(), Path(cfg["model"]["path"]))
     summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
                        batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,

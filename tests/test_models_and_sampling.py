@@ -44,7 +44,9 @@ def test_checkpoint_folder_loads_its_components_over_the_base(adapter, tiny_mode
     adapter.save_components(tmp_path / "ckpt", ["transformer"], tiny_model_dir, {"step": 3})
     record = json.loads((tmp_path / "ckpt" / "soarbench_checkpoint.json").read_text())
     assert record["components"] == ["transformer"] and record["step"] == 3
-    loaded = SD3Adapter.from_pretrained(tmp_path / "ckpt", max_sequence_length=0)
+    loaded = SD3Adapter.from_pretrained(tmp_path / "ckpt")  # the T5 length comes from the checkpoint record
+    assert record["max_sequence_length"] == 0 and loaded.max_sequence_length == 0
+    assert SD3Adapter.from_pretrained(tiny_model_dir).max_sequence_length == 77  # nothing recorded: SD3's 77
     base = SD3Adapter.from_pretrained(tiny_model_dir, max_sequence_length=0)
     for (n, a), b, c in zip(adapter.transformer.named_parameters(), loaded.transformer.parameters(),
                             base.transformer.parameters()):

@@ -75,6 +75,8 @@ def export(model_dir: Path, run_dir: Path, out: Path, recipe_text: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp)
     (tmp / "recipe.toml").write_text(recipe_text)
+    # trained without T5 tokens: evaluation must use the same (zero) length
+    (tmp / "soarbench_model.json").write_text(json.dumps({"max_sequence_length": adapter.max_sequence_length}) + "\n")
     sums = []
     for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
         sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(tmp).as_posix()}")

@@ -93,7 +93,7 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         log(budget.arithmetic(cost, world.world_size, int(tcfg["batch_size"])))
 
     adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=world.device, dtype=torch.float32,
-                                         max_sequence_length=int(cfg["model"].get("max_sequence_length", 77)))
+                                         max_sequence_length=cfg["model"].get("max_sequence_length"))
     components = list(tcfg["components"])
     params = []
     for name in components:

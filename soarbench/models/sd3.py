@@ -20,6 +20,8 @@ import torch
 from soarbench.errors import UserError
 
 CHECKPOINT_FILE = "soarbench_checkpoint.json"
+MODEL_NOTE_FILE = "soarbench_model.json"  # optional, in a base folder: {"max_sequence_length": N}
+DEFAULT_MAX_SEQUENCE_LENGTH = 77
 TRAINABLE_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
 
 
@@ -63,6 +65,15 @@ def resolve_model_folder(path: str | Path) -> tuple[Path, dict | None]:
     return path, None
 
 
+def recorded_sequence_length(base: Path, record: dict | None) -> int:
+    if record is not None and "max_sequence_length" in record:
+        return int(record["max_sequence_length"])
+    note = base / MODEL_NOTE_FILE
+    if note.is_file():
+        return int(json.loads(note.read_text()).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+    return DEFAULT_MAX_SEQUENCE_LENGTH
+
+
 class SD3Adapter:
     """Loads an SD3-family pipeline folder and exposes text encoding, VAE coding and the velocity model."""
 
@@ -76,13 +87,18 @@ class SD3Adapter:
     # ---- loading ---------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, max_sequence_length: int = 77,
+                        dtype: torch.dtype = torch.float32, max_sequence_length: int | None = None,
                         load_t5: bool = True) -> "SD3Adapter":
+        """max_sequence_length (T5 tokens) None: the length the model was trained with, as recorded in the
+        checkpoint or the base folder's soarbench_model.json, else 77. Evaluating with another length than
+        training changes the model's context (a defect of the reference code)."""
         from diffusers import StableDiffusion3Pipeline
         from diffusers.utils import logging as dlogging
         from transformers.utils import logging as tlogging
 
         base, record = resolve_model_folder(path)
+        if max_sequence_length is None:
+            max_sequence_length = recorded_sequence_length(base, record)
         index = json.loads((base / "model_index.json").read_text())
         extra = {}
         if not load_t5 or index.get("text_encoder_3", [None])[0] is None:
@@ -120,7 +136,8 @@ class SD3Adapter:
         for name in components:
             module = getattr(self.pipe, name)
             module.save_pretrained(folder / name, safe_serialization=True)
-        record = {"base_model": str(Path(base_model).resolve()), "components": list(components), **extra}
+        record = {"base_model": str(Path(base_model).resolve()), "components": list(components),
+                  "max_sequence_length": self.max_sequence_length, **extra}
         from soarbench.io import atomic_write_json
 
         atomic_write_json(folder / CHECKPOINT_FILE, record)
