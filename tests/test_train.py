@@ -57,13 +57,18 @@ def test_resume_continues_exactly(tiny_model_dir, shapes_data, tmp_path):
     train(base, tmp_path / "straight", log=lambda m: None)
     half = {**base, "train": {**base["train"], "checkpoint_every": 2}}
     # stop after 2 steps (a smaller budget), then resume the same folder under the full budget
-    train({**half, "budget": {"unit": "optimizer_steps", "amount": 2}}, tmp_path / "resumed", log=lambda m: None)
+    train({**half, "budget": {"unit": "optimizer_steps", "amount": 3}}, tmp_path / "resumed", log=lambda m: None)
+    # as if the process died after step 3: its checkpoint is lost, its log line is not
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_000003")
     train(half, tmp_path / "resumed", resume=True, log=lambda m: None)
     a = SD3Adapter.from_pretrained(tmp_path / "straight" / "checkpoints" / "step_000004", max_sequence_length=0)
     b = SD3Adapter.from_pretrained(tmp_path / "resumed" / "checkpoints" / "step_000004", max_sequence_length=0)
     for (name, p), q in zip(a.transformer.named_parameters(), b.transformer.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
     la, lb = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]  # step 3 was redone, and logged once
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
     assert la[-1]["budget"]["fwd_bwd"] == lb[-1]["budget"]["fwd_bwd"]
 

@@ -120,6 +120,8 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
     step = 0
     if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
         step = _restore(ckpt, adapter, components, optimizer, scheduler, counters, data, generator, world)
+        if world.is_main:
+            _truncate_log(out_dir / "train_log.jsonl", step)
         log(f"resumed from {ckpt} at step {step}")
     elif out_dir.joinpath("train_log.jsonl").exists() and not resume:
         raise UserError(f"{out_dir}: already holds a run (train_log.jsonl); pass --resume to continue it or "
@@ -130,6 +132,8 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         atomic_write_json(out_dir / "run.json", run_record(cfg, method_name, budget, cost, total_steps, world))
         if step == 0 and ecfg.get("include_base", False):
             _evaluate(cfg, adapter, out_dir, 0, counters, method_name, log)
+        if step in evals_at and not _eval_done(cfg, out_dir, step):
+            _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)  # interrupted during its eval
 
     autocast = _autocast(tcfg["mixed_precision"], world.device)
     wall_start = time.perf_counter() - counters.wall_s
@@ -223,6 +227,32 @@ def _evaluate(cfg: dict, adapter: SD3Adapter, out_dir: Path, step: int, counters
                        model_info=info, config=cfg, num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"))
     main = next(iter(summary["scores"].items()))
     log(f"eval step {step}: {main[0]} = {main[1]:.4f}")
+
+
+def _eval_done(cfg: dict, out_dir: Path, step: int) -> bool:
+    from soarbench.benchmarks import build_benchmark
+
+    ecfg = cfg["eval"]
+    name = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {})).name
+    return (out_dir / "evals" / f"step_{step:06d}" / name / "summary.json").is_file()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from: those steps are about to be redone."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def _step_of(line: str) -> int | None:
+    import json
+
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _trainer_state(step, optimizer, scheduler, counters, data, generator, world) -> dict:
