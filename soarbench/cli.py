@@ -20,8 +20,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                        "  soarbench train --config benchmarks/shapes/soar.toml --out runs/soar\n\n"
                        "  soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base\n\n"
                        "  soarbench report runs/shapes --out reports/shapes")
-metrics_app = typer.Typer(no_args_is_help=True, help="The metric registry.")
-data_app = typer.Typer(no_args_is_help=True, help="Prompt sets and training data.")
+metrics_app = typer.Typer(no_args_is_help=True, help="The metric registry.\n\nExample:\n\n  soarbench metrics list")
+data_app = typer.Typer(no_args_is_help=True, help="Prompt sets and training data.\n\nExample:\n\n"
+                                                  "  soarbench data shapes --out data/shapes --n-images 4000")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(data_app, name="data")
 

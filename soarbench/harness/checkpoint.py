@@ -25,11 +25,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, adapter, components, base_model: Path, trainer_state: dict,
-                    extra: dict) -> Path:
+                    extra: dict, modules: dict | None = None) -> Path:
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    adapter.save_components(tmp, components, base_model, extra)
+    adapter.save_components(tmp, components, base_model, extra, modules)
     torch.save(trainer_state, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)

@@ -37,6 +37,7 @@ class Record:
     bw: int
     bh: int
     where: str  # "file:line", for error messages
+    geneval: dict | None = None  # the GenEval row (tag, include, exclude) when the line carries one
 
 
 def caption_of(raw) -> str:
@@ -77,7 +78,12 @@ def read_records(jsonl: str | Path, image_dir: str | Path | None = None) -> list
                       if (image_dir / f"{obj['md5']}{ext}").is_file()), None)
         if image is None:
             raise UserError(f"{where}: image {image_dir / (str(obj['md5']) + '.jpg')} is missing")
-        records.append(Record(image, caption, bw, bh, where))
+        row = None
+        if "tag" in obj and "include" in obj:  # a GenEval-style line: an online method can score it
+            row = {"tag": obj["tag"], "include": obj["include"], "prompt": caption}
+            if obj.get("exclude"):
+                row["exclude"] = obj["exclude"]
+        records.append(Record(image, caption, bw, bh, where, row))
     if not records:
         raise UserError(f"{jsonl}: no usable lines (every caption is empty)")
     return records
@@ -221,3 +227,31 @@ def ensure_generated(dcfg: dict, world: World) -> None:
         if not target.is_file():
             raise UserError(f"data.jsonl = {target}: the shapes world writes train.jsonl in that folder")
     world.barrier()
+
+
+class PromptSampler:
+    """Online methods: m distinct prompts per epoch, the same on every rank, each repeated k times (a group)."""
+
+    def __init__(self, records: list[Record], prompts_per_epoch: int, group_size: int, world: World, seed: int):
+        unique: dict[str, dict | None] = {}
+        for r in records:
+            unique.setdefault(r.caption, r.geneval)
+        self.prompts = sorted(unique)
+        self.metadata = [unique[p] for p in self.prompts]
+        if prompts_per_epoch > len(self.prompts):
+            raise UserError(f"data: prompts_per_epoch = {prompts_per_epoch} but the data has only "
+                            f"{len(self.prompts)} distinct prompts")
+        if (prompts_per_epoch * group_size) % world.world_size:
+            raise UserError(f"method: prompts_per_epoch x group_size = {prompts_per_epoch * group_size} does not "
+                            f"divide over {world.world_size} ranks")
+        self.m, self.k, self.world, self.seed, self.epoch = prompts_per_epoch, group_size, world, seed, 0
+
+    def next(self) -> tuple[list[int], list[str], list[dict | None]]:
+        """(group ids, prompts, metadata) of this rank's share of the epoch's m x k samples."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        chosen = rng.sample(range(len(self.prompts)), self.m)
+        groups = [g for g in chosen for _ in range(self.k)]
+        share = len(groups) // self.world.world_size
+        mine = groups[self.world.rank * share:(self.world.rank + 1) * share]
+        return mine, [self.prompts[g] for g in mine], [self.metadata[g] for g in mine]

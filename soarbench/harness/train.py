@@ -22,7 +22,7 @@ from soarbench import config as C
 from soarbench.errors import UserError
 from soarbench.harness.budget import Budget, Counters, StepCost
 from soarbench.harness.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from soarbench.harness.data import TrainData, ensure_generated, read_records
+from soarbench.harness.data import PromptSampler, TrainData, ensure_generated, read_records
 from soarbench.harness.distributed import World, init_world, rank_seed
 from soarbench.io import append_jsonl, atomic_write_json, atomic_write_text
 from soarbench.methods import build_method
@@ -87,24 +87,38 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
 
     ensure_generated(dcfg, world)
     records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))  # bad data fails before anything is written
-    cost = method_cost(method_name, mcfg, int(tcfg["batch_size"]), world.world_size)
-    total_steps = budget.steps_affordable(cost)
+    online = getattr(method, "online", False)
+    if online:
+        cost = method.cost(world.world_size)
+        prompts = PromptSampler(records, method.m, method.k, world, seed)
+        per_rank = method.m * method.k // world.world_size
+    else:
+        cost = method_cost(method_name, mcfg, int(tcfg["batch_size"]), world.world_size)
+        per_rank = int(tcfg["batch_size"])
+    # online methods buy whole epochs (each of `cost.optimizer_steps` optimizer steps)
+    total_units = budget.steps_affordable(cost)
+    total_steps = total_units * cost.optimizer_steps if total_units is not None else None
     if world.is_main:
-        log(budget.arithmetic(cost, world.world_size, int(tcfg["batch_size"])))
+        log(budget.arithmetic(cost, world.world_size, per_rank))
 
     adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=world.device, dtype=torch.float32,
                                          max_sequence_length=cfg["model"].get("max_sequence_length"))
-    components = list(tcfg["components"])
-    params = []
-    for name in components:
-        module = getattr(adapter.pipe, name)
-        module.requires_grad_(True).train()
-        params += [p for p in module.parameters() if p.requires_grad]
     if tcfg["gradient_checkpointing"]:
         adapter.transformer.enable_gradient_checkpointing()
-    train_text = any(c.startswith("text_encoder") for c in components)
-    data = TrainData(records, adapter, world, int(tcfg["batch_size"]), seed,
-                     random_flip=bool(dcfg.get("random_flip", False)), train_text=train_text)
+    if online:
+        components = ["transformer"]
+        params = method.setup(adapter, world.device)
+        data = prompts
+    else:
+        components = list(tcfg["components"])
+        params = []
+        for name in components:
+            module = getattr(adapter.pipe, name)
+            module.requires_grad_(True).train()
+            params += [p for p in module.parameters() if p.requires_grad]
+        train_text = any(c.startswith("text_encoder") for c in components)
+        data = TrainData(records, adapter, world, int(tcfg["batch_size"]), seed,
+                         random_flip=bool(dcfg.get("random_flip", False)), train_text=train_text)
     optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), betas=tuple(tcfg["betas"]),
                                   weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
     warmup = int(tcfg["warmup_steps"])
@@ -114,18 +128,20 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
     ctx = StepContext(adapter=adapter, generator=generator, sigmas=_grid(adapter, world.device),
                       world_size=world.world_size, all_reduce_sum=world.all_reduce_sum)
     ecfg = cfg.get("eval", {})
-    evals_at = eval_steps(total_steps, int(ecfg.get("points", 4))) if total_steps and ecfg.get("benchmark") else []
+    evals_at = ([u * cost.optimizer_steps for u in eval_steps(total_units, int(ecfg.get("points", 4)))]
+                if total_units and ecfg.get("benchmark") else [])
     base_model = Path(cfg["model"]["path"]).resolve()
 
     step = 0
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        step = _restore(ckpt, adapter, components, optimizer, scheduler, counters, data, generator, world)
-        if world.is_main:
-            _truncate_log(out_dir / "train_log.jsonl", step)
-        log(f"resumed from {ckpt} at step {step}")
-    elif out_dir.joinpath("train_log.jsonl").exists() and not resume:
+    if not resume and out_dir.joinpath("train_log.jsonl").exists():
         raise UserError(f"{out_dir}: already holds a run (train_log.jsonl); pass --resume to continue it or "
                         f"choose another --out")
+    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        step = _restore(ckpt, adapter, components, optimizer, scheduler, counters, data, generator, world,
+                        method if online else None)
+        log(f"resumed from {ckpt} at step {step}")
+    if resume and world.is_main:
+        _truncate_log(out_dir / "train_log.jsonl", step)  # steps past the checkpoint are about to be redone
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.toml", C.dumps_toml(cfg))
@@ -137,43 +153,91 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
 
     autocast = _autocast(tcfg["mixed_precision"], world.device)
     wall_start = time.perf_counter() - counters.wall_s
+    every = int(tcfg["checkpoint_every"])
+
+    def optimizer_step() -> float | None:
+        world.average_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"])) if tcfg["grad_clip"] else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm) if norm is not None else None
+
+    def count(fwd_bwd: int = 0, no_grad_fwd: int = 0, images: int = 0, reward_calls: int = 0) -> None:
+        packed = world.all_reduce_sum(torch.tensor([fwd_bwd, no_grad_fwd, images, reward_calls], device=world.device))
+        counters.fwd_bwd += int(packed[0])
+        counters.no_grad_fwd += int(packed[1])
+        counters.images += int(packed[2])
+        counters.reward_calls += int(packed[3])
+
+    def end_of_step(logs: dict, loss: torch.Tensor, grad_norm: float | None, boundary: bool = True) -> None:
+        nonlocal wall_start
+        counters.optimizer_steps += 1
+        counters.wall_s = time.perf_counter() - wall_start
+        # loss is this rank's share of the pooled objective times world size (see methods/base.py)
+        loss_value = world.all_reduce_sum(loss.detach().float()).item() / world.world_size
+        if world.is_main:
+            append_jsonl(out_dir / "train_log.jsonl", {
+                "step": step, "loss": loss_value, **{k: float(v) for k, v in logs.items()},
+                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "budget": counters.as_dict()})
+        if progress is not None:
+            progress(step, total_steps)
+        last = not _more(budget, counters, step, total_steps)
+        if boundary and (step in evals_at or last or (every and step % every == 0)):
+            t_pause = time.perf_counter()
+            state = _trainer_state(step, optimizer, scheduler, counters, data, generator, world,
+                                   method if online else None)
+            if world.is_main:
+                modules = {"transformer": method.export_transformer()} if online else None
+                save_checkpoint(out_dir, step, adapter, components, base_model, state,
+                                {"step": step, "method": method_name, "run_name": cfg.get("run", {}).get("name")},
+                                modules)
+                if ecfg.get("benchmark") and (step in evals_at or last):
+                    with (method.eval_weights() if online else contextlib.nullcontext()):
+                        _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)
+            world.barrier()
+            wall_start += time.perf_counter() - t_pause  # checkpoints and evaluation are not training time
+
     while _more(budget, counters, step, total_steps):
+        if online:
+            group_ids, texts, metadata = data.next()
+            counters.add_prompts(sorted({t for chunk in world.all_gather_objects(texts) for t in chunk}))
+            epoch = method.collect(ctx, group_ids, texts, metadata, world.all_gather_objects)
+            count(no_grad_fwd=epoch.no_grad_fwd, images=epoch.images, reward_calls=epoch.reward_calls)
+            kept = torch.nonzero(epoch.keep).flatten()
+            parts = torch.tensor_split(kept, cost.optimizer_steps) if len(kept) else [kept] * cost.optimizer_steps
+            for part in parts:
+                step += 1
+                total = torch.zeros((), device=world.device)
+                logs: dict = dict(epoch.logs)
+                micro = method.micro or max(len(part), 1)
+                chunks = [part[i:i + micro] for i in range(0, len(part), micro)]
+                n_terms = max(len(chunks) * epoch.steps.shape[1], 1)
+                for chunk in chunks:
+                    for column in range(epoch.steps.shape[1]):
+                        with autocast:
+                            out = method.loss(ctx, epoch, chunk, column)
+                        (out.loss / n_terms).backward()
+                        total += out.loss.detach() / n_terms
+                        count(fwd_bwd=out.fwd_bwd, no_grad_fwd=out.no_grad_fwd)
+                        for k_, v_ in out.logs.items():
+                            logs[k_] = logs.get(k_, 0.0) + v_ / n_terms
+                grad_norm = optimizer_step() if len(part) else None
+                if len(part) == 0:
+                    optimizer.zero_grad(set_to_none=True)  # every group tied: nothing to learn this step
+                if method.ema is not None:
+                    method.ema.step(counters.optimizer_steps)
+                end_of_step(logs, total, grad_norm, boundary=(part is parts[-1]))
+            continue
         step += 1
         batch = data.next_batch()
         with autocast:
             out = method.loss(ctx, batch)
         out.loss.backward()
-        world.average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"])) if tcfg["grad_clip"] else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        counters.fwd_bwd += int(world.all_reduce_sum(torch.tensor(out.fwd_bwd, device=world.device)).item())
-        counters.no_grad_fwd += int(world.all_reduce_sum(torch.tensor(out.no_grad_fwd, device=world.device)).item())
+        grad_norm = optimizer_step()
+        count(fwd_bwd=out.fwd_bwd, no_grad_fwd=out.no_grad_fwd)
         counters.add_prompts(data.last_global_captions)
-        counters.optimizer_steps += 1
-        counters.wall_s = time.perf_counter() - wall_start
-        # out.loss is this rank's share of the pooled objective times world size (see methods/base.py)
-        loss_value = world.all_reduce_sum(out.loss.detach().float()).item() / world.world_size
-        if world.is_main:
-            append_jsonl(out_dir / "train_log.jsonl", {
-                "step": step, "loss": loss_value, **{k: float(v) for k, v in out.logs.items()},
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None, "budget": counters.as_dict()})
-        if progress is not None:
-            progress(step, total_steps)
-        every = int(tcfg["checkpoint_every"])
-        if step in evals_at or not _more(budget, counters, step, total_steps) or (every and step % every == 0):
-            t_pause = time.perf_counter()
-            state = _trainer_state(step, optimizer, scheduler, counters, data, generator, world)
-            if world.is_main:
-                save_checkpoint(out_dir, step, adapter, components, base_model, state,
-                                {"step": step, "method": method_name, "run_name": cfg.get("run", {}).get("name")})
-                if ecfg.get("benchmark") and (step in evals_at or not _more(budget, counters, step, total_steps)):
-                    _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)
-            world.barrier()
-            wall_start += time.perf_counter() - t_pause  # evaluation is not training time
+        end_of_step(out.logs, out.loss, grad_norm)
     return out_dir
 
 
@@ -255,33 +319,47 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-def _trainer_state(step, optimizer, scheduler, counters, data, generator, world) -> dict:
-    states = world.all_gather_objects({"generator": generator.get_state(), "torch": torch.get_rng_state(),
-                                       "pixel_rng": data.pixel_rng.getstate(),
-                                       "latent_gen": data.latent_gen.get_state()})
-    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "counters": counters.state_dict(), "sampler": data.sampler.state_dict(), "rank_rng": states,
-            "world_size": world.world_size}
+def _trainer_state(step, optimizer, scheduler, counters, data, generator, world, method=None) -> dict:
+    rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if isinstance(data, TrainData):
+        rng.update(pixel_rng=data.pixel_rng.getstate(), latent_gen=data.latent_gen.get_state())
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "counters": counters.state_dict(), "rank_rng": world.all_gather_objects(rng),
+             "world_size": world.world_size}
+    if isinstance(data, TrainData):
+        state["sampler"] = data.sampler.state_dict()
+    else:
+        state["prompt_epoch"] = data.epoch
+    if method is not None:
+        state["method"] = method.state_dict()
+    return state
 
 
-def _restore(ckpt: Path, adapter, components, optimizer, scheduler, counters, data, generator, world) -> int:
+def _restore(ckpt: Path, adapter, components, optimizer, scheduler, counters, data, generator, world,
+             method=None) -> int:
     state = load_trainer_state(ckpt)
     if state["world_size"] != world.world_size:
         raise UserError(f"{ckpt}: saved with {state['world_size']} ranks, resumed with {world.world_size}")
-    for name in components:
-        module = getattr(adapter.pipe, name)
-        loaded = type(module).from_pretrained(ckpt / name, dtype=torch.float32, local_files_only=True)
-        module.load_state_dict(loaded.state_dict())
+    if method is not None:
+        method.load_state_dict(state["method"])  # the checkpoint's transformer is the merged EMA export
+    else:
+        for name in components:
+            module = getattr(adapter.pipe, name)
+            loaded = type(module).from_pretrained(ckpt / name, dtype=torch.float32, local_files_only=True)
+            module.load_state_dict(loaded.state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restored = Counters.from_state(state["counters"])
     counters.__dict__.update(restored.__dict__)
-    data.sampler.load_state_dict(state["sampler"])
     mine = state["rank_rng"][world.rank]
     generator.set_state(mine["generator"])
     torch.set_rng_state(mine["torch"])
-    data.pixel_rng.setstate(_tupleize(mine["pixel_rng"]))
-    data.latent_gen.set_state(mine["latent_gen"])
+    if isinstance(data, TrainData):
+        data.sampler.load_state_dict(state["sampler"])
+        data.pixel_rng.setstate(_tupleize(mine["pixel_rng"]))
+        data.latent_gen.set_state(mine["latent_gen"])
+    else:
+        data.epoch = int(state["prompt_epoch"])
     return int(state["step"])
 
 

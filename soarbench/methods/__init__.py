@@ -8,6 +8,7 @@ from soarbench.registry import LazyRegistry
 METHODS = LazyRegistry("method")
 METHODS.add("sft", "soarbench.methods.sft:SFT")
 METHODS.add("soar", "soarbench.methods.soar:SOAR")
+METHODS.add("flow_grpo", "soarbench.methods.flow_grpo:FlowGRPO")
 
 
 def build_method(name: str, options: dict[str, Any]):

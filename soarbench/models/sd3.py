@@ -130,11 +130,14 @@ class SD3Adapter:
             setattr(pipe, name, loaded)
             pipe.register_modules(**{name: loaded})
 
-    def save_components(self, folder: Path, components: Sequence[str], base_model: Path, extra: dict) -> None:
-        """Write a checkpoint: the trained components plus a record naming the base folder."""
+    def save_components(self, folder: Path, components: Sequence[str], base_model: Path, extra: dict,
+                        modules: dict | None = None) -> None:
+        """Write a checkpoint: the trained components plus a record naming the base folder.
+
+        `modules` replaces a component's module (e.g. a LoRA model merged into a plain transformer)."""
         folder.mkdir(parents=True, exist_ok=True)
         for name in components:
-            module = getattr(self.pipe, name)
+            module = (modules or {}).get(name) or getattr(self.pipe, name)
             module.save_pretrained(folder / name, safe_serialization=True)
         record = {"base_model": str(Path(base_model).resolve()), "components": list(components),
                   "max_sequence_length": self.max_sequence_length, **extra}

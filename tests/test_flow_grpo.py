@@ -1,0 +1,59 @@
+"""Flow-GRPO in the harness: counters equal the config's arithmetic, checkpoints load, bad configs are refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from soarbench.errors import UserError
+from soarbench.harness.train import train
+from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics.registry import METRICS
+from soarbench.models import SD3Adapter
+
+
+class Brightness(Metric):
+    """A hand-made reward that varies from image to image, so that no group is dropped."""
+
+    info = MetricInfo(name="test_brightness", version="1", scale="mean pixel value in [0, 1]")
+
+    def score(self, images, prompts, metadata=None):
+        return [{"score": float(np.asarray(im, dtype=np.float32).mean() / 255)} for im in images]
+
+
+METRICS.add("test_brightness", f"{__name__}:Brightness")
+
+
+def _cfg(model_dir, data, **method):
+    return {"model": {"path": str(model_dir), "max_sequence_length": 0}, "data": {"jsonl": str(data)},
+            "method": {"name": "flow_grpo", "group_size": 2, "prompts_per_epoch": 2, "num_steps": 3,
+                       "rewards": {"test_brightness": 1.0}, "lora_r": 4, "lora_alpha": 8, "ema_every": 1,
+                       **method},
+            "train": {"seed": 1, "lr": 1e-3, "threads": 2},
+            "budget": {"unit": "optimizer_steps", "amount": 4}}
+
+
+def test_counters_equal_the_arithmetic(tiny_model_dir, shapes_data, tmp_path):
+    train(_cfg(tiny_model_dir, shapes_data), tmp_path / "r", log=lambda m: None)
+    log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["kept_fraction"] == 1.0 for r in log)
+    epochs, n, T, K = 2, 4, 3, int(3 * 0.99)
+    b = log[-1]["budget"]
+    assert b["images"] == epochs * n and b["reward_calls"] == epochs * n
+    assert b["fwd_bwd"] == epochs * n * K * 2  # CFG counts double
+    assert b["no_grad_fwd"] == epochs * (n * T * 2 + n * K * 2)  # rollouts + reference forwards for the KL
+    assert b["optimizer_steps"] == 4 and b["unique_prompts"] <= 4
+    ckpt = SD3Adapter.from_pretrained(tmp_path / "r" / "checkpoints" / "step_000004")
+    assert "lora" not in json.dumps([n for n, _ in ckpt.transformer.named_parameters()])
+
+
+def test_unknown_reward_name_suggests_the_nearest(tiny_model_dir, shapes_data, tmp_path):
+    with pytest.raises(UserError, match="did you mean 'geneval'"):
+        train(_cfg(tiny_model_dir, shapes_data, rewards={"genevall": 1.0}), tmp_path / "r", log=lambda m: None)
+
+
+def test_group_of_one_is_refused(tiny_model_dir, shapes_data, tmp_path):
+    with pytest.raises(UserError, match="group_size must be >= 2"):
+        train(_cfg(tiny_model_dir, shapes_data, group_size=1), tmp_path / "r", log=lambda m: None)
