@@ -27,7 +27,7 @@ METRICS.add("test_brightness", f"{__name__}:Brightness")
 
 def _cfg(model_dir, data, **method):
     return {"model": {"path": str(model_dir), "max_sequence_length": 0}, "data": {"jsonl": str(data)},
-            "method": {"name": "flow_grpo", "group_size": 2, "prompts_per_epoch": 2, "num_steps": 3,
+            "method": {"name": "flow_grpo", "group_size": 2, "batch_size": 4, "num_steps": 3,
                        "rewards": {"test_brightness": 1.0}, "lora_r": 4, "lora_alpha": 8, "ema_every": 1,
                        **method},
             "train": {"seed": 1, "lr": 1e-3, "threads": 2},
@@ -57,3 +57,26 @@ def test_unknown_reward_name_suggests_the_nearest(tiny_model_dir, shapes_data, t
 def test_group_of_one_is_refused(tiny_model_dir, shapes_data, tmp_path):
     with pytest.raises(UserError, match="group_size must be >= 2"):
         train(_cfg(tiny_model_dir, shapes_data, group_size=1), tmp_path / "r", log=lambda m: None)
+
+
+def test_group_larger_than_the_batch_is_refused(tiny_model_dir, shapes_data, tmp_path):
+    with pytest.raises(UserError, match="group_size = 8 is larger than the batch of 4 images"):
+        train(_cfg(tiny_model_dir, shapes_data, group_size=8), tmp_path / "r", log=lambda m: None)
+
+
+def test_budget_below_one_epoch_is_refused(tiny_model_dir, shapes_data, tmp_path):
+    cfg = _cfg(tiny_model_dir, shapes_data)
+    cfg["budget"] = {"unit": "fwd_bwd", "amount": 10}  # one epoch costs 4 images x 2 steps x 2 (CFG) = 16
+    with pytest.raises(UserError, match="cannot buy one whole step"):
+        train(cfg, tmp_path / "r", log=lambda m: None)
+
+
+@pytest.mark.parametrize("method", [{"lora": False}, {"sde_window": 2, "num_steps": 4, "cfg_train": False}])
+def test_full_finetune_and_fast_window_counters(tiny_model_dir, shapes_data, tmp_path, method):
+    train(_cfg(tiny_model_dir, shapes_data, **method), tmp_path / "r", log=lambda m: None)
+    b = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()][-1]["budget"]
+    T = method.get("num_steps", 3)
+    K = method.get("sde_window") or int(T * 0.99)
+    train_cfg = 1 if method.get("cfg_train") is False else 2
+    assert b["fwd_bwd"] == 2 * 4 * K * train_cfg
+    assert b["no_grad_fwd"] == 2 * (4 * T * 2 + 4 * K * train_cfg)

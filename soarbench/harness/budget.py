@@ -114,17 +114,20 @@ class Budget:
         return steps
 
     def arithmetic(self, cost: StepCost, world_size: int, batch_per_rank: int) -> str:
-        steps = self.steps_affordable(cost)
-        per_step = cost.value(self.unit, self.no_grad_fraction)
+        """What one unit of work (a step, or an online method's epoch of optimizer steps) spends, and how
+        many units the budget buys."""
+        units = self.steps_affordable(cost)
+        per_unit = cost.value(self.unit, self.no_grad_fraction)
+        name = "step" if cost.optimizer_steps == 1 else f"epoch ({cost.optimizer_steps} optimizer steps)"
         lines = [
             f"budget: {self.amount:g} {self.unit}",
-            f"  per step: {world_size} rank(s) x batch {batch_per_rank}; images {cost.images}, "
+            f"  per {name}: {world_size} rank(s) x batch {batch_per_rank}; images {cost.images}, "
             f"fwd+bwd {cost.fwd_bwd}, no-grad fwd {cost.no_grad_fwd}, reward calls {cost.reward_calls}",
         ]
-        if steps is None:
+        if units is None:
             lines.append("  steps: as many as fit in the wall-clock budget")
         else:
-            left = self.amount - steps * per_step
-            lines.append(f"  one step = {per_step:g} {self.unit} -> {steps} optimizer steps "
-                         f"({left:g} {self.unit} left unspent)")
+            left = self.amount - units * per_unit
+            lines.append(f"  one {name.split(' ')[0]} = {per_unit:g} {self.unit} -> {units * cost.optimizer_steps} "
+                         f"optimizer steps ({left:g} {self.unit} left unspent)")
         return "\n".join(lines)

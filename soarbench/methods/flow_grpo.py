@@ -48,21 +48,28 @@ class FlowGRPO:
     name = "flow_grpo"
     online = True
 
-    def __init__(self, group_size: int = 4, prompts_per_epoch: int = 4, num_steps: int = 10, guidance: float = 4.5,
+    def __init__(self, group_size: int = 4, batch_size: int = 16, num_steps: int = 10, guidance: float = 4.5,
                  sde_type: str = "flow_sde", noise_level: float = 0.7, sde_window: int = 0,
                  clip_range: float = 1e-4, beta: float = 0.04, global_std: bool = True, adv_clip: float = 5.0,
                  timestep_fraction: float = 0.99, optimizer_steps_per_epoch: int = 2, cfg_train: bool = True,
                  rewards: dict[str, float] | None = None, reward_options: dict[str, dict] | None = None,
                  lora: bool = True, lora_r: int = 32, lora_alpha: float = 64, ema: bool = True,
                  ema_decay: float = 0.9, ema_every: int = 8, micro_batch: int = 0):
+        # batch_size = images per epoch over all ranks = (unique prompts per epoch) x group_size
         if group_size < 2:
             raise UserError(f"[method] group_size must be >= 2 for group-relative advantages, got {group_size}")
-        if optimizer_steps_per_epoch < 1 or num_steps < 1 or prompts_per_epoch < 1:
-            raise UserError("[method] optimizer_steps_per_epoch, num_steps and prompts_per_epoch must be >= 1")
-        if (prompts_per_epoch * group_size) % optimizer_steps_per_epoch:
-            raise UserError(f"[method] the epoch's {prompts_per_epoch * group_size} samples do not split into "
+        if group_size > batch_size:
+            raise UserError(f"[method] group_size = {group_size} is larger than the batch of {batch_size} images "
+                            f"per epoch: one group must fit in a batch")
+        if batch_size % group_size:
+            raise UserError(f"[method] batch_size = {batch_size} images is not a whole number of groups of "
+                            f"{group_size}")
+        if optimizer_steps_per_epoch < 1 or num_steps < 1:
+            raise UserError("[method] optimizer_steps_per_epoch and num_steps must be >= 1")
+        if batch_size % optimizer_steps_per_epoch:
+            raise UserError(f"[method] the epoch's {batch_size} images do not split into "
                             f"{optimizer_steps_per_epoch} optimizer steps")
-        self.k, self.m, self.T, self.g = int(group_size), int(prompts_per_epoch), int(num_steps), float(guidance)
+        self.k, self.m, self.T, self.g = int(group_size), int(batch_size) // int(group_size), int(num_steps), float(guidance)
         self.variant, self.a, self.window = sde_type, float(noise_level), int(sde_window)
         self.clip, self.beta, self.global_std, self.adv_clip = float(clip_range), float(beta), bool(global_std), float(adv_clip)
         self.fraction, self.opt_steps, self.cfg_train = float(timestep_fraction), int(optimizer_steps_per_epoch), bool(cfg_train)
