@@ -23,7 +23,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 metrics_app = typer.Typer(no_args_is_help=True, help="The metric registry.\n\nExample:\n\n  soarbench metrics list")
 data_app = typer.Typer(no_args_is_help=True, help="Prompt sets and training data.\n\nExample:\n\n"
                                                   "  soarbench data shapes --out data/shapes --n-images 4000")
+ckpts_app = typer.Typer(no_args_is_help=True, help="Reward and metric model weights (reward_ckpts/).\n\nExamples:\n\n"
+                                                   "  soarbench ckpts download aesthetic-mlp\n\n  soarbench ckpts verify")
 app.add_typer(metrics_app, name="metrics")
+app.add_typer(ckpts_app, name="ckpts")
 app.add_typer(data_app, name="data")
 
 
@@ -185,6 +188,39 @@ def metrics_list():
     for name in METRICS.names():
         needs = METRICS.meta(name).get("needs", [])
         typer.echo(f"{name}\tneeds: {'; '.join(needs) or 'nothing'}")
+
+
+@ckpts_app.command("download")
+def ckpts_download(name: Optional[str] = typer.Argument(None, help="Manifest entry; all when omitted.")):
+    """Fetch weights from their pinned public source: resumable, hash-checked, written atomically.
+
+    Examples:
+
+      soarbench ckpts download clip-vit-large-patch14
+
+      SOARBENCH_REWARD_CKPTS=/data/ckpts soarbench ckpts download
+    """
+    from soarbench.metrics import weights
+
+    for entry in [name] if name else weights.names():
+        typer.echo(f"{entry}\t{weights.download(entry)}")
+
+
+@ckpts_app.command("verify")
+def ckpts_verify(name: Optional[str] = typer.Argument(None, help="Manifest entry; all when omitted.")):
+    """Rehash every weight file that is present and compare it with the manifest.
+
+    Example:
+
+      soarbench ckpts verify
+    """
+    from soarbench.metrics import weights
+
+    checks = weights.verify([name] if name else None)
+    for c in checks:
+        typer.echo(f"{c.entry}\t{c.file}\t{c.status}\t{c.sha256 or ''}")
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 @data_app.command("shapes")

@@ -1,0 +1,194 @@
+"""ClipScore: text-image cosine of OpenAI CLIP ViT-L/14 (transformers), plus the transformers-CLIP helpers that
+PickScore and the aesthetic predictor share.
+
+    metric = ClipScoreMetric()                        # reward_ckpts/clip-vit-large-patch14, checked
+    metric = ClipScoreMetric(model="path/to/folder")  # any transformers CLIPModel folder with its processor files
+    records = metric.score(images, prompts)           # [{"score": ..., "cosine": ...}, ...]
+
+The raw number is cos(text, image) of the projected embeddings, i.e. diag(logits_per_image) / exp(logit_scale)
+(= / 100 for OpenAI's CLIP), about 0.26-0.30 for SD-class images; that is what the tables report. Two other
+conventions are named options of `scale`:
+
+    "cosine"        cos                          (default; Flow-GRPO / DiffusionNFT tables)
+    "torchmetrics"  100 * cos per image; the summary is max(mean, 0), as torchmetrics' CLIPScore computes it
+    "hessel"        2.5 * max(cos, 0)            (Hessel et al. 2021, who used ViT-B/32)
+
+Every record also carries the raw "cosine". Images go through the CLIP image processor with its PIL backend
+(resize shortest side 224 bicubic, centre crop 224, OpenAI mean/std), as in transformers 4.x, torchmetrics and
+the PickScore reference; prompts are tokenised with truncation at the model's 77 positions. Flow-GRPO's training
+reward instead resizes decoded tensors bilinearly, which moves the cosine by about 1e-3.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from soarbench.errors import UserError, did_you_mean
+from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics.weights import locate
+
+SCALES = {
+    "cosine": "cosine similarity in [-1, 1] (CLIP ViT-L/14: about 0.26-0.30)",
+    "torchmetrics": "100 * cosine per image; summary max(mean, 0) as torchmetrics' CLIPScore (about 26-30)",
+    "hessel": "2.5 * max(cosine, 0), Hessel et al.'s CLIP-S (about 0.65-0.75 with ViT-L/14)",
+}
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+
+
+def as_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image of any mode or an HWC uint8 array."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise UserError(f"images must be PIL images or HWC uint8 arrays, got {type(image).__name__} "
+                        f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}")
+    return Image.fromarray(array).convert("RGB")
+
+
+def check_pairs(metric: str, images: Sequence[Any], prompts: Sequence[str]) -> None:
+    if len(images) != len(prompts):
+        raise UserError(f"{metric} scores each image against its prompt; got {len(images)} images and "
+                        f"{len(prompts)} prompts")
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def pil_image_processor(folder: Path):
+    """The CLIP image processor of a folder with the PIL backend (transformers 5 defaults to torchvision)."""
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class  # transformers >= 5
+    except ImportError:  # transformers 4.x: CLIPImageProcessor is the PIL implementation
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class.from_pretrained(str(folder), local_files_only=True)
+
+
+class HFClip:
+    """A transformers CLIPModel and its processor from local folders, with embeddings computed the same way on
+    transformers 4.x and 5.x (whose get_*_features return types differ): tower pooler output -> projection."""
+
+    def __init__(self, model_dir: Path, processor_dir: Path | None = None, device: str | torch.device = "cpu"):
+        from transformers import AutoTokenizer, CLIPModel
+
+        processor_dir = processor_dir or model_dir
+        for folder, what in ((model_dir, "model"), (processor_dir, "processor")):
+            if not Path(folder).is_dir():
+                raise UserError(f"{folder}: the CLIP {what} must be a folder (transformers layout)")
+        try:
+            self.model = CLIPModel.from_pretrained(str(model_dir), local_files_only=True)
+            self.image_processor = pil_image_processor(Path(processor_dir))
+            self.tokenizer = AutoTokenizer.from_pretrained(str(processor_dir), local_files_only=True)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load a CLIP model from {model_dir} (processor {processor_dir}): {first}") \
+                from None
+        self.device = torch.device(device)
+        # fp32 whatever dtype the checkpoint was saved in (transformers 5 loads the saved dtype by default)
+        self.model.to(device=self.device, dtype=torch.float32).eval().requires_grad_(False)
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def projection_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) L2-normalised float32 image embeddings, on the CPU."""
+        pixels = self.image_processor(images=[as_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+        pooled = self.model.vision_model(pixel_values=pixels.to(self.device, torch.float32)).pooler_output
+        embeds = self.model.visual_projection(pooled).float()
+        return torch.nn.functional.normalize(embeds, dim=-1).cpu()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) L2-normalised float32 text embeddings (truncated at the model's positions), on the CPU."""
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        pooled = self.model.text_model(input_ids=tokens["input_ids"].to(self.device),
+                                       attention_mask=tokens["attention_mask"].to(self.device)).pooler_output
+        embeds = self.model.text_projection(pooled).float()
+        return torch.nn.functional.normalize(embeds, dim=-1).cpu()
+
+    def cosine(self, images: Sequence[Image.Image], prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+        """(N,) cos(text_i, image_i)."""
+        out = []
+        for s in batches(len(images), batch_size):
+            out.append((self.embed_images(images[s]) * self.embed_texts(prompts[s])).sum(-1))
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+# -------------------------------------------------------------------------------------------------- metric
+
+
+class ClipScoreMetric(Metric):
+    """cos(text, image) of a transformers CLIP (default: OpenAI ViT-L/14 from reward_ckpts)."""
+
+    def __init__(self, model: str = "clip-vit-large-patch14", scale: str = "cosine",
+                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32):
+        if scale not in SCALES:
+            raise did_you_mean("ClipScore scale", scale, SCALES)
+        self.scale = scale
+        self.batch_size = positive_int("batch_size", batch_size)
+        path, label = locate(model, weights_root)
+        self.clip = HFClip(path, device=resolve_device(device))
+        self.weights = label
+        self.info = MetricInfo(
+            name="clipscore",
+            version=f"hf-clip/{label}/{scale}",
+            scale=SCALES[scale],
+            higher_is_better=True,
+            needs=[str(path)],
+        )
+
+    def _scaled(self, cosine: float) -> float:
+        if self.scale == "torchmetrics":
+            return 100.0 * cosine
+        if self.scale == "hessel":
+            return 2.5 * max(cosine, 0.0)
+        return cosine
+
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str],
+              metadata: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        check_pairs("ClipScore", images, prompts)
+        cosines = self.clip.cosine(list(images), list(prompts), self.batch_size).tolist()
+        return [{"score": self._scaled(c), "cosine": c} for c in cosines]
+
+    def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
+        if not records:
+            return {"clipscore": float("nan")}
+        mean = sum(float(r["score"]) for r in records) / len(records)
+        out = {"clipscore": max(mean, 0.0) if self.scale == "torchmetrics" else mean}
+        if self.scale != "cosine":
+            out["clipscore/cosine"] = sum(float(r["cosine"]) for r in records) / len(records)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "weights": self.weights, "scale_option": self.scale}
