@@ -8,7 +8,6 @@ unfinished one resumes from its last checkpoint.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,12 +35,8 @@ def plan_runs(exp: dict) -> list[tuple[str, dict]]:
 
 
 def finished(run_dir: Path) -> bool:
-    record = run_dir / "run.json"
-    if not record.is_file() or not (run_dir / "train_log.jsonl").is_file():
-        return False
-    steps = json.loads(record.read_text())["budget"]["steps"]
-    last = (run_dir / "train_log.jsonl").read_text().strip().splitlines()
-    return bool(last) and steps is not None and json.loads(last[-1])["step"] >= steps
+    """A run is finished once training wrote done.json (its budget spent, last checkpoint evaluated)."""
+    return (run_dir / "done.json").is_file()
 
 
 def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callable[[str], None],

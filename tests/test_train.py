@@ -86,3 +86,28 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, shapes_data, tmp_path):
     with pytest.raises(UserError, match="--resume"):
         train(cfg, tmp_path / "r", log=lambda m: None)
     assert (tmp_path / "r" / "train_log.jsonl").read_text() == before
+
+
+def test_schedule_stops_when_the_next_unit_does_not_fit_and_evaluates_at_budget_fractions():
+    from soarbench.harness.budget import Budget, Counters, StepCost
+    from soarbench.harness.train import Schedule
+
+    sched = Schedule(Budget("fwd_bwd", 100), StepCost(fwd_bwd=30), points=4)
+    c = Counters()
+    passed = []
+    while sched.more(c):
+        c.fwd_bwd += 30
+        passed.append(sched.thresholds_passed(c.fwd_bwd))
+    assert c.fwd_bwd == 90 and passed == [1, 2, 3]  # 25, 50, 75 crossed; 100 not reachable in whole units
+
+
+def test_training_evaluates_at_each_quarter_of_the_budget(tiny_model_dir, shapes_data, tmp_path):
+    cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 8},
+               eval={"benchmark": "shapes", "points": 4, "num_steps": 2, "batch_size": 64,
+                     "benchmark_options": {"n_per_tag": 1}})
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    evals = sorted(p.parent.parent.name for p in (tmp_path / "r" / "evals").glob("*/shapes/summary.json"))
+    assert evals == ["step_000002", "step_000004", "step_000006", "step_000008"]
+    summary = json.loads((tmp_path / "r" / "evals" / "step_000004" / "shapes" / "summary.json").read_text())
+    assert summary["model"]["budget_spent"]["fwd_bwd"] == 16 and summary["label"] == "sft@4"
+    assert (tmp_path / "r" / "done.json").is_file()

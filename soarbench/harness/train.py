@@ -10,6 +10,7 @@ fractions.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 from pathlib import Path
@@ -49,9 +50,27 @@ def method_cost(method_name: str, options: dict, batch: int, world: int) -> Step
     return StepCost(fwd_bwd=n, unique_prompts=n)
 
 
-def eval_steps(total_steps: int, points: int) -> list[int]:
-    """Steps at evenly spaced budget fractions 1/points .. 1."""
-    return sorted({max(1, round(total_steps * k / points)) for k in range(1, points + 1)})
+class Schedule:
+    """When to stop and when to evaluate, both read off the budget actually spent.
+
+    A run continues while the next unit of work (a step, or an online method's epoch) still fits, using the
+    config's per-unit cost (an upper bound where samples can be dropped, so Flow-GRPO spends what its dropped
+    groups saved on further epochs). Evaluations fall where the spent budget first reaches 1/points .. 1 of the
+    amount, so methods with different step costs are compared at the same budget fractions, and at the end.
+    """
+
+    def __init__(self, budget: Budget, cost: StepCost, points: int):
+        self.budget, self.points = budget, max(int(points), 0)
+        self.per_unit = cost.value(budget.unit, budget.no_grad_fraction)
+
+    def more(self, counters: Counters) -> bool:
+        spent = counters.value(self.budget.unit)
+        if math.isnan(self.per_unit):
+            return spent < self.budget.amount
+        return spent + self.per_unit <= self.budget.amount * (1 + 1e-9)
+
+    def thresholds_passed(self, spent: float) -> int:
+        return sum(spent >= self.budget.amount * k / self.points * (1 - 1e-9) for k in range(1, self.points + 1))
 
 
 def resolve_config(cfg: dict) -> dict:
@@ -96,8 +115,8 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         cost = method_cost(method_name, mcfg, int(tcfg["batch_size"]), world.world_size)
         per_rank = int(tcfg["batch_size"])
     # online methods buy whole epochs (each of `cost.optimizer_steps` optimizer steps)
-    total_units = budget.steps_affordable(cost)
-    total_steps = total_units * cost.optimizer_steps if total_units is not None else None
+    total_units = budget.steps_affordable(cost)  # refuses a budget below one unit of work
+    total_steps = None if online or total_units is None else total_units * cost.optimizer_steps
     if world.is_main:
         log(budget.arithmetic(cost, world.world_size, per_rank))
 
@@ -128,8 +147,7 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
     ctx = StepContext(adapter=adapter, generator=generator, sigmas=_grid(adapter, world.device),
                       world_size=world.world_size, all_reduce_sum=world.all_reduce_sum)
     ecfg = cfg.get("eval", {})
-    evals_at = ([u * cost.optimizer_steps for u in eval_steps(total_units, int(ecfg.get("points", 4)))]
-                if total_units and ecfg.get("benchmark") else [])
+    schedule = Schedule(budget, cost, int(ecfg.get("points", 4)) if ecfg.get("benchmark") else 0)
     base_model = Path(cfg["model"]["path"]).resolve()
 
     step = 0
@@ -148,7 +166,7 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         atomic_write_json(out_dir / "run.json", run_record(cfg, method_name, budget, cost, total_steps, world))
         if step == 0 and ecfg.get("include_base", False):
             _evaluate(cfg, adapter, out_dir, 0, counters, method_name, log)
-        if step in evals_at and not _eval_done(cfg, out_dir, step):
+        if step and _eval_done(cfg, out_dir, step) is False:
             _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)  # interrupted during its eval
 
     autocast = _autocast(tcfg["mixed_precision"], world.device)
@@ -182,8 +200,13 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "budget": counters.as_dict()})
         if progress is not None:
             progress(step, total_steps)
-        last = not _more(budget, counters, step, total_steps)
-        if boundary and (step in evals_at or last or (every and step % every == 0)):
+        nonlocal evals_passed
+        last = not schedule.more(counters)
+        passed = schedule.thresholds_passed(counters.value(budget.unit))
+        due = boundary and (passed > evals_passed or last)
+        if due:
+            evals_passed = passed
+        if boundary and (due or (every and step % every == 0)):
             t_pause = time.perf_counter()
             state = _trainer_state(step, optimizer, scheduler, counters, data, generator, world,
                                    method if online else None)
@@ -192,17 +215,19 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
                 save_checkpoint(out_dir, step, adapter, components, base_model, state,
                                 {"step": step, "method": method_name, "run_name": cfg.get("run", {}).get("name")},
                                 modules)
-                if ecfg.get("benchmark") and (step in evals_at or last):
+                if ecfg.get("benchmark") and due:
                     with (method.eval_weights() if online else contextlib.nullcontext()):
                         _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)
             world.barrier()
             wall_start += time.perf_counter() - t_pause  # checkpoints and evaluation are not training time
 
-    while _more(budget, counters, step, total_steps):
+    evals_passed = schedule.thresholds_passed(counters.value(budget.unit))
+    while schedule.more(counters):
         if online:
             group_ids, texts, metadata = data.next()
             counters.add_prompts(sorted({t for chunk in world.all_gather_objects(texts) for t in chunk}))
-            epoch = method.collect(ctx, group_ids, texts, metadata, world.all_gather_objects)
+            with autocast:  # the rollout's log-probs must be computed in the precision training recomputes them
+                epoch = method.collect(ctx, group_ids, texts, metadata, world.all_gather_objects)
             count(no_grad_fwd=epoch.no_grad_fwd, images=epoch.images, reward_calls=epoch.reward_calls)
             kept = torch.nonzero(epoch.keep).flatten()
             parts = torch.tensor_split(kept, cost.optimizer_steps) if len(kept) else [kept] * cost.optimizer_steps
@@ -238,13 +263,9 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         count(fwd_bwd=out.fwd_bwd, no_grad_fwd=out.no_grad_fwd)
         counters.add_prompts(data.last_global_captions)
         end_of_step(out.logs, out.loss, grad_norm)
+    if world.is_main:
+        atomic_write_json(out_dir / "done.json", {"step": step, "budget_spent": counters.as_dict()})
     return out_dir
-
-
-def _more(budget: Budget, counters: Counters, step: int, total_steps: int | None) -> bool:
-    if total_steps is not None:
-        return step < total_steps
-    return counters.value(budget.unit) < budget.amount
 
 
 def _grid(adapter: SD3Adapter, device) -> torch.Tensor:
@@ -293,12 +314,15 @@ def _evaluate(cfg: dict, adapter: SD3Adapter, out_dir: Path, step: int, counters
     log(f"eval step {step}: {main[0]} = {main[1]:.4f}")
 
 
-def _eval_done(cfg: dict, out_dir: Path, step: int) -> bool:
-    from soarbench.benchmarks import build_benchmark
-
-    ecfg = cfg["eval"]
-    name = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {})).name
-    return (out_dir / "evals" / f"step_{step:06d}" / name / "summary.json").is_file()
+def _eval_done(cfg: dict, out_dir: Path, step: int) -> bool | None:
+    """None: no eval was started at this step; False: one was started and not finished; True: finished."""
+    ecfg = cfg.get("eval", {})
+    if not ecfg.get("benchmark"):
+        return None
+    folder = out_dir / "evals" / f"step_{step:06d}"
+    if not folder.is_dir():
+        return None
+    return any(folder.glob("*/summary.json"))
 
 
 def _truncate_log(path: Path, step: int) -> None:
