@@ -115,7 +115,9 @@ class _Axis:
     ) -> _Axis:
         lo, hi = extent
         span = hi - lo
-        ticks, step = nice_ticks(lo - padding * span, hi + padding * span, integer=integer)
+        # non-negative data (accuracies, counts) keeps its axis at or above zero
+        low = lo - padding * span if lo - padding * span >= 0 or lo < 0 else 0.0
+        ticks, step = nice_ticks(low, hi + padding * span, integer=integer)
         return cls(tuple(ticks), tuple(tick_labels(ticks, step)), pixel_lo, pixel_hi)
 
     def __call__(self, value: float) -> float:
@@ -132,9 +134,9 @@ def nice_ticks(lo: float, hi: float, target: int = TARGET_TICKS, integer: bool =
         lo, hi = 0.0, 1.0
     if hi < lo:
         lo, hi = hi, lo
-    if hi == lo:  # one value: centre it in a small range around itself
+    if hi == lo:  # one value: centre it in a small range around itself (not below zero if it is >= 0)
         pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
+        lo, hi = (lo - pad if lo - pad >= 0 or lo < 0 else 0.0), hi + pad
     raw_step = (hi - lo) / target
     magnitude = 10 ** math.floor(math.log10(raw_step))
     multipliers: tuple[float, ...] = (1, 2, 2.5, 5, 10)
