@@ -211,15 +211,7 @@ def guided_velocity(adapter: SD3Adapter, z: torch.Tensor, sigma: torch.Tensor, t
     unconditional branch is a constant, so d v = g d v_c: the policy gradient trains the conditional velocity
     only, instead of also pushing the unconditional one with weight 1 - g < 0. `sigma` is (1,) or (B,).
     """
-    if guidance == 1.0:
-        return adapter.velocity(z, sigma, text, transformer).float()
-    n = z.shape[0]
-    both = TextEmbeddings.cat([null.repeat(n), text])
-    v = adapter.velocity(torch.cat([z, z]), torch.cat([sigma.expand(n), sigma.expand(n)]), both, transformer)
-    v_uncond, v_cond = v.float().chunk(2)
-    if detach_uncond:
-        v_uncond = v_uncond.detach()
-    return v_uncond + guidance * (v_cond - v_uncond)
+    return cfg_velocity(adapter, z, sigma, text, null, guidance, transformer, detach_uncond)
 
 
 def step_log_prob_under(adapter: SD3Adapter, traj: Trajectory, step_index: int | torch.Tensor,

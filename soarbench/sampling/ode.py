@@ -23,14 +23,20 @@ def sampling_sigmas(scheduler_config: dict, num_steps: int) -> torch.Tensor:
 
 
 def cfg_velocity(adapter: SD3Adapter, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
-                 null: TextEmbeddings, guidance: float, transformer=None) -> torch.Tensor:
-    """One batched forward over [uncond; cond] (or cond only when guidance == 1)."""
+                 null: TextEmbeddings, guidance: float, transformer=None,
+                 detach_uncond: bool = False) -> torch.Tensor:
+    """One batched forward over [uncond; cond] (or cond only when guidance == 1).
+
+    `detach_uncond` makes the unconditional branch a constant under autograd (Flow-GRPO's training pass), so
+    d v = g d v_cond; the values are the same either way."""
     if guidance == 1.0:
         return adapter.velocity(z, sigma, text, transformer).float()
     n = z.shape[0]
     both = TextEmbeddings.cat([null.repeat(n), text])
     v = adapter.velocity(torch.cat([z, z]), torch.cat([sigma.expand(n), sigma.expand(n)]), both, transformer)
     v_uncond, v_cond = v.float().chunk(2)
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
