@@ -54,7 +54,7 @@ class FlowGRPO:
                  timestep_fraction: float = 0.99, optimizer_steps_per_epoch: int = 2, cfg_train: bool = True,
                  rewards: dict[str, float] | None = None, reward_options: dict[str, dict] | None = None,
                  lora: bool = True, lora_r: int = 32, lora_alpha: float = 64, ema: bool = True,
-                 ema_decay: float = 0.9, ema_every: int = 8, micro_batch: int = 0):
+                 ema_decay: float = 0.9, ema_every: int = 8, micro_batch: int = 0, resolution: int = 0):
         # batch_size = images per epoch over all ranks = (unique prompts per epoch) x group_size
         if group_size < 2:
             raise UserError(f"[method] group_size must be >= 2 for group-relative advantages, got {group_size}")
@@ -75,6 +75,7 @@ class FlowGRPO:
         self.fraction, self.opt_steps, self.cfg_train = float(timestep_fraction), int(optimizer_steps_per_epoch), bool(cfg_train)
         self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
         self.use_ema, self.ema_decay, self.ema_every, self.micro = bool(ema), float(ema_decay), int(ema_every), int(micro_batch)
+        self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
         self.reward_fn = RewardFunction.from_config(rewards or {"geneval": 1.0}, reward_options or {})
         self.model = None  # the peft model (LoRA) or the transformer (full fine-tune)
         self.reference = None  # a frozen copy for full fine-tuning with beta > 0
@@ -172,7 +173,7 @@ class FlowGRPO:
                      logs=logs)
 
     def _size(self, adapter) -> tuple[int, int]:
-        size = int(adapter.vae.config.sample_size)
+        size = self.resolution or int(adapter.vae.config.sample_size)
         return size, size
 
     # ---- the loss on one micro-batch at one trained timestep column --------------------------------------

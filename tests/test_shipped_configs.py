@@ -1,0 +1,52 @@
+"""Every config and experiment shipped in benchmarks/ resolves, names a real method and buys whole steps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from soarbench import config as C
+from soarbench.experiment import plan_runs
+from soarbench.harness.budget import Budget
+from soarbench.harness.train import method_cost, resolve_config
+from soarbench.methods import build_method
+
+ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
+EXPERIMENTS = {"experiment.toml", "compare.toml"}
+NOT_TRAIN_CONFIGS = {"base_recipe.toml", "common.toml", "recipe.toml"}  # recipes build the base
+
+
+def _check(cfg: dict) -> int:
+    cfg = resolve_config(cfg)
+    options = dict(cfg["method"])
+    name = options.pop("name")
+    method = build_method(name, options)
+    budget = Budget.from_config(cfg["budget"])
+    cost = method.cost(1) if getattr(method, "online", False) else method_cost(name, options,
+                                                                                cfg["train"]["batch_size"], 1)
+    return budget.steps_affordable(cost)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in ROOT.rglob("*.toml")
+                                        if p.name not in EXPERIMENTS | NOT_TRAIN_CONFIGS), ids=lambda p: p.name)
+def test_train_configs_resolve(path):
+    assert _check(C.load_toml(path)) >= 1
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiments_plan_matched_budgets(name):
+    exp = C.load_toml(ROOT / "shapes" / name)
+    plan = plan_runs(exp)
+    budgets = {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for _, cfg in plan}
+    assert len(budgets) == 1  # one matched budget for every method
+    assert {cfg["method"]["name"] for _, cfg in plan} == {"sft", "soar", "flow_grpo"}
+    for _, cfg in plan:
+        assert _check(cfg) >= 1
+
+
+def test_shapes_configs_share_common_settings():
+    common = C.load_toml(ROOT / "shapes" / "common.toml")
+    for name in ("sft.toml", "soar.toml"):
+        cfg = C.load_toml(ROOT / "shapes" / name)
+        for section in ("model", "data", "train", "budget", "eval"):
+            assert cfg[section] == common[section], (name, section)
