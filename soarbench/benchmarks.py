@@ -38,8 +38,54 @@ def shapes_benchmark(seed: int | None = None, n_per_tag: int = 20, image_size: i
                      source={"world": "shapes", "split": "test", "seed": seed, "n_per_tag": n_per_tag})
 
 
+def _lines_benchmark(name: str, prompt_set: str, metrics: dict[str, dict[str, Any]]) -> Benchmark:
+    """One image per line of a pinned text prompt set, at the papers' protocol (the dataclass defaults)."""
+    from soarbench import prompts
+
+    return Benchmark(name=name, prompts=prompts.load_prompts(prompt_set), metadata=None, metrics=metrics,
+                     source=prompts.get(prompt_set).provenance())
+
+
+def geneval_benchmark(backend: str = "mask2former", images_per_prompt: int = 4) -> Benchmark:
+    """GenEval: the 553 official rows, 4 images each (the 2212 lines of Flow-GRPO's test file, reordered).
+
+    "mask2former" is the official detector (Mask2Former Swin-S + CLIP ViT-L/14 colours); until that backend is
+    registered in soarbench.geneval.backends, building this benchmark's metric is a UserError naming it.
+    """
+    from soarbench import prompts
+
+    rows = prompts.load_metadata("geneval")
+    return Benchmark(name="geneval", prompts=[r["prompt"] for r in rows], metadata=rows,
+                     metrics={"geneval": {"backend": backend}}, images_per_prompt=images_per_prompt,
+                     source=prompts.get("geneval").provenance())
+
+
+def ocr_benchmark() -> Benchmark:
+    """Flow-GRPO's 1018 OCR test prompts, one image each."""
+    return _lines_benchmark("ocr", "ocr", {"ocr": {}})
+
+
+def pickscore_benchmark() -> Benchmark:
+    """Flow-GRPO's 2048 PickScore test prompts, one image each."""
+    return _lines_benchmark("pickscore", "pickscore", {"pickscore": {}})
+
+
+# The papers score DrawBench with PickScore, ClipScore, HPSv2.1, Aesthetic and ImageReward. ImageReward is not a
+# registered metric yet: add "imagereward" here once soarbench.metrics.registry has it.
+DRAWBENCH_METRICS = ("pickscore", "clipscore", "hpsv2", "aesthetic")
+
+
+def drawbench_benchmark() -> Benchmark:
+    """DiffusionNFT's DrawBench file: 200 prompts written 5 times each, one image per line (1000)."""
+    return _lines_benchmark("drawbench", "drawbench", {m: {} for m in DRAWBENCH_METRICS})
+
+
 BENCHMARKS = LazyRegistry("benchmark")
 BENCHMARKS.add("shapes", "soarbench.benchmarks:shapes_benchmark")
+BENCHMARKS.add("geneval", "soarbench.benchmarks:geneval_benchmark")
+BENCHMARKS.add("ocr", "soarbench.benchmarks:ocr_benchmark")
+BENCHMARKS.add("pickscore", "soarbench.benchmarks:pickscore_benchmark")
+BENCHMARKS.add("drawbench", "soarbench.benchmarks:drawbench_benchmark")
 
 
 def build_benchmark(name: str, **options: Any) -> Benchmark:

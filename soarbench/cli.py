@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                        "  soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base\n\n"
                        "  soarbench report runs/shapes --out reports/shapes")
 metrics_app = typer.Typer(no_args_is_help=True, help="The metric registry.\n\nExample:\n\n  soarbench metrics list")
-data_app = typer.Typer(no_args_is_help=True, help="Prompt sets and training data.\n\nExample:\n\n"
+data_app = typer.Typer(no_args_is_help=True, help="Prompt sets and training data.\n\nExamples:\n\n"
+                                                  "  soarbench data fetch all\n\n"
                                                   "  soarbench data shapes --out data/shapes --n-images 4000")
 ckpts_app = typer.Typer(no_args_is_help=True, help="Reward and metric model weights (reward_ckpts/).\n\nExamples:\n\n"
                                                    "  soarbench ckpts download aesthetic-mlp\n\n  soarbench ckpts verify")
@@ -94,11 +95,19 @@ def train(
 
 @app.command("eval")
 def eval_(
-    model: Path = typer.Option(..., "--model", help="A diffusers SD3 folder or a soarbench checkpoint folder."),
+    model: Optional[Path] = typer.Option(None, "--model",
+                                         help="A diffusers SD3 folder or a soarbench checkpoint folder."),
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="Score this folder of existing images instead of generating (no --model): GenEval's "
+                               "layout NNNNN/metadata.jsonl + NNNNN/samples/NNNN.png, or flat with --prompts."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="With --images: a flat folder's prompts, one per line in image-name order "
+                                "(digit runs compare as numbers: 2.png before 10.png)."),
     benchmark: str = typer.Option(..., "--benchmark", help="Benchmark name (see the registry)."),
     out: Path = typer.Option(..., "--out", help="Eval folder; an interrupted eval resumes here."),
     metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metric names."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed gives the same images and scores."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Sampling seed (default 0): the same seed gives the same images and scores."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Euler steps (benchmark default: 40)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="CFG scale (benchmark default: 4.5)."),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -106,31 +115,60 @@ def eval_(
         None, "--max-sequence-length", help="T5 tokens; default: the length recorded with the model, else 77."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ):
-    """Generate a benchmark's images with fixed seeds and score them.
+    """Generate a benchmark's images with fixed seeds and score them, or score existing images (--images).
 
     Examples:
 
       soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base
 
       soarbench eval --model runs/soar/checkpoints/step_000100 --benchmark shapes --steps 10 --out evals/soar10
+
+      soarbench eval --images geneval_outputs --benchmark geneval --out evals/theirs
+
+      soarbench eval --images ocr_images --prompts ocr_prompts.txt --benchmark ocr --out evals/ocr
     """
-    import torch
-
     from soarbench.benchmarks import BENCHMARKS, build_benchmark
-    from soarbench.evaluate import evaluate
     from soarbench.metrics.registry import METRICS
-    from soarbench.models.sd3 import SD3Adapter
 
+    if model is not None and images is not None:
+        raise UserError("--model and --images are mutually exclusive: give --model (generate, then score) or "
+                        "--images (score existing images)")
+    if model is None and images is None:
+        raise UserError("give --model (generate, then score) or --images (score existing images)")
+    if images is None:
+        generation_only = {"--prompts": prompts}
+    else:
+        generation_only = {"--seed": seed, "--steps": steps, "--guidance": guidance,
+                           "--max-sequence-length": max_sequence_length}
+    given = [flag for flag, value in generation_only.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} cannot be used with {'--images' if images is not None else '--model'}")
     BENCHMARKS.check(benchmark)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     for name in names or []:
         METRICS.check(name)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    adapter = SD3Adapter.from_pretrained(model, device=dev, max_sequence_length=max_sequence_length)
-    bench = build_benchmark(benchmark)
-    summary = evaluate(adapter, bench, out, seed=seed, metric_names=names, batch_size=batch_size,
-                       model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
-                       num_steps=steps, guidance=guidance, on_progress=_Bar(f"eval {benchmark}"))
+    if images is not None:
+        from soarbench.evaluate import score_images
+
+        bench = build_benchmark(benchmark)
+        summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
+                               on_progress=_Bar(f"score {benchmark}"))
+        if not summary["benchmark"]["covers_benchmark"]:
+            _log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
+                 f"{bench.images_per_prompt} images): the scores are not its official numbers")
+    else:
+        import torch
+
+        from soarbench.evaluate import evaluate
+        from soarbench.models.sd3 import SD3Adapter
+
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        adapter = SD3Adapter.from_pretrained(model, device=dev, max_sequence_length=max_sequence_length)
+        bench = build_benchmark(benchmark)
+        summary = evaluate(adapter, bench, out, seed=0 if seed is None else seed, metric_names=names,
+                           batch_size=batch_size,
+                           model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
+                           num_steps=steps, guidance=guidance, on_progress=_Bar(f"eval {benchmark}"))
     for key, value in summary["scores"].items():
         typer.echo(f"{key}\t{value:.4f}")
 
@@ -220,6 +258,44 @@ def ckpts_verify(name: Optional[str] = typer.Argument(None, help="Manifest entry
     for c in checks:
         typer.echo(f"{c.entry}\t{c.file}\t{c.status}\t{c.sha256 or ''}")
     if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@data_app.command("fetch")
+def data_fetch(name: str = typer.Argument(..., help="A prompt set (geneval, ocr, pickscore, drawbench, ...) or all.")):
+    """Download prompt sets from their pinned public sources, sha256-checked.
+
+    Files go to $SOARBENCH_DATA when set, else ~/.cache/soarbench/prompts; a good copy already there is kept.
+
+    Examples:
+
+      soarbench data fetch all
+
+      SOARBENCH_DATA=/data/prompts soarbench data fetch geneval
+    """
+    from soarbench import prompts
+
+    for entry in prompts.names() if name == "all" else [prompts.get(name).name]:
+        typer.echo(f"{entry}\t{prompts.fetch(entry)}")
+
+
+@data_app.command("geneval-metadata")
+def data_geneval_metadata(out: Path = typer.Option(..., "--out", help="File to write (evaluation_metadata.jsonl).")):
+    """Regenerate GenEval's official evaluation_metadata.jsonl from its prompt grammar.
+
+    Seed 43 over the 80 COCO names (prompt set geneval_object_names); prints the file's sha256 and whether it
+    equals the published file's (exit status 1 if not).
+
+    Example:
+
+      soarbench data geneval-metadata --out evaluation_metadata.jsonl
+    """
+    from soarbench import prompts
+
+    path, digest, matches = prompts.write_geneval_metadata(out)
+    typer.echo(f"{path}\t{digest}\t{'matches' if matches else 'DIFFERS from'} the published file "
+               f"({prompts.get('geneval').sha256})")
+    if not matches:
         raise typer.Exit(1)
 
 

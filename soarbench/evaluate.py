@@ -9,13 +9,21 @@ Layout of an eval folder:
 Sample (P, K) draws its initial noise from its own seed, derived from (seed, P, K), on the CPU, so the images do
 not depend on batching, device count or resumption (beyond float rounding of batched matrix products). An interrupted eval resumes: samples already in
 samples.jsonl are not redone, and a sample counts once even if a crash repeated its line.
+
+`score_images` scores images made elsewhere, without a model, into the same files (no images/ folder: each
+sample's `file` is the absolute path of its source image; `seed` and `sampling` are null). It reads GenEval's
+official layout, DIR/NNNNN/metadata.jsonl + DIR/NNNNN/samples/NNNN.png, or a flat folder of images paired line
+by line with a prompts file; either way each image is matched to its prompt's index in the benchmark. It resumes
+the same way.
 """
 from __future__ import annotations
 
 import io
 import json
+import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,8 +33,10 @@ from PIL import Image
 
 from soarbench import provenance
 from soarbench.benchmarks import Benchmark
-from soarbench.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text
-from soarbench.metrics.registry import build_metric
+from soarbench.errors import UserError
+from soarbench.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from soarbench.metrics.base import Metric
+from soarbench.metrics.registry import METRICS, build_metric
 from soarbench.models.sd3 import SD3Adapter
 from soarbench.sampling.ode import euler_sample
 
@@ -75,12 +85,7 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     num_steps = bench.num_steps if num_steps is None else num_steps
     guidance = bench.guidance if guidance is None else guidance
-    names = metric_names or list(bench.metrics)
-    for name in names:
-        from soarbench.metrics.registry import METRICS
-
-        METRICS.check(name)
-    metrics = {n: build_metric(n, **bench.metrics.get(n, {})) for n in names}
+    names, metrics = _build_metrics(bench, metric_names)
 
     samples_path = out_dir / "samples.jsonl"
     done = read_done(samples_path)
@@ -115,15 +120,7 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     seconds = time.perf_counter() - t_start
 
     rows = sorted(read_done(samples_path).values(), key=lambda r: (r["prompt_index"], r["image_index"]))
-    scores: dict[str, float] = {}
-    per_prompt: dict[str, list[float]] = {}
-    for name, metric in metrics.items():
-        recs = [r["records"][name] for r in rows]
-        scores.update(metric.summarize(recs))
-        by_prompt = defaultdict(list)
-        for r, rec in zip(rows, recs):
-            by_prompt[r["prompt_index"]].append(float(rec["score"]))
-        per_prompt[name] = [float(np.mean(by_prompt[p])) for p in sorted(by_prompt)]
+    scores, per_prompt = _aggregate(metrics, rows)
     if "geneval" in metrics:
         write_geneval_results(out_dir / "results.jsonl", rows)
 
@@ -149,6 +146,28 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     return summary
 
 
+def _build_metrics(bench: Benchmark, metric_names: list[str] | None) -> tuple[list[str], dict[str, Metric]]:
+    """The requested metrics (default: the benchmark's), each with the benchmark's options for it."""
+    names = metric_names or list(bench.metrics)
+    for name in names:
+        METRICS.check(name)
+    return names, {n: build_metric(n, **bench.metrics.get(n, {})) for n in names}
+
+
+def _aggregate(metrics: dict[str, Metric], rows: list[dict]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(every metric's summary numbers, per metric the mean score of each prompt in prompt-index order)."""
+    scores: dict[str, float] = {}
+    per_prompt: dict[str, list[float]] = {}
+    for name, metric in metrics.items():
+        recs = [r["records"][name] for r in rows]
+        scores.update(metric.summarize(recs))
+        by_prompt = defaultdict(list)
+        for r, rec in zip(rows, recs):
+            by_prompt[r["prompt_index"]].append(float(rec["score"]))
+        per_prompt[name] = [float(np.mean(by_prompt[p])) for p in sorted(by_prompt)]
+    return scores, per_prompt
+
+
 def write_geneval_results(path: Path, rows: list[dict]) -> None:
     keys = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
     lines = []
@@ -157,3 +176,221 @@ def write_geneval_results(path: Path, rows: list[dict]) -> None:
         rec["filename"] = r["file"]
         lines.append(json.dumps({k: rec.get(k) for k in keys}))
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ existing images
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_NUMBER = re.compile(r"[0-9]+")
+_GENEVAL_SAMPLE = re.compile(r"[0-9]+\.png")
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """One existing image and what it is scored against."""
+    id: str  # PPPPP_K, as in a model eval
+    prompt_index: int
+    image_index: int
+    prompt: str
+    metadata: dict | None
+    path: Path  # absolute
+
+
+def name_order(name: str) -> tuple:
+    """Sort key for file names: runs of digits compare as numbers ("2.png" < "10.png"), the rest as text."""
+    parts = re.split(r"([0-9]+)", name)
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)], name
+
+
+def _prompt_indices(bench: Benchmark) -> dict[str, int]:
+    """Each prompt of the benchmark -> its first index."""
+    index: dict[str, int] = {}
+    for i, prompt in enumerate(bench.prompts):
+        index.setdefault(prompt, i)
+    return index
+
+
+def geneval_layout_samples(images_dir: Path, bench: Benchmark) -> list[ImageSample]:
+    """Images in GenEval's layout: DIR/NNNNN/metadata.jsonl (one row) and DIR/NNNNN/samples/NNNN.png.
+
+    Like the official evaluator, each folder's images are scored against the folder's own row, and entries that
+    are not numbered folders or NNNN.png files are ignored. The row must be one of the benchmark's (equal to it,
+    not only in its prompt, when the benchmark has metadata) and the images become images 0, 1, ... of that
+    prompt in folder-number order. So GenEval's own layout (folder N = row N, 4 images each) and a layout made
+    from Flow-GRPO's test file (its 2212 lines in their order, 1 image each) give the same samples.
+    """
+    folders = sorted((f for f in images_dir.iterdir() if f.is_dir() and _NUMBER.fullmatch(f.name)),
+                     key=lambda f: (int(f.name), f.name))
+    if not folders:
+        raise UserError(f"{images_dir}: no GenEval-layout prompt folders (NNNNN/metadata.jsonl with "
+                        "NNNNN/samples/0000.png ...); a flat folder of images needs a prompts file (--prompts)")
+    index_of = _prompt_indices(bench)
+    seen: Counter = Counter()
+    samples = []
+    for folder in folders:
+        meta_path = folder / "metadata.jsonl"
+        row = _read_layout_row(meta_path)
+        index = index_of.get(row["prompt"])
+        if index is None:
+            raise UserError(f"{meta_path}: {row['prompt']!r} is not a prompt of benchmark '{bench.name}'")
+        if bench.metadata is not None and row != bench.metadata[index]:
+            raise UserError(f"{meta_path}: the row of {row['prompt']!r} differs from row {index} of benchmark "
+                            f"'{bench.name}'")
+        sample_dir = folder / "samples"
+        if not sample_dir.is_dir():
+            raise UserError(f"{sample_dir}: no such folder")
+        files = sorted((f for f in sample_dir.iterdir() if f.is_file() and _GENEVAL_SAMPLE.fullmatch(f.name)),
+                       key=lambda f: name_order(f.name))
+        for f in files:
+            samples.append(ImageSample(f"{index:05d}_{seen[index]}", index, seen[index], row["prompt"], row, f))
+            seen[index] += 1
+    return samples
+
+
+def _read_layout_row(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        row = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise UserError(f"{path}: expected one JSON object with a 'prompt'")
+    return row
+
+
+def flat_samples(images_dir: Path, prompts_file: Path, bench: Benchmark) -> list[ImageSample]:
+    """A flat folder of images, paired with the lines of `prompts_file` in name order (see `name_order`).
+
+    With a GenEval-style benchmark every prompt must be one of its prompts: the image is scored against that
+    row, and its prompt index is the row's (so a prompt repeated 4 times gives images 0..3 of one prompt).
+    Otherwise each line is its own prompt, as in a model eval with one image per line.
+    """
+    from soarbench.prompts import read_prompt_lines
+
+    files = sorted((f for f in images_dir.iterdir()
+                    if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda f: name_order(f.name))
+    prompts = read_prompt_lines(prompts_file)
+    if len(files) != len(prompts):
+        raise UserError(f"{images_dir} has {len(files)} images but {prompts_file} has {len(prompts)} prompts "
+                        "(one prompt per image, in image-name order)")
+    if bench.metadata is None:
+        return [ImageSample(f"{i:05d}_0", i, 0, prompt, None, f) for i, (prompt, f) in enumerate(zip(prompts, files))]
+    index_of = _prompt_indices(bench)
+    seen: Counter = Counter()
+    samples = []
+    for lineno, (prompt, f) in enumerate(zip(prompts, files), start=1):
+        index = index_of.get(prompt)
+        if index is None:
+            raise UserError(f"{prompts_file}:{lineno}: {prompt!r} is not a prompt of benchmark '{bench.name}'")
+        samples.append(ImageSample(f"{index:05d}_{seen[index]}", index, seen[index], prompt,
+                                   bench.metadata[index], f))
+        seen[index] += 1
+    return samples
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read image ({e})") from None
+
+
+def _check_resumable(done: dict[str, dict], samples: list[ImageSample], names: list[str], path: Path) -> None:
+    """Rows already in samples.jsonl must be these images, scored by these metrics."""
+    by_id = {s.id: s for s in samples}
+    for sid, row in done.items():
+        sample = by_id.get(sid)
+        if sample is None or row.get("file") != str(sample.path) or row.get("prompt") != sample.prompt:
+            raise UserError(f"{path} holds scores of other images ({row.get('file')}); score into a fresh "
+                            "output folder")
+        missing = [n for n in names if n not in row.get("records", {})]
+        if missing:
+            raise UserError(f"{path} was scored without {', '.join(missing)}; score into a fresh output folder")
+
+
+def score_images(images_dir: Path, bench: Benchmark, out_dir: Path, prompts_file: Path | None = None,
+                 metric_names: list[str] | None = None, batch_size: int = 64, model_info: dict | None = None,
+                 config: dict | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Score existing images (no model) into an eval folder; returns the summary (also in summary.json).
+
+    Without `prompts_file` the images are read in GenEval's layout (`geneval_layout_samples`), with it as a flat
+    folder (`flat_samples`). summary["benchmark"]["covers_benchmark"] says whether the images are exactly the
+    benchmark's prompts at its images per prompt; only then is "prompt_set_sha256" the benchmark's, as in a
+    model eval (otherwise it hashes the prompts that were scored).
+    """
+    images_dir = Path(images_dir).resolve()
+    out_dir = Path(out_dir)
+    if not images_dir.is_dir():
+        raise UserError(f"{images_dir}: no such folder")
+    if prompts_file is not None:
+        prompts_file = Path(prompts_file)
+        samples = flat_samples(images_dir, prompts_file, bench)
+    else:
+        samples = geneval_layout_samples(images_dir, bench)
+    if not samples:
+        raise UserError(f"{images_dir}: no images to score")
+    names, metrics = _build_metrics(bench, metric_names)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = out_dir / "samples.jsonl"
+    done = read_done(samples_path)
+    _check_resumable(done, samples, names, samples_path)
+    todo = [s for s in samples if s.id not in done]
+    t_start = time.perf_counter()
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        images = [_load_rgb(s.path) for s in chunk]
+        prompts = [s.prompt for s in chunk]
+        meta = [s.metadata for s in chunk] if all(s.metadata is not None for s in chunk) else None
+        records = {n: m.score(images, prompts, meta) for n, m in metrics.items()}
+        for j, s in enumerate(chunk):
+            append_jsonl(samples_path, {"id": s.id, "prompt_index": s.prompt_index, "image_index": s.image_index,
+                                        "seed": None, "prompt": s.prompt, "file": str(s.path),
+                                        "records": {n: records[n][j] for n in names}})
+        if on_progress is not None:
+            on_progress(len(samples) - len(todo) + start + len(chunk), len(samples))
+    seconds = time.perf_counter() - t_start
+
+    rows = sorted(read_done(samples_path).values(), key=lambda r: (r["prompt_index"], r["image_index"]))
+    scores, per_prompt = _aggregate(metrics, rows)
+    if "geneval" in metrics:
+        write_geneval_results(out_dir / "results.jsonl", rows)
+
+    counts = Counter(s.prompt_index for s in samples)
+    covers = (counts == Counter({p: bench.images_per_prompt for p in range(len(bench.prompts))})
+              and all(s.prompt == bench.prompts[s.prompt_index] for s in samples))
+    if covers:
+        prompt_set_sha256 = provenance.prompt_set_hash(bench.prompts, bench.metadata)
+    else:
+        first: dict[int, ImageSample] = {}
+        for s in samples:
+            first.setdefault(s.prompt_index, s)
+        scored = [first[p] for p in sorted(first)]
+        prompt_set_sha256 = provenance.prompt_set_hash(
+            [s.prompt for s in scored], [s.metadata for s in scored] if bench.metadata is not None else None)
+    per_prompt_counts = set(counts.values())
+    info = model_info or {"images": str(images_dir), "label": images_dir.name, "method": "images", "step": None}
+    summary = {
+        "schema": SCHEMA,
+        "label": info.get("label", "images"),
+        "model": info,
+        "benchmark": {"name": bench.name, "n_prompts": len(counts),
+                      "images_per_prompt": per_prompt_counts.pop() if len(per_prompt_counts) == 1 else None,
+                      "prompt_set_sha256": prompt_set_sha256, "source": bench.source, "covers_benchmark": covers},
+        "sampling": None,
+        "images": {"dir": str(images_dir), "layout": "flat" if prompts_file is not None else "geneval",
+                   "prompts_file": str(prompts_file.resolve()) if prompts_file is not None else None,
+                   "prompts_file_sha256": sha256_file(prompts_file) if prompts_file is not None else None},
+        "scores": scores,
+        "metrics": {n: m.describe() for n, m in metrics.items()},
+        "per_prompt": per_prompt,
+        "n_samples": len(rows),
+        "eval_seconds_this_session": round(seconds, 3),
+        "provenance": provenance.collect(config),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,181 @@
+"""`soarbench eval --images`: score existing images without a model, in GenEval's layout or a flat folder."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soarbench import provenance
+from soarbench.benchmarks import build_benchmark
+from soarbench.cli import main
+from soarbench.errors import UserError
+from soarbench.evaluate import name_order, score_images
+from soarbench.worlds.shapes import encode_png, render_metadata
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return build_benchmark("shapes")
+
+
+def _cli(monkeypatch, capsys, *args):
+    """(exit code, stdout, stderr) of one command line."""
+    monkeypatch.setattr(sys, "argv", ["soarbench", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out.strip(), out.err.strip()
+
+
+def _render(row: dict, seed: int) -> bytes:
+    return encode_png(render_metadata(row, np.random.default_rng(seed), size=32).image)
+
+
+def _geneval_layout(folder: Path, rows: list[dict], per_prompt: int = 1) -> Path:
+    """GenEval's official layout of ground-truth renders: NNNNN/metadata.jsonl + NNNNN/samples/NNNN.png."""
+    for i, row in enumerate(rows):
+        (folder / f"{i:05d}" / "samples").mkdir(parents=True)
+        (folder / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(row))
+        for k in range(per_prompt):
+            (folder / f"{i:05d}" / "samples" / f"{k:04d}.png").write_bytes(_render(row, 100 * i + k))
+    (folder / "README.txt").write_text("not a prompt folder")  # ignored, as by the official evaluator
+    return folder
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_geneval_layout_of_ground_truth_scores_one(bench, tmp_path, monkeypatch, capsys):
+    images = _geneval_layout(tmp_path / "images", bench.metadata)
+    out = tmp_path / "eval"
+    code, stdout, stderr = _cli(monkeypatch, capsys, "eval", "--images", images, "--benchmark", "shapes",
+                                "--out", out)
+    assert code == 0 and stderr == ""
+    assert stdout.splitlines()[0] == "geneval\t1.0000"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores"]["geneval"] == 1.0 and summary["n_samples"] == len(bench.prompts)
+    assert summary["benchmark"]["covers_benchmark"] is True
+    assert summary["benchmark"]["prompt_set_sha256"] == provenance.prompt_set_hash(bench.prompts, bench.metadata)
+    assert summary["images"]["layout"] == "geneval" and summary["sampling"] is None
+    assert summary["model"]["method"] == "images" and summary["model"]["step"] is None
+    assert set(summary["provenance"]) >= {"git_sha", "versions"}
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "samples.jsonl", "summary.json"]
+    samples = _rows(out / "samples.jsonl")
+    assert samples[3]["id"] == "00003_0" and samples[3]["seed"] is None
+    assert samples[3]["file"] == str(images.resolve() / "00003" / "samples" / "0000.png")
+    results = _rows(out / "results.jsonl")
+    assert len(results) == len(bench.prompts) and all(r["correct"] for r in results)
+    assert results[0]["filename"] == samples[0]["file"]
+    assert set(results[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+
+    # run again: everything is already scored, nothing is counted twice
+    again = score_images(images, bench, out)
+    assert again["scores"] == summary["scores"] and len(_rows(out / "samples.jsonl")) == len(bench.prompts)
+
+
+def test_partial_layout_is_scored_and_flagged(bench, tmp_path, monkeypatch, capsys):
+    images = _geneval_layout(tmp_path / "images", bench.metadata[:5], per_prompt=2)
+    code, stdout, stderr = _cli(monkeypatch, capsys, "eval", "--images", images, "--benchmark", "shapes",
+                                "--out", tmp_path / "eval")
+    assert code == 0 and stdout.splitlines()[0] == "geneval\t1.0000"
+    assert stderr.startswith("note: these images are not exactly benchmark 'shapes'")
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["benchmark"]["covers_benchmark"] is False
+    assert (summary["benchmark"]["n_prompts"], summary["benchmark"]["images_per_prompt"]) == (5, 2)
+    assert len(summary["per_prompt"]["geneval"]) == 5
+
+
+def test_layout_rows_are_matched_to_the_benchmark_by_content(bench, tmp_path):
+    # Flow-GRPO's order: rows repeated and shuffled, one image per folder
+    images = _geneval_layout(tmp_path / "images", [bench.metadata[i] for i in (5, 2, 5, 0)])
+    summary = score_images(images, bench, tmp_path / "eval")
+    assert summary["scores"]["geneval"] == 1.0
+    samples = _rows(tmp_path / "eval" / "samples.jsonl")
+    assert [(s["id"], Path(s["file"]).parts[-3]) for s in samples] == [
+        ("00005_0", "00000"), ("00002_0", "00001"), ("00005_1", "00002"), ("00000_0", "00003")]
+
+    meta = images / "00001" / "metadata.jsonl"
+    meta.write_text(json.dumps({**bench.metadata[2], "prompt": "a photo of a unicorn"}))
+    with pytest.raises(UserError) as e:
+        score_images(images, bench, tmp_path / "eval2")
+    assert str(e.value) == f"{meta.resolve()}: 'a photo of a unicorn' is not a prompt of benchmark 'shapes'"
+    meta.write_text(json.dumps({**bench.metadata[2], "tag": "colors"}))
+    with pytest.raises(UserError) as e:
+        score_images(images, bench, tmp_path / "eval2")
+    assert str(e.value) == (f"{meta.resolve()}: the row of {bench.prompts[2]!r} differs from row 2 of benchmark "
+                            "'shapes'")
+    with pytest.raises(UserError, match="no GenEval-layout prompt folders"):
+        score_images(tmp_path, bench, tmp_path / "eval2")  # no numbered folders here
+    assert not (tmp_path / "eval2").exists()
+
+
+def test_flat_folder_with_a_prompts_file(bench, tmp_path, monkeypatch, capsys):
+    picks = [0, 7, 7, 12, 30, 45, 60, 61, 62, 63, 64]  # prompt 7 twice: its images 0 and 1
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, i in enumerate(picks):  # unpadded numbers: img_2 sorts before img_10
+        (flat / f"img_{n}.png").write_bytes(_render(bench.metadata[i], n))
+    (tmp_path / "prompts.txt").write_text("".join(bench.prompts[i] + "\n" for i in picks))
+    out = tmp_path / "eval"
+    code, stdout, _ = _cli(monkeypatch, capsys, "eval", "--images", flat, "--prompts", tmp_path / "prompts.txt",
+                           "--benchmark", "shapes", "--out", out)
+    assert code == 0 and stdout.splitlines()[0] == "geneval\t1.0000"
+    samples = _rows(out / "samples.jsonl")
+    assert [s["id"] for s in samples[:4]] == ["00000_0", "00007_0", "00007_1", "00012_0"]
+    assert [Path(s["file"]).name for s in samples] == [f"img_{n}.png" for n in range(len(picks))]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"]["layout"] == "flat" and len(summary["images"]["prompts_file_sha256"]) == 64
+
+    # the pairing is real: another prompt's image in place of img_0 is scored wrong
+    (flat / "img_0.png").write_bytes(_render(bench.metadata[picks[4]], 0))
+    swapped = score_images(flat, bench, tmp_path / "eval2", prompts_file=tmp_path / "prompts.txt")
+    assert swapped["scores"]["geneval/image_mean"] == pytest.approx((len(picks) - 1) / len(picks))
+
+    # a folder that already holds other images' scores is refused
+    with pytest.raises(UserError, match="holds scores of other images"):
+        score_images(_geneval_layout(tmp_path / "layout", bench.metadata[:1]), bench, out)
+
+
+def test_flat_folder_errors(bench, tmp_path, monkeypatch, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n in range(3):
+        (flat / f"{n}.png").write_bytes(_render(bench.metadata[n], n))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{bench.prompts[0]}\n{bench.prompts[1]}\n")
+    code, _, err = _cli(monkeypatch, capsys, "eval", "--images", flat, "--prompts", prompts, "--benchmark",
+                        "shapes", "--out", tmp_path / "eval")
+    assert code == 2
+    assert err == (f"error: {flat.resolve()} has 3 images but {prompts} has 2 prompts "
+                   "(one prompt per image, in image-name order)")
+    prompts.write_text(f"{bench.prompts[0]}\n{bench.prompts[1]}\na photo of a unicorn\n")
+    with pytest.raises(UserError) as e:
+        score_images(flat, bench, tmp_path / "eval", prompts_file=prompts)
+    assert str(e.value) == f"{prompts}:3: 'a photo of a unicorn' is not a prompt of benchmark 'shapes'"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "{m}", "--images", "{i}"], "error: --model and --images are mutually exclusive: give --model "
+                                            "(generate, then score) or --images (score existing images)"),
+    ([], "error: give --model (generate, then score) or --images (score existing images)"),
+    (["--images", "{i}", "--steps", "10"], "error: --steps cannot be used with --images"),
+    (["--model", "{m}", "--prompts", "{i}"], "error: --prompts cannot be used with --model"),
+])
+def test_model_and_images_are_exclusive(tmp_path, monkeypatch, capsys, args, expected):
+    subs = {"{m}": str(tmp_path / "model"), "{i}": str(tmp_path / "images")}
+    code, _, err = _cli(monkeypatch, capsys, "eval", *[subs.get(a, a) for a in args], "--benchmark", "shapes",
+                        "--out", tmp_path / "eval")
+    assert code == 2 and err == expected
+    assert not (tmp_path / "eval").exists()
+
+
+def test_name_order_compares_digit_runs_as_numbers():
+    names = ["img_10.png", "img_2.png", "img_1.png", "b.png", "a_01.png", "a_1.png"]
+    assert sorted(names, key=name_order) == ["a_01.png", "a_1.png", "b.png", "img_1.png", "img_2.png", "img_10.png"]
