@@ -13,6 +13,7 @@ import typer
 from soarbench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  pretty_exceptions_show_locals=False,
                   help="soarbench: post-train rectified-flow text-to-image models (SFT, SOAR, Flow-GRPO) under one "
                        "matched budget, and score them as the papers do.\n\n"
                        "Examples:\n\n"

@@ -421,3 +421,16 @@ def test_group_mixing_methods_is_a_user_error(tmp_path):
     second = write_summary(tmp_path / "b", "x-s1", "x", "soar", 1, 200, 0.6)
     with pytest.raises(UserError, match=re.escape(f"{second}: group 'x' has method 'soar'")):
         write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+
+
+def test_seeds_reaching_budget_points_at_different_steps_are_aligned(tmp_path):
+    """Flow-GRPO's seeds reach the same budget fractions at different steps: the i-th evals are one checkpoint."""
+    exp = tmp_path / "exp"
+    for seed, steps, scores in ((0, (10, 20), (0.2, 0.4)), (1, (11, 23), (0.4, 0.6))):
+        for step, g in zip(steps, scores):
+            write_summary(exp / f"grpo-s{seed}", f"grpo-s{seed}", "grpo", "flow_grpo", seed, step, g)
+    write_report([exp], tmp_path / "out")
+    header, rows = read_csv(tmp_path / "out" / "main_table.csv")
+    assert set(rows) == {"grpo@10-11", "grpo@20-23"}
+    assert float(rows["grpo@20-23"]["geneval_mean"]) == pytest.approx(0.5)
+    assert rows["grpo@10-11"]["n_seeds"] == "2"

@@ -89,12 +89,13 @@ def mean_cell(values: Iterable[float]) -> Cell | None:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Every evaluation of one group at one step on one benchmark: one seed each."""
+    """Every evaluation of one group at one step (or one budget point) on one benchmark: one seed each."""
 
     group: str
     method: str  # the group's method (see ReportData.group_methods)
-    step: int | None
+    step: int | None  # the largest step among the seeds
     evals: tuple[EvalSummary, ...]
+    first_step: int | None = None  # the smallest, when seeds reached the budget point at different steps
 
     @property
     def is_reference(self) -> bool:
@@ -106,6 +107,8 @@ class Checkpoint:
         """"group@step"; a base or stand-alone model is just its group name (step 0 or none says nothing)."""
         if self.step is None or (self.method == BASE_METHOD and self.step == 0):
             return self.group
+        if self.first_step is not None and self.first_step != self.step:
+            return f"{self.group}@{self.first_step}-{self.step}"
         return f"{self.group}@{self.step}"
 
     @property
@@ -125,15 +128,48 @@ def group_sort_key(group: str, method: str) -> tuple[int, str]:
 
 
 def checkpoints(evals: Iterable[EvalSummary], group_methods: Mapping[str, str]) -> list[Checkpoint]:
-    """Evaluations grouped by (group, step), ordered by group (see METHOD_ORDER) then step."""
-    grouped: dict[tuple[str, int | None], list[EvalSummary]] = {}
+    """Evaluations grouped by (group, step), ordered by group (see METHOD_ORDER) then step.
+
+    Training evaluates at fixed fractions of the budget; a method whose steps cost different amounts from seed to
+    seed (Flow-GRPO drops tied groups and spends the saving on more epochs) reaches them at different steps. So
+    when every seed of a group has the same number of evaluations, the i-th evaluation of each seed is grouped
+    with the i-th of the others (same budget point) and the checkpoint spans their steps.
+    """
+    evals = list(evals)
+    ordinal = _budget_points(evals)
+    grouped: dict[tuple, list[EvalSummary]] = {}
     for e in evals:
-        grouped.setdefault((e.group, e.step), []).append(e)
-    cps = [
-        Checkpoint(group, group_methods.get(group, members[0].method), step, tuple(members))
-        for (group, step), members in grouped.items()
-    ]
+        key = (e.group, "point", ordinal[id(e)]) if id(e) in ordinal else (e.group, "step", e.step)
+        grouped.setdefault(key, []).append(e)
+    cps = []
+    for members in grouped.values():
+        steps = [m.step for m in members if m.step is not None]
+        step = max(steps) if steps else None
+        cps.append(Checkpoint(members[0].group, group_methods.get(members[0].group, members[0].method), step,
+                              tuple(members), min(steps) if steps else None))
     return sorted(cps, key=lambda cp: (group_sort_key(cp.group, cp.method), _step_order(cp.step)))
+
+
+def _budget_points(evals: Sequence[EvalSummary]) -> dict[int, int]:
+    """id(eval) -> its ordinal among its run's trained evaluations, for groups whose seeds all have the same
+    number of them and disagree on steps (otherwise grouping by step already aligns them)."""
+    runs: dict[tuple[str, str, str], list[EvalSummary]] = {}
+    for e in evals:
+        if e.step is not None and e.step > 0 and e.method != BASE_METHOD:
+            runs.setdefault((e.group, e.benchmark, e.run_name), []).append(e)
+    by_group: dict[tuple[str, str], list[list[EvalSummary]]] = {}
+    for (group, bench, _), members in runs.items():
+        by_group.setdefault((group, bench), []).append(sorted(members, key=lambda m: m.step))
+    out: dict[int, int] = {}
+    for seeds in by_group.values():
+        counts = {len(s) for s in seeds}
+        same_steps = len({tuple(m.step for m in s) for s in seeds}) == 1
+        if len(seeds) < 2 or len(counts) != 1 or same_steps:
+            continue
+        for s in seeds:
+            for i, m in enumerate(s):
+                out[id(m)] = i
+    return out
 
 
 def _step_order(step: int | None) -> int:
