@@ -124,24 +124,26 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     if "geneval" in metrics:
         write_geneval_results(out_dir / "results.jsonl", rows)
 
-    summary = {
-        "schema": SCHEMA,
-        "label": (model_info or {}).get("label", "model"),
-        "model": model_info or {"path": str(adapter.source)},
-        "benchmark": {"name": bench.name, "n_prompts": len(bench.prompts),
-                      "images_per_prompt": bench.images_per_prompt,
-                      "prompt_set_sha256": provenance.prompt_set_hash(bench.prompts, bench.metadata),
-                      "source": bench.source},
-        "sampling": {"sampler": "euler_ode", "num_steps": num_steps, "guidance": guidance,
-                     "height": bench.height, "width": bench.width, "seed": seed,
-                     "max_sequence_length": adapter.max_sequence_length},
-        "scores": scores,
-        "metrics": {n: m.describe() for n, m in metrics.items()},
-        "per_prompt": per_prompt,
-        "n_samples": len(rows),
-        "eval_seconds_this_session": round(seconds, 3),
-        "provenance": provenance.collect(config),
-    }
+    info = model_info or {"path": str(adapter.source)}
+    return _write_summary(
+        out_dir, label=(model_info or {}).get("label", "model"), model=info,
+        benchmark={"name": bench.name, "n_prompts": len(bench.prompts), "images_per_prompt": bench.images_per_prompt,
+                   "prompt_set_sha256": provenance.prompt_set_hash(bench.prompts, bench.metadata),
+                   "source": bench.source},
+        sampling={"sampler": "euler_ode", "num_steps": num_steps, "guidance": guidance, "height": bench.height,
+                  "width": bench.width, "seed": seed, "max_sequence_length": adapter.max_sequence_length},
+        extra={}, metrics=metrics, scores=scores, per_prompt=per_prompt, n_samples=len(rows), seconds=seconds,
+        config=config)
+
+
+def _write_summary(out_dir: Path, *, label: str, model: dict, benchmark: dict, sampling: dict | None, extra: dict,
+                   metrics: dict, scores: dict, per_prompt: dict, n_samples: int, seconds: float,
+                   config: dict | None) -> dict[str, Any]:
+    """summary.json, the same fields for a model's eval and for scored image folders."""
+    summary = {"schema": SCHEMA, "label": label, "model": model, "benchmark": benchmark, "sampling": sampling,
+               **extra, "scores": scores, "metrics": {n: m.describe() for n, m in metrics.items()},
+               "per_prompt": per_prompt, "n_samples": n_samples, "eval_seconds_this_session": round(seconds, 3),
+               "provenance": provenance.collect(config)}
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -374,23 +376,13 @@ def score_images(images_dir: Path, bench: Benchmark, out_dir: Path, prompts_file
             [s.prompt for s in scored], [s.metadata for s in scored] if bench.metadata is not None else None)
     per_prompt_counts = set(counts.values())
     info = model_info or {"images": str(images_dir), "label": images_dir.name, "method": "images", "step": None}
-    summary = {
-        "schema": SCHEMA,
-        "label": info.get("label", "images"),
-        "model": info,
-        "benchmark": {"name": bench.name, "n_prompts": len(counts),
-                      "images_per_prompt": per_prompt_counts.pop() if len(per_prompt_counts) == 1 else None,
-                      "prompt_set_sha256": prompt_set_sha256, "source": bench.source, "covers_benchmark": covers},
-        "sampling": None,
-        "images": {"dir": str(images_dir), "layout": "flat" if prompts_file is not None else "geneval",
-                   "prompts_file": str(prompts_file.resolve()) if prompts_file is not None else None,
-                   "prompts_file_sha256": sha256_file(prompts_file) if prompts_file is not None else None},
-        "scores": scores,
-        "metrics": {n: m.describe() for n, m in metrics.items()},
-        "per_prompt": per_prompt,
-        "n_samples": len(rows),
-        "eval_seconds_this_session": round(seconds, 3),
-        "provenance": provenance.collect(config),
-    }
-    atomic_write_json(out_dir / "summary.json", summary)
-    return summary
+    return _write_summary(
+        out_dir, label=info.get("label", "images"), model=info,
+        benchmark={"name": bench.name, "n_prompts": len(counts),
+                   "images_per_prompt": per_prompt_counts.pop() if len(per_prompt_counts) == 1 else None,
+                   "prompt_set_sha256": prompt_set_sha256, "source": bench.source, "covers_benchmark": covers},
+        sampling=None,
+        extra={"images": {"dir": str(images_dir), "layout": "flat" if prompts_file is not None else "geneval",
+                          "prompts_file": str(prompts_file.resolve()) if prompts_file is not None else None,
+                          "prompts_file_sha256": sha256_file(prompts_file) if prompts_file is not None else None}},
+        metrics=metrics, scores=scores, per_prompt=per_prompt, n_samples=len(rows), seconds=seconds, config=config)
