@@ -222,11 +222,13 @@ def metrics_list():
 
       soarbench metrics list
     """
-    from soarbench.metrics.registry import METRICS
+    from soarbench.metrics.registry import METRICS, availability
 
     for name in METRICS.names():
         needs = METRICS.meta(name).get("needs", [])
-        typer.echo(f"{name}\tneeds: {'; '.join(needs) or 'nothing'}")
+        lacking = availability(name)
+        state = "ready" if not lacking else "missing: " + "; ".join(lacking)
+        typer.echo(f"{name}\t{state}\tneeds: {'; '.join(needs) or 'nothing'}")
 
 
 @ckpts_app.command("download")

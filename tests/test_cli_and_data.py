@@ -124,3 +124,26 @@ def test_set_overrides_parse_toml_values():
     assert parse_value("hello world") == "hello world"
     with pytest.raises(UserError, match="expected key=value"):
         apply_overrides({}, ["oops"])
+
+
+def test_metrics_list_says_what_is_missing(tmp_path, monkeypatch, capsys):
+    from soarbench.metrics import weights
+    from soarbench.metrics.registry import METRICS, availability
+
+    entry = weights.load_manifest().get("clip-vit-large-patch14")
+    assert availability("clipscore", tmp_path) == [
+        f"{len(entry.files)} file(s) of clip-vit-large-patch14 (soarbench ckpts download clip-vit-large-patch14)"]
+    for f in entry.files[1:]:
+        (tmp_path / f.path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f.path).write_bytes(b"x")
+    assert availability("clipscore", tmp_path)[0].startswith("1 file(s) of clip-vit-large-patch14")
+    (tmp_path / entry.files[0].path).write_bytes(b"x")
+    assert availability("clipscore", tmp_path) == []
+    monkeypatch.setitem(METRICS._entries, "needs_a_module", ("nowhere:Nothing", {"modules": ["surely_not_xyz"]}))
+    assert availability("needs_a_module") == ["python module surely_not_xyz"]
+    monkeypatch.setenv("SOARBENCH_REWARD_CKPTS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["soarbench", "metrics", "list"])
+    main()
+    lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["clipscore"].startswith("ready") and lines["geneval"].startswith("ready")
+    assert lines["needs_a_module"].startswith("missing: python module surely_not_xyz")

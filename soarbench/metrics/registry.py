@@ -7,20 +7,41 @@ from soarbench.metrics.base import Metric
 from soarbench.registry import LazyRegistry
 
 METRICS = LazyRegistry("metric")
-METRICS.add("geneval", "soarbench.metrics.geneval:GenEvalMetric", needs=["a detector backend (shapes: built in)"])
+METRICS.add("geneval", "soarbench.metrics.geneval:GenEvalMetric", needs=["a detector backend (shapes: built in)"],
+            modules=["scipy"])
 METRICS.add("clipscore", "soarbench.metrics.clipscore:ClipScoreMetric",
-            needs=["reward_ckpts/clip-vit-large-patch14/ (soarbench ckpts download clip-vit-large-patch14)"])
+            needs=["reward_ckpts/clip-vit-large-patch14/ (soarbench ckpts download clip-vit-large-patch14)"],
+            weights=["clip-vit-large-patch14"], modules=["transformers"])
 METRICS.add("pickscore", "soarbench.metrics.pickscore:PickScoreMetric",
             needs=["reward_ckpts/PickScore_v1/ (soarbench ckpts download pickscore-v1)",
-                   "reward_ckpts/CLIP-ViT-H-14-laion2B-s32B-b79K/ (soarbench ckpts download clip-vit-h-14-processor)"])
+                   "reward_ckpts/CLIP-ViT-H-14-laion2B-s32B-b79K/ (soarbench ckpts download clip-vit-h-14-processor)"],
+            weights=["pickscore-v1", "clip-vit-h-14-processor"], modules=["transformers"])
 METRICS.add("hpsv2", "soarbench.metrics.hpsv2:HPSv2Metric",
-            needs=["reward_ckpts/HPS_v2.1_compressed.pt (soarbench ckpts download hpsv2.1)"])
+            needs=["reward_ckpts/HPS_v2.1_compressed.pt (soarbench ckpts download hpsv2.1)"],
+            weights=["hpsv2.1"], modules=["open_clip"])
 METRICS.add("aesthetic", "soarbench.metrics.aesthetic:AestheticMetric",
             needs=["reward_ckpts/clip-vit-large-patch14/ (soarbench ckpts download clip-vit-large-patch14)",
-                   "reward_ckpts/sac+logos+ava1-l14-linearMSE.pth (soarbench ckpts download aesthetic-mlp)"])
+                   "reward_ckpts/sac+logos+ava1-l14-linearMSE.pth (soarbench ckpts download aesthetic-mlp)"],
+            weights=["clip-vit-large-patch14", "aesthetic-mlp"], modules=["transformers"])
 METRICS.add("ocr", "soarbench.metrics.ocr:OCRMetric",
             needs=["rapidocr + onnxruntime (pip install rapidocr==3.10.* onnxruntime; models ship in the wheel)",
-                   "optional reference engine: pip install paddleocr==2.9.1 paddlepaddle"])
+                   "optional reference engine: pip install paddleocr==2.9.1 paddlepaddle"],
+            modules=["rapidocr", "onnxruntime"])
+
+
+def availability(name: str, weights_root=None) -> list[str]:
+    """What a metric still lacks on this machine: uninstalled modules and weight files not on disk."""
+    import importlib.util
+
+    from soarbench.metrics import weights
+
+    meta = METRICS.meta(name)
+    lacking = [f"python module {m}" for m in meta.get("modules", []) if importlib.util.find_spec(m) is None]
+    for entry in meta.get("weights", []):
+        missing = weights.missing_files(entry, weights_root)
+        if missing:
+            lacking.append(f"{len(missing)} file(s) of {entry} (soarbench ckpts download {entry})")
+    return lacking
 
 
 def build_metric(name: str, **options: Any) -> Metric:

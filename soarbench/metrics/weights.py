@@ -259,6 +259,13 @@ def _check(entry: WeightsEntry, f: WeightFile, root: Path, stamps: _Stamps, reha
 # ------------------------------------------------------------------------------------------------- lookup
 
 
+def missing_files(name: str, root: str | os.PathLike | None = None,
+                  manifest: Manifest | str | os.PathLike | None = None) -> list[str]:
+    """The entry's files that are not on disk (no hashing: a quick presence check for `metrics list`)."""
+    base = weights_root(root)
+    return [f.path for f in _manifest(manifest).get(name).files if not (base / f.path).is_file()]
+
+
 def resolve_weights(name: str, root: str | os.PathLike | None = None,
                     manifest: Manifest | str | os.PathLike | None = None) -> Path:
     """The local path of a manifest entry (its file or folder), after checking every file against its pins."""
