@@ -208,6 +208,7 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
             evals_passed = passed
         if boundary and (due or (every and step % every == 0)):
             t_pause = time.perf_counter()
+            _check_replicas(world, params, step)
             state = _trainer_state(step, optimizer, scheduler, counters, data, generator, world,
                                    method if online else None)
             if world.is_main:
@@ -341,6 +342,18 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _check_replicas(world: World, params, step: int) -> None:
+    """Every rank must hold the same weights after averaged updates; a divergence is a harness bug, caught at
+    each checkpoint rather than discovered in the results."""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        checksum = float(sum(p.detach().double().sum().item() for p in params))
+    sums = world.all_gather_objects(checksum)
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"step {step}: the ranks' weights diverged (parameter sums {sums})")
 
 
 def _trainer_state(step, optimizer, scheduler, counters, data, generator, world, method=None) -> dict:
