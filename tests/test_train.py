@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,26 +114,52 @@ def test_training_evaluates_at_each_quarter_of_the_budget(tiny_model_dir, shapes
     assert (tmp_path / "r" / "done.json").is_file()
 
 
-def test_two_process_run_keeps_replicas_in_sync_and_counts_both_ranks(tiny_model_dir, shapes_data, tmp_path):
-    """torchrun with 2 CPU processes (gloo): explicit gradient averaging, disjoint shards, global counters."""
+def _torchrun(tmp_path, method: str, port: int) -> Path:
     import os
     import subprocess
     import sys
 
     (tmp_path / "cfg.toml").write_text(
-        f'[model]\npath = "{tiny_model_dir}"\nmax_sequence_length = 0\n[data]\njsonl = "{shapes_data}"\n'
-        '[method]\nname = "soar"\ntrajectory_length = 2\n[train]\nseed = 5\nbatch_size = 2\nthreads = 1\n'
-        'device = "cpu"\ncheckpoint_every = 1\n[budget]\nunit = "optimizer_steps"\namount = 3\n')
+        f'[model]\npath = "{tmp_path.parent / "model"}"\nmax_sequence_length = 0\n'
+        f'[data]\njsonl = "{tmp_path.parent / "train.jsonl"}"\n[method]\n{method}\n'
+        '[train]\nseed = 5\nbatch_size = 2\nthreads = 1\ndevice = "cpu"\ncheckpoint_every = 1\n'
+        '[budget]\nunit = "optimizer_steps"\namount = 2\n')
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "soarbench", "train", "--config", str(tmp_path / "cfg.toml"),
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]  # a divergence between the ranks would fail the run
-    log = _log(tmp_path / "run")
-    assert [r["step"] for r in log] == [1, 2, 3]
-    b = log[-1]["budget"]
-    assert (b["fwd_bwd"], b["no_grad_fwd"]) == (3 * 2 * 2 * (1 + 2), 3 * 2 * 2)
+                           "--master_port", str(port), "-m", "soarbench", "train", "--config",
+                           str(tmp_path / "cfg.toml"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    # the harness compares the ranks' weights at every checkpoint: a divergence fails the run
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["world_size"] == 2
+    return tmp_path / "run"
+
+
+@pytest.fixture()
+def ddp_dir(tiny_model_dir, shapes_data, tmp_path):
+    """A folder holding links to the micro model and data, so the config needs no absolute paths of fixtures."""
+    (tmp_path / "model").symlink_to(tiny_model_dir)
+    (tmp_path / "train.jsonl").symlink_to(shapes_data)
+    (tmp_path / "images").symlink_to(shapes_data.parent / "images")
+    (tmp_path / "job").mkdir()
+    return tmp_path / "job"
+
+
+def test_two_process_soar_keeps_replicas_in_sync_and_counts_both_ranks(ddp_dir):
+    """torchrun with 2 CPU processes (gloo): explicit gradient averaging, disjoint shards, global counters."""
+    run = _torchrun(ddp_dir, 'name = "soar"\ntrajectory_length = 2', 29517)
+    log = _log(run)
+    assert [r["step"] for r in log] == [1, 2]
+    b = log[-1]["budget"]
+    assert (b["fwd_bwd"], b["no_grad_fwd"]) == (2 * 2 * 2 * (1 + 2), 2 * 2 * 2)
+
+
+def test_two_process_flow_grpo_starts_from_identical_lora(ddp_dir):
+    """LoRA's random init differs by rank unless broadcast: the replica check would fail the run."""
+    run = _torchrun(ddp_dir, 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
+                             'lora_alpha = 8', 29518)
+    b = _log(run)[-1]["budget"]
+    assert b["images"] == 4 and b["reward_calls"] == 4  # one epoch: 2 prompts x 2 images over both ranks
 
 
 def test_diverged_replicas_are_caught():

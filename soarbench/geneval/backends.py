@@ -57,6 +57,7 @@ class Backend:
 # name -> "module:factory"; factory(**options) -> Backend. Imported only when the backend is built.
 BACKENDS = LazyRegistry("GenEval backend")
 BACKENDS.add("shapes", "soarbench.worlds.shapes:make_backend")
+BACKENDS.add("mask2former-hf", "soarbench.geneval.hf_backend:make_backend")  # NON-OFFICIAL detector
 
 
 def backend_options(name: str) -> list[str]:

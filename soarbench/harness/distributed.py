@@ -46,11 +46,25 @@ class World:
         dist.all_gather_object(out, obj)
         return out
 
-    def average_gradients(self, params, bucket_numel: int = 1 << 24) -> None:
-        """Average .grad over ranks in flat buckets (one all-reduce per ~16M elements)."""
+    def broadcast_(self, params) -> None:
+        """Give every rank rank 0's values (freshly initialised weights such as LoRA adapters differ by rank)."""
         if not self.distributed:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+    def average_gradients(self, params, bucket_numel: int = 1 << 24) -> None:
+        """Average .grad over ranks in flat buckets (one all-reduce per ~16M elements).
+
+        A parameter without a gradient on this rank contributes zeros, so every rank issues the same collectives.
+        """
+        if not self.distributed:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         bucket: list[torch.Tensor] = []
         size = 0
         for g in grads + [None]:

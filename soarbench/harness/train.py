@@ -138,6 +138,7 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         train_text = any(c.startswith("text_encoder") for c in components)
         data = TrainData(records, adapter, world, int(tcfg["batch_size"]), seed,
                          random_flip=bool(dcfg.get("random_flip", False)), train_text=train_text)
+    world.broadcast_(params)  # identical replicas from the first step (e.g. LoRA's random init)
     optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), betas=tuple(tcfg["betas"]),
                                   weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
     warmup = int(tcfg["warmup_steps"])
@@ -248,9 +249,11 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
                         count(fwd_bwd=out.fwd_bwd, no_grad_fwd=out.no_grad_fwd)
                         for k_, v_ in out.logs.items():
                             logs[k_] = logs.get(k_, 0.0) + v_ / n_terms
-                grad_norm = optimizer_step() if len(part) else None
-                if len(part) == 0:
-                    optimizer.zero_grad(set_to_none=True)  # every group tied: nothing to learn this step
+                # every rank steps, or none: a rank whose groups all tied contributes zero gradients
+                anyone = world.all_reduce_sum(torch.tensor(len(part), device=world.device)).item() > 0
+                grad_norm = optimizer_step() if anyone else None
+                if not anyone:
+                    optimizer.zero_grad(set_to_none=True)  # every group tied everywhere: nothing to learn
                 if method.ema is not None:
                     method.ema.step(counters.optimizer_steps)
                 end_of_step(logs, total, grad_norm, boundary=(part is parts[-1]))
