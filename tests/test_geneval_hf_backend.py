@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import soarbench  # noqa: F401  (torchvision fallback first)
+from soarbench.errors import UserError
 from soarbench.geneval.backends import BACKENDS, load_backend
 from soarbench.geneval.grammar import COLORS
 from soarbench.geneval.hf_backend import ClipColorClassifier, mask_box, masked_crop
@@ -193,3 +194,10 @@ def test_geneval_metric_end_to_end(weights):
     assert records[0]["correct"] or any(f"1 {c}" in records[0]["reason"] for c in COLORS)
     summary = metric.summarize(records)
     assert set(summary) >= {"geneval", "geneval/colors", "geneval/two_object", "geneval/partial_credit"}
+
+
+def test_missing_weights_are_a_user_error(tmp_path, weights):
+    with pytest.raises(UserError, match="mask2former-swin-s-coco"):
+        load_backend("mask2former-hf", device="cpu", weights_root=str(tmp_path))
+    with pytest.raises(UserError, match="no such file or folder"):
+        load_backend("mask2former-hf", model=str(tmp_path / "nowhere"), device="cpu", weights_root=str(weights))

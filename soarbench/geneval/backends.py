@@ -6,9 +6,10 @@ The rules (rules.py) are model-free; a *backend* supplies the two learned parts 
 * a `ColorClassifier` naming the colour of detected objects (officially CLIP ViT-L/14 zero-shot over the ten
   GenEval colours on mask-composited crops).
 
-Backends are registered lazily by name, so a heavy one (mmdet + open_clip) is imported only when chosen. Today
-only "shapes" exists: the exact detector of the procedural shapes world (soarbench.worlds.shapes). A future
-"mask2former" backend adds one `BACKENDS.add(...)` line pointing at a factory with the same signature.
+Backends are registered lazily by name, so a heavy one is imported only when chosen: "shapes", the exact
+detector of the procedural shapes world (soarbench.worlds.shapes), and "mask2former-hf", transformers'
+Mask2Former with the CLIP colour protocol, labelled NON-OFFICIAL (soarbench.geneval.hf_backend). The official
+mmdetection detector ("mask2former") is still to come: one more `BACKENDS.add(...)` line.
 """
 from __future__ import annotations
 

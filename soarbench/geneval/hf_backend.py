@@ -13,9 +13,10 @@ Detector: the image goes through the folder's Mask2Former image processor and mo
 `post_process_instance_segmentation` (score threshold 0.0, per-instance binary maps at the image's size, no
 NMS) gives every query with a non-empty mask as a `Detection`: the class from `config.id2label` (COCO's
 "mouse", "remote", "keyboard" are renamed to GenEval's "computer mouse", "tv remote", "computer keyboard", the
-names the official evaluator gives those class indices), the score (class probability x mean mask
-probability, as mmdetection computes it), the box = the mask's extent with exclusive ends (mmdetection's
-`mask2bbox`), and the boolean mask. The rules engine then applies GenEval's own 0.3 / 0.9 thresholds.
+names the official evaluator gives those class indices), the score (class probability x mean mask probability
+inside the mask, as mmdetection computes it; the processor rounds it to 6 decimals), the box = the mask's
+extent with exclusive ends (mmdetection's `mask2bbox`), and the boolean mask. The rules engine then applies
+GenEval's own 0.3 / 0.9 thresholds.
 
 Colour classifier: the official protocol. Each object's mask is composited over a #999999 image, the result is
 cropped to the box (PIL rounds the box to whole pixels), and CLIP ViT-L/14 classifies the crop zero-shot over
@@ -27,6 +28,7 @@ weights (manifest entry "clip-vit-large-patch14") is used here.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -84,7 +86,7 @@ def masked_crop(image: Image.Image, obj: Detection) -> Image.Image:
     return image.crop(tuple(float(v) for v in obj.box[:4]))
 
 
-def _image_processor(folder):
+def _image_processor(folder: Path):
     """The Mask2Former image processor of a folder, with the PIL backend where transformers has one."""
     try:
         from transformers import Mask2FormerImageProcessorPil as processor_class  # transformers >= 5
@@ -96,7 +98,7 @@ def _image_processor(folder):
 class HFMask2FormerDetector:
     """Instance detections of a transformers Mask2FormerForUniversalSegmentation (implements backends.Detector)."""
 
-    def __init__(self, folder, device: torch.device):
+    def __init__(self, folder: Path, device: torch.device):
         from transformers import Mask2FormerForUniversalSegmentation
 
         if not folder.is_dir():
@@ -121,8 +123,13 @@ class HFMask2FormerDetector:
         pil = as_rgb(image)
         size = (pil.height, pil.width)
         inputs = self.processor(images=[pil], return_tensors="pt")
+        pixel_mask = inputs.get("pixel_mask")
         outputs = self.model(pixel_values=inputs["pixel_values"].to(self.device, torch.float32),
-                             pixel_mask=inputs["pixel_mask"].to(self.device) if "pixel_mask" in inputs else None)
+                             pixel_mask=None if pixel_mask is None else pixel_mask.to(self.device))
+        # One image per call, so the processor resizes (to a multiple of its size_divisor) and never pads: the
+        # mask logits cover exactly the image. Post-processing runs on the CPU, where the processor builds its maps.
+        outputs.class_queries_logits = outputs.class_queries_logits.float().cpu()
+        outputs.masks_queries_logits = outputs.masks_queries_logits.float().cpu()
         result = self.processor.post_process_instance_segmentation(
             outputs, threshold=0.0, target_sizes=[size], return_binary_maps=True
         )[0]
