@@ -66,7 +66,7 @@ class _Bar:
 def train(
     config: Path = typer.Option(..., "--config", help="TOML config file."),
     out: Path = typer.Option(..., "--out", help="Run folder to create (or resume with --resume)."),
-    method: Optional[str] = typer.Option(None, "--method", help="Override method.name: sft | soar."),
+    method: Optional[str] = typer.Option(None, "--method", help="Override method.name: sft | soar | flow_grpo."),
     set_: List[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
 ):
