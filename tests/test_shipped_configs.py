@@ -8,7 +8,7 @@ import pytest
 from soarbench import config as C
 from soarbench.experiment import plan_runs
 from soarbench.harness.budget import Budget
-from soarbench.harness.train import method_cost, resolve_config
+from soarbench.harness.train import resolve_config
 from soarbench.methods import build_method
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -22,8 +22,7 @@ def _check(cfg: dict) -> int:
     name = options.pop("name")
     method = build_method(name, options)
     budget = Budget.from_config(cfg["budget"])
-    cost = method.cost(1) if getattr(method, "online", False) else method_cost(name, options,
-                                                                                cfg["train"]["batch_size"], 1)
+    cost = method.cost(1) if getattr(method, "online", False) else method.step_cost(cfg["train"]["batch_size"], 1)
     return budget.steps_affordable(cost)
 
 

@@ -37,19 +37,6 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-def method_cost(method_name: str, options: dict, batch: int, world: int) -> StepCost:
-    """The budget arithmetic of one optimizer step, before anything is spent."""
-    n = batch * world
-    if method_name == "soar":
-        lam, L, M = options.get("lambda_aux", 1.0), options.get("trajectory_length", 6), options.get(
-            "num_rollout_paths", 1)
-        if lam == 0 or L == 0:
-            return StepCost(fwd_bwd=n, unique_prompts=n)
-        # M > 1: samples whose t1 clipped to 0 take no stochastic path, so this is an upper bound
-        return StepCost(fwd_bwd=n + M * L * n, no_grad_fwd=n, unique_prompts=n)
-    return StepCost(fwd_bwd=n, unique_prompts=n)
-
-
 class Schedule:
     """When to stop and when to evaluate, both read off the budget actually spent.
 
@@ -112,7 +99,7 @@ def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=No
         prompts = PromptSampler(records, method.m, method.k, world, seed)
         per_rank = method.m * method.k // world.world_size
     else:
-        cost = method_cost(method_name, mcfg, int(tcfg["batch_size"]), world.world_size)
+        cost = method.step_cost(int(tcfg["batch_size"]), world.world_size)
         per_rank = int(tcfg["batch_size"])
     # online methods buy whole epochs (each of `cost.optimizer_steps` optimizer steps)
     total_units = budget.steps_affordable(cost)  # refuses a budget below one unit of work

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from soarbench import flow
+from soarbench.harness.budget import StepCost
 from soarbench.methods.base import Batch, LossOutput, StepContext, global_mean, pooled_loss
 
 
@@ -41,6 +42,11 @@ class SFT:
         flow.sample_unshifted_t(1, weighting_scheme)  # validates the name early
         self.scheme, self.logit_mean, self.logit_std, self.mode_scale = (
             weighting_scheme, logit_mean, logit_std, mode_scale)
+
+    def step_cost(self, batch: int, world: int) -> StepCost:
+        """The budget arithmetic of one optimizer step (all ranks), before anything is spent."""
+        n = batch * world
+        return StepCost(fwd_bwd=n, unique_prompts=n)
 
     def draw(self, ctx: StepContext, z0: torch.Tensor) -> FlowMatchingDraw:
         return draw_flow_matching(ctx, z0, self.scheme, self.logit_mean, self.logit_std, self.mode_scale)

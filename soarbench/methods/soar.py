@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from soarbench import flow
+from soarbench.harness.budget import StepCost
 from soarbench.methods.base import Batch, LossOutput, StepContext, global_mean, pooled_loss
 from soarbench.methods.sft import SFT
 from soarbench.sampling.sde import SDE_VARIANTS, sde_step
@@ -52,6 +53,15 @@ class SOAR(SFT):
         self.lam, self.L, self.M = float(lambda_aux), int(trajectory_length), int(num_rollout_paths)
         self.g, self.n_steps = float(cfg_scale_sampling), int(num_sampling_steps)
         self.sde_type, self.sde_a, self.sigma_upper = sde_type, float(sde_noise_scale), float(sigma_upper)
+
+    def step_cost(self, batch: int, world: int) -> StepCost:
+        """Main pass + L aux points per path (fwd+bwd) + the unconditional rollout forward (no grad).
+
+        With M > 1, samples whose t1 clipped to 0 take no stochastic path: an upper bound."""
+        if self.lam == 0 or self.L == 0:
+            return super().step_cost(batch, world)
+        n = batch * world
+        return StepCost(fwd_bwd=n + self.M * self.L * n, no_grad_fwd=n, unique_prompts=n)
 
     def rollout(self, ctx: StepContext, batch: Batch, d, v_cond: torch.Tensor):
         """The one-step CFG rollout paths: a list of (z_off, sample indices, sigma1 of those samples)."""
