@@ -34,3 +34,23 @@ def shapes_data(tmp_path_factory) -> Path:
     from soarbench.worlds.shapes import write_training_split
 
     return write_training_split(tmp_path_factory.mktemp("shapes"), n_images=64, seed=3, size=32)
+
+
+@pytest.fixture()
+def cli(monkeypatch, capsys):
+    """cli(*args) -> (exit code, stdout, stderr) of one `soarbench` command line, run in-process."""
+    import sys
+
+    from soarbench.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["soarbench", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out.strip(), out.err.strip()
+
+    return run

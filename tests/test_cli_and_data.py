@@ -15,14 +15,6 @@ from soarbench.harness.data import BucketSampler, Record, caption_of, read_recor
 from soarbench.harness.distributed import World
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["soarbench", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    err = capsys.readouterr().err.strip()
-    return e.value.code, err
-
-
 def _train_cfg(tmp_path, model, jsonl, method="sft"):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[model]\npath = "{model}"\nmax_sequence_length = 0\n[data]\njsonl = "{jsonl}"\n'
@@ -30,29 +22,29 @@ def _train_cfg(tmp_path, model, jsonl, method="sft"):
     return cfg
 
 
-def test_malformed_jsonl_line_names_file_line_and_field(tmp_path, monkeypatch, capsys, tiny_model_dir):
+def test_malformed_jsonl_line_names_file_line_and_field(tmp_path, tiny_model_dir, cli):
     data = tmp_path / "train.jsonl"
     data.write_text('\n{"md5": "b", "bw": 32}\n')
-    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+    code, _, err = cli("train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
                      "--out", str(tmp_path / "run"))
     assert code == 2 and "Traceback" not in err
     assert err == f"error: {data}:2: missing field 'caption_en'"
     data.write_text('{"md5": "b", "caption_en": \n')
-    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+    code, _, err = cli("train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
                      "--out", str(tmp_path / "run"))
     assert code == 2 and err.startswith(f"error: {data}:1: not valid JSON")
     data.write_text('{"md5": "a", "caption_en": "x", "bw": 32, "bh": 32}\n')
-    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+    code, _, err = cli("train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
                      "--out", str(tmp_path / "run"))
     assert code == 2 and err.startswith(f"error: {data}:1: image") and err.endswith("is missing")
 
 
-def test_unreadable_image_names_the_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_unreadable_image_names_the_line(tmp_path, tiny_model_dir, cli):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "abc.jpg").write_bytes(b"not a jpeg")
     data = tmp_path / "train.jsonl"
     data.write_text('{"md5": "abc", "caption_en": "a photo of a circle", "bw": 32, "bh": 32}\n' * 8)
-    code, err = _cli(monkeypatch, capsys, "train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
+    code, _, err = cli("train", "--config", str(_train_cfg(tmp_path, tiny_model_dir, data)),
                      "--out", str(tmp_path / "run"))
     assert code == 2 and f"{data}:1: cannot read image" in err
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
@@ -67,12 +59,12 @@ def test_unreadable_image_names_the_line(tmp_path, tiny_model_dir, monkeypatch, 
     (["eval", "--model", "{notmodel}", "--benchmark", "shapes", "--out", "{out}"], "not a model folder"),
     (["report", "{notmodel}", "--out", "{out}"], "no summary.json or train_log.jsonl found"),
 ])
-def test_bad_names_and_folders(tmp_path, monkeypatch, capsys, tiny_model_dir, args, expected):
+def test_bad_names_and_folders(tmp_path, tiny_model_dir, args, expected, cli):
     (tmp_path / "plain").mkdir()
     cfg = _train_cfg(tmp_path, tiny_model_dir, tmp_path / "none.jsonl")
     subs = {"{cfg}": str(cfg), "{out}": str(tmp_path / "out"), "{model}": str(tiny_model_dir),
             "{missing}": str(tmp_path / "nope"), "{notmodel}": str(tmp_path / "plain")}
-    code, err = _cli(monkeypatch, capsys, *[subs.get(a, a) for a in args])
+    code, _, err = cli(*[subs.get(a, a) for a in args])
     assert code == 2 and expected in err and "Traceback" not in err
     assert len(err.splitlines()) == 1
 

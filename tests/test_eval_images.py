@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 
 from soarbench import provenance
 from soarbench.benchmarks import build_benchmark
-from soarbench.cli import main
 from soarbench.errors import UserError
 from soarbench.evaluate import name_order, score_images
 from soarbench.worlds.shapes import encode_png, render_metadata
@@ -19,18 +17,6 @@ from soarbench.worlds.shapes import encode_png, render_metadata
 @pytest.fixture(scope="module")
 def bench():
     return build_benchmark("shapes")
-
-
-def _cli(monkeypatch, capsys, *args):
-    """(exit code, stdout, stderr) of one command line."""
-    monkeypatch.setattr(sys, "argv", ["soarbench", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out.strip(), out.err.strip()
 
 
 def _render(row: dict, seed: int) -> bytes:
@@ -52,10 +38,10 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_geneval_layout_of_ground_truth_scores_one(bench, tmp_path, monkeypatch, capsys):
+def test_geneval_layout_of_ground_truth_scores_one(bench, tmp_path, cli):
     images = _geneval_layout(tmp_path / "images", bench.metadata)
     out = tmp_path / "eval"
-    code, stdout, stderr = _cli(monkeypatch, capsys, "eval", "--images", images, "--benchmark", "shapes",
+    code, stdout, stderr = cli("eval", "--images", images, "--benchmark", "shapes",
                                 "--out", out)
     assert code == 0 and stderr == ""
     assert stdout.splitlines()[0] == "geneval\t1.0000"
@@ -80,9 +66,9 @@ def test_geneval_layout_of_ground_truth_scores_one(bench, tmp_path, monkeypatch,
     assert again["scores"] == summary["scores"] and len(_rows(out / "samples.jsonl")) == len(bench.prompts)
 
 
-def test_partial_layout_is_scored_and_flagged(bench, tmp_path, monkeypatch, capsys):
+def test_partial_layout_is_scored_and_flagged(bench, tmp_path, cli):
     images = _geneval_layout(tmp_path / "images", bench.metadata[:5], per_prompt=2)
-    code, stdout, stderr = _cli(monkeypatch, capsys, "eval", "--images", images, "--benchmark", "shapes",
+    code, stdout, stderr = cli("eval", "--images", images, "--benchmark", "shapes",
                                 "--out", tmp_path / "eval")
     assert code == 0 and stdout.splitlines()[0] == "geneval\t1.0000"
     assert stderr.startswith("note: these images are not exactly benchmark 'shapes'")
@@ -116,7 +102,7 @@ def test_layout_rows_are_matched_to_the_benchmark_by_content(bench, tmp_path):
     assert not (tmp_path / "eval2").exists()
 
 
-def test_flat_folder_with_a_prompts_file(bench, tmp_path, monkeypatch, capsys):
+def test_flat_folder_with_a_prompts_file(bench, tmp_path, cli):
     picks = [0, 7, 7, 12, 30, 45, 60, 61, 62, 63, 64]  # prompt 7 twice: its images 0 and 1
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -124,7 +110,7 @@ def test_flat_folder_with_a_prompts_file(bench, tmp_path, monkeypatch, capsys):
         (flat / f"img_{n}.png").write_bytes(_render(bench.metadata[i], n))
     (tmp_path / "prompts.txt").write_text("".join(bench.prompts[i] + "\n" for i in picks))
     out = tmp_path / "eval"
-    code, stdout, _ = _cli(monkeypatch, capsys, "eval", "--images", flat, "--prompts", tmp_path / "prompts.txt",
+    code, stdout, _ = cli("eval", "--images", flat, "--prompts", tmp_path / "prompts.txt",
                            "--benchmark", "shapes", "--out", out)
     assert code == 0 and stdout.splitlines()[0] == "geneval\t1.0000"
     samples = _rows(out / "samples.jsonl")
@@ -143,14 +129,14 @@ def test_flat_folder_with_a_prompts_file(bench, tmp_path, monkeypatch, capsys):
         score_images(_geneval_layout(tmp_path / "layout", bench.metadata[:1]), bench, out)
 
 
-def test_flat_folder_errors(bench, tmp_path, monkeypatch, capsys):
+def test_flat_folder_errors(bench, tmp_path, cli):
     flat = tmp_path / "flat"
     flat.mkdir()
     for n in range(3):
         (flat / f"{n}.png").write_bytes(_render(bench.metadata[n], n))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{bench.prompts[0]}\n{bench.prompts[1]}\n")
-    code, _, err = _cli(monkeypatch, capsys, "eval", "--images", flat, "--prompts", prompts, "--benchmark",
+    code, _, err = cli("eval", "--images", flat, "--prompts", prompts, "--benchmark",
                         "shapes", "--out", tmp_path / "eval")
     assert code == 2
     assert err == (f"error: {flat.resolve()} has 3 images but {prompts} has 2 prompts "
@@ -168,9 +154,9 @@ def test_flat_folder_errors(bench, tmp_path, monkeypatch, capsys):
     (["--images", "{i}", "--steps", "10"], "error: --steps cannot be used with --images"),
     (["--model", "{m}", "--prompts", "{i}"], "error: --prompts cannot be used with --model"),
 ])
-def test_model_and_images_are_exclusive(tmp_path, monkeypatch, capsys, args, expected):
+def test_model_and_images_are_exclusive(tmp_path, args, expected, cli):
     subs = {"{m}": str(tmp_path / "model"), "{i}": str(tmp_path / "images")}
-    code, _, err = _cli(monkeypatch, capsys, "eval", *[subs.get(a, a) for a in args], "--benchmark", "shapes",
+    code, _, err = cli("eval", *[subs.get(a, a) for a in args], "--benchmark", "shapes",
                         "--out", tmp_path / "eval")
     assert code == 2 and err == expected
     assert not (tmp_path / "eval").exists()

@@ -5,7 +5,6 @@ import hashlib
 import http.server
 import json
 import re
-import sys
 import threading
 from collections import Counter
 from functools import partial
@@ -15,7 +14,6 @@ import pytest
 
 from soarbench import prompts
 from soarbench.benchmarks import BENCHMARKS, build_benchmark
-from soarbench.cli import main
 from soarbench.errors import UserError
 from soarbench.metrics.registry import METRICS
 
@@ -28,18 +26,6 @@ def isolated(tmp_path, monkeypatch):
     """No $SOARBENCH_DATA and an empty home, so only the shared development copies are found."""
     monkeypatch.delenv(prompts.ENV_DATA, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-def _cli(monkeypatch, capsys, *args):
-    """(exit code, stdout, stderr) of one command line."""
-    monkeypatch.setattr(sys, "argv", ["soarbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out.strip(), out.err.strip()
 
 
 @pytest.fixture()
@@ -155,15 +141,15 @@ def test_fetch_reports_http_errors(tmp_path, serve):
 
 
 @needs_shared
-def test_fetch_defaults_to_soarbench_data_and_the_cli_keeps_a_good_copy(tmp_path, monkeypatch, capsys):
+def test_fetch_defaults_to_soarbench_data_and_the_cli_keeps_a_good_copy(tmp_path, monkeypatch, cli):
     data = tmp_path / "data"
     data.mkdir()
     (data / "flowgrpo_ocr_test.txt").write_bytes((SHARED / "flowgrpo_ocr_test.txt").read_bytes())
     monkeypatch.setenv(prompts.ENV_DATA, str(data))
     assert prompts.data_dir() == data
-    code, out, _ = _cli(monkeypatch, capsys, "data", "fetch", "ocr")  # present: no network needed
+    code, out, _ = cli("data", "fetch", "ocr")  # present: no network needed
     assert code == 0 and out == f"ocr\t{data / 'flowgrpo_ocr_test.txt'}"
-    code, _, err = _cli(monkeypatch, capsys, "data", "fetch", "ocrr")
+    code, _, err = cli("data", "fetch", "ocrr")
     assert code == 2 and err.startswith("error: unknown prompt set 'ocrr'")
 
 
@@ -195,9 +181,9 @@ def test_flow_grpo_geneval_file_is_each_official_row_four_times():
 
 
 @needs_shared
-def test_geneval_metadata_command_regenerates_the_official_file(tmp_path, monkeypatch, capsys):
+def test_geneval_metadata_command_regenerates_the_official_file(tmp_path, cli):
     out = tmp_path / "meta" / "evaluation_metadata.jsonl"
-    code, stdout, _ = _cli(monkeypatch, capsys, "data", "geneval-metadata", "--out", str(out))
+    code, stdout, _ = cli("data", "geneval-metadata", "--out", str(out))
     sha = prompts.get("geneval").sha256
     assert code == 0
     assert stdout == f"{out}\t{sha}\tmatches the published file ({sha})"
