@@ -70,9 +70,8 @@ def pickscore_benchmark() -> Benchmark:
     return _lines_benchmark("pickscore", "pickscore", {"pickscore": {}})
 
 
-# The papers score DrawBench with PickScore, ClipScore, HPSv2.1, Aesthetic and ImageReward. ImageReward is not a
-# registered metric yet: add "imagereward" here once soarbench.metrics.registry has it.
-DRAWBENCH_METRICS = ("pickscore", "clipscore", "hpsv2", "aesthetic")
+# The papers score DrawBench with PickScore, ClipScore, HPSv2.1, Aesthetic and ImageReward.
+DRAWBENCH_METRICS = ("pickscore", "clipscore", "hpsv2", "aesthetic", "imagereward")
 
 
 def drawbench_benchmark() -> Benchmark:

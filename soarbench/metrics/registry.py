@@ -23,6 +23,10 @@ METRICS.add("aesthetic", "soarbench.metrics.aesthetic:AestheticMetric",
             needs=["reward_ckpts/clip-vit-large-patch14/ (soarbench ckpts download clip-vit-large-patch14)",
                    "reward_ckpts/sac+logos+ava1-l14-linearMSE.pth (soarbench ckpts download aesthetic-mlp)"],
             weights=["clip-vit-large-patch14", "aesthetic-mlp"], modules=["transformers"])
+METRICS.add("imagereward", "soarbench.metrics.imagereward:ImageRewardMetric",
+            needs=["reward_ckpts/ImageReward/ (soarbench ckpts download imagereward-v1)",
+                   "reward_ckpts/bert-base-uncased/ (soarbench ckpts download bert-base-uncased-tokenizer)"],
+            weights=["imagereward-v1", "bert-base-uncased-tokenizer"], modules=["transformers"])
 METRICS.add("ocr", "soarbench.metrics.ocr:OCRMetric",
             needs=["rapidocr + onnxruntime (pip install rapidocr==3.10.* onnxruntime; models ship in the wheel)",
                    "optional reference engine: pip install paddleocr==2.9.1 paddlepaddle"],

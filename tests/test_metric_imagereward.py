@@ -1,0 +1,285 @@
+"""ImageReward through its real loader: a tiny ImageReward.pt with BLIP's own key names + med_config.json + a
+bert-style vocab.txt folder, checked against an independent re-implementation of BLIP's vit.py / med.py forward
+written here on plain tensor ops from the same state dict, and against torchvision's transform for the images."""
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import soarbench  # noqa: F401  (torchvision's CPU fallback before torchvision is imported below)
+from soarbench.errors import UserError
+from soarbench.metrics import imagereward as ir
+from soarbench.metrics.registry import METRICS, build_metric
+
+V_WIDTH, V_DEPTH, V_HEADS, PATCH, SIZE = 128, 2, 2, 16, 32  # 64-wide heads as BLIP's ViTs; 2x2 patches
+T_WIDTH, T_DEPTH, T_HEADS, T_MLP = 32, 2, 2, 48
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "blue", "cube", "ball", "##s",
+         "two", "and", "."]
+MED = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+       "hidden_dropout_prob": 0.1, "hidden_size": T_WIDTH, "initializer_range": 0.02, "intermediate_size": T_MLP,
+       "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert",
+       "num_attention_heads": T_HEADS, "num_hidden_layers": T_DEPTH, "pad_token_id": 0, "type_vocab_size": 2,
+       "vocab_size": len(VOCAB) + 2, "encoder_width": 768, "add_cross_attention": True}
+
+
+def blip_state(seed: int = 0) -> OrderedDict:
+    """Random tensors under the names ImageReward.pt uses (BLIP_Pretrain under "blip.", the MLP under "mlp.")."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    def ln(prefix, width):
+        return {f"{prefix}.weight": 1 + t(width, scale=0.1), f"{prefix}.bias": t(width, scale=0.1)}
+
+    def linear(prefix, n_in, n_out):
+        return {f"{prefix}.weight": t(n_out, n_in, scale=1 / math.sqrt(n_in)), f"{prefix}.bias": t(n_out)}
+
+    s = OrderedDict()
+    v = "blip.visual_encoder"
+    s[f"{v}.cls_token"] = t(1, 1, V_WIDTH)
+    s[f"{v}.pos_embed"] = t(1, (SIZE // PATCH) ** 2 + 1, V_WIDTH)
+    s[f"{v}.patch_embed.proj.weight"] = t(V_WIDTH, 3, PATCH, PATCH, scale=0.05)
+    s[f"{v}.patch_embed.proj.bias"] = t(V_WIDTH)
+    for i in range(V_DEPTH):
+        b = f"{v}.blocks.{i}"
+        s.update(ln(f"{b}.norm1", V_WIDTH))
+        s.update(linear(f"{b}.attn.qkv", V_WIDTH, 3 * V_WIDTH))
+        s.update(linear(f"{b}.attn.proj", V_WIDTH, V_WIDTH))
+        s.update(ln(f"{b}.norm2", V_WIDTH))
+        s.update(linear(f"{b}.mlp.fc1", V_WIDTH, 4 * V_WIDTH))
+        s.update(linear(f"{b}.mlp.fc2", 4 * V_WIDTH, V_WIDTH))
+    s.update(ln(f"{v}.norm", V_WIDTH))
+    e = "blip.text_encoder"
+    s[f"{e}.embeddings.position_ids"] = torch.arange(MED["max_position_embeddings"]).unsqueeze(0)
+    s[f"{e}.embeddings.word_embeddings.weight"] = t(MED["vocab_size"], T_WIDTH)
+    s[f"{e}.embeddings.position_embeddings.weight"] = t(MED["max_position_embeddings"], T_WIDTH)
+    s.update(ln(f"{e}.embeddings.LayerNorm", T_WIDTH))
+    for i in range(T_DEPTH):
+        L = f"{e}.encoder.layer.{i}"
+        for block, kv_width in (("attention", T_WIDTH), ("crossattention", V_WIDTH)):
+            s.update(linear(f"{L}.{block}.self.query", T_WIDTH, T_WIDTH))
+            s.update(linear(f"{L}.{block}.self.key", kv_width, T_WIDTH))
+            s.update(linear(f"{L}.{block}.self.value", kv_width, T_WIDTH))
+            s.update(linear(f"{L}.{block}.output.dense", T_WIDTH, T_WIDTH))
+            s.update(ln(f"{L}.{block}.output.LayerNorm", T_WIDTH))
+        s.update(linear(f"{L}.intermediate.dense", T_WIDTH, T_MLP))
+        s.update(linear(f"{L}.output.dense", T_MLP, T_WIDTH))
+        s.update(ln(f"{L}.output.LayerNorm", T_WIDTH))
+    s.update(linear("blip.vision_proj", V_WIDTH, 16))  # in the real checkpoint, unused by the score
+    s.update(linear("blip.text_proj", T_WIDTH, 16))
+    for name, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((T_WIDTH, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        s.update(linear(f"mlp.layers.{name}", n_in, n_out))
+    return s
+
+
+def write_files(root: Path, state: OrderedDict | None = None) -> tuple[Path, Path]:
+    model, tok = root / "ImageReward", root / "bert-base-uncased"
+    model.mkdir(parents=True)
+    tok.mkdir(parents=True)
+    torch.save(state if state is not None else blip_state(), model / "ImageReward.pt")
+    (model / "med_config.json").write_text(json.dumps(MED, indent=2))
+    (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (tok / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    return model, tok
+
+
+# ------------------------------------------------------ independent reference: BLIP's forward on raw tensors
+
+
+def layer_norm(x, s, prefix, eps):
+    return F.layer_norm(x, x.shape[-1:], s[f"{prefix}.weight"], s[f"{prefix}.bias"], eps)
+
+
+def lin(x, s, prefix):
+    return x @ s[f"{prefix}.weight"].T + s[f"{prefix}.bias"]
+
+
+def heads(x, n):
+    b, length, width = x.shape
+    return x.view(b, length, n, width // n).transpose(1, 2)
+
+
+def attend(q, k, v, n, additive_mask=None):
+    scores = heads(q, n) @ heads(k, n).transpose(-1, -2) / math.sqrt(q.shape[-1] // n)
+    if additive_mask is not None:
+        scores = scores + additive_mask
+    out = scores.softmax(-1) @ heads(v, n)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+def reference_vit(s, pixels):
+    v = "blip.visual_encoder"
+    x = F.conv2d(pixels, s[f"{v}.patch_embed.proj.weight"], s[f"{v}.patch_embed.proj.bias"], stride=PATCH)
+    x = torch.cat([s[f"{v}.cls_token"].expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+    x = x + s[f"{v}.pos_embed"]
+    for i in range(V_DEPTH):
+        b = f"{v}.blocks.{i}"
+        h = layer_norm(x, s, f"{b}.norm1", 1e-6)
+        q, k, val = lin(h, s, f"{b}.attn.qkv").chunk(3, dim=-1)
+        x = x + lin(attend(q, k, val, V_HEADS), s, f"{b}.attn.proj")
+        h = layer_norm(x, s, f"{b}.norm2", 1e-6)
+        x = x + lin(F.gelu(lin(h, s, f"{b}.mlp.fc1")), s, f"{b}.mlp.fc2")
+    return layer_norm(x, s, f"{v}.norm", 1e-6)
+
+
+def reference_reward(s, pixels, input_ids, attention_mask):
+    e, eps = "blip.text_encoder", MED["layer_norm_eps"]
+    image = reference_vit(s, pixels)
+    positions = torch.arange(input_ids.shape[1])
+    x = s[f"{e}.embeddings.word_embeddings.weight"][input_ids] + s[f"{e}.embeddings.position_embeddings.weight"][
+        positions]
+    x = layer_norm(x, s, f"{e}.embeddings.LayerNorm", eps)
+    mask = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0  # med.py's extended attention mask
+    for i in range(T_DEPTH):
+        L = f"{e}.encoder.layer.{i}"
+        for block, context, m in (("attention", None, mask), ("crossattention", image, None)):
+            kv = x if context is None else context
+            a = attend(lin(x, s, f"{L}.{block}.self.query"), lin(kv, s, f"{L}.{block}.self.key"),
+                       lin(kv, s, f"{L}.{block}.self.value"), T_HEADS, m)
+            x = layer_norm(lin(a, s, f"{L}.{block}.output.dense") + x, s, f"{L}.{block}.output.LayerNorm", eps)
+        h = F.gelu(lin(x, s, f"{L}.intermediate.dense"))
+        x = layer_norm(lin(h, s, f"{L}.output.dense") + x, s, f"{L}.output.LayerNorm", eps)
+    r = x[:, 0]
+    for name in (0, 2, 4, 6, 7):
+        r = lin(r, s, f"mlp.layers.{name}")
+    return ((r - 0.16717362830052426) / 1.0333394966054072).squeeze(-1)
+
+
+def torchvision_transform(size):
+    """ImageReward's own preprocessing, built from torchvision as the official package builds it."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    return Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
+                    lambda im: im.convert("RGB"), ToTensor(),
+                    Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    sizes = [(64, 64), (70, 64), (64, 78), (33, 80), (32, 32)]  # crops at x.5 offsets
+    out = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    out.append(out[0].convert("RGBA"))  # converted to RGB after resizing, as the official transform does
+    return out
+
+
+PROMPTS = ["a photo of a red cube", "two blue balls", "a red ball and a blue cube.", "zebra", "a red ball",
+           "a photo of a red cube"]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_files(tmp_path_factory.mktemp("imagereward"))
+
+
+@pytest.fixture(scope="module")
+def metric(files):
+    model, tok = files
+    return ir.ImageRewardMetric(model=str(model), tokenizer=str(tok), device="cpu", batch_size=2)
+
+
+def test_preprocessing_equals_torchvision_transform():
+    transform = torchvision_transform(SIZE)
+    for image in images():
+        assert torch.allclose(ir.preprocess(image, SIZE), transform(image), atol=1e-6)
+
+
+def test_tokens_are_bert_wordpiece_with_dec_and_enc_added_padded_to_35(metric):
+    tokens = metric.tokenize(["A photo of two RED cubes", "[ENC] zebra " + "a " * 40])
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
+    assert ids.shape == (2, 35)
+    # [CLS] a photo of two red cube ##s [SEP], then [PAD]
+    assert ids[0, :9].tolist() == [2, 5, 6, 7, 13, 8, 10, 12, 3] and ids[0, 9:].eq(0).all()
+    assert mask[0].tolist() == [1] * 9 + [0] * 26
+    enc = len(VOCAB) + 1  # [DEC] is added first (bos), then [ENC]
+    assert metric.tokenizer.bos_token_id == len(VOCAB) and ids[1, 1] == enc and ids[1, 2] == 1  # zebra -> [UNK]
+    assert ids[1, -1] == 3 and mask[1].all()  # truncated to 35 with [SEP] kept
+
+
+def test_score_equals_the_reference_forward(files, metric):
+    model, _ = files
+    state = torch.load(model / "ImageReward.pt", weights_only=True)
+    transform = torchvision_transform(SIZE)
+    pixels = torch.stack([transform(im) for im in images()])
+    tokens = metric.tokenize(PROMPTS)
+    with torch.no_grad():
+        expected = reference_reward(state, pixels, tokens["input_ids"], tokens["attention_mask"])
+    got = [r["score"] for r in metric.score(images(), PROMPTS)]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=2e-5)
+    assert np.ptp(got) > 0.05  # the images and prompts really move the reward
+    assert got[0] == pytest.approx(got[5], abs=1e-5)  # RGBA is converted after the resize: same pixels here
+
+
+def test_batching_and_order_do_not_change_scores(files, metric):
+    model, tok = files
+    one = ir.ImageRewardMetric(model=str(model / "ImageReward.pt"), tokenizer=str(tok), device="cpu", batch_size=1)
+    a = [r["score"] for r in metric.score(images(), PROMPTS)]
+    b = [r["score"] for r in one.score(images()[::-1], PROMPTS[::-1])][::-1]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_info_and_registry(files, metric):
+    model, tok = files
+    assert metric.info.name == "imagereward" and metric.info.higher_is_better
+    assert "1.0333394966054072" in metric.info.scale and f"local:{model}" in metric.info.version
+    assert METRICS.meta("imagereward")["weights"] == ["imagereward-v1", "bert-base-uncased-tokenizer"]
+    built = build_metric("imagereward", model=str(model), tokenizer=str(tok), device="cpu")
+    assert built.score(images()[:1], PROMPTS[:1])[0]["score"] == pytest.approx(
+        metric.score(images()[:1], PROMPTS[:1])[0]["score"], abs=1e-6)
+
+
+def test_default_names_resolve_under_the_weights_root(tmp_path, monkeypatch):
+    write_files(tmp_path)
+    monkeypatch.setenv("SOARBENCH_REWARD_CKPTS", str(tmp_path))
+    metric = ir.ImageRewardMetric(device="cpu")
+    assert metric.info.version.startswith("imagereward-v1.0-transformers/imagereward-v1@")
+    assert "bert-base-uncased-tokenizer@" in metric.info.version
+
+
+def test_missing_and_wrong_files_are_one_line_user_errors(files, tmp_path):
+    model, tok = files
+    with pytest.raises(UserError, match="imagereward-v1"):  # names the fixing command
+        ir.ImageRewardMetric(weights_root=str(tmp_path / "empty"), device="cpu")
+
+    no_med = tmp_path / "no_med"
+    no_med.mkdir()
+    (no_med / "ImageReward.pt").write_bytes((model / "ImageReward.pt").read_bytes())
+    with pytest.raises(UserError, match="med_config.json is missing"):
+        ir.ImageRewardMetric(model=str(no_med), tokenizer=str(tok), device="cpu")
+
+    state = blip_state()
+    del state["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
+    broken, _ = write_files(tmp_path / "broken", state)
+    with pytest.raises(UserError, match="text encoder weights do not fit"):
+        ir.ImageRewardMetric(model=str(broken), tokenizer=str(tok), device="cpu")
+
+    stranger = OrderedDict(blip_state(), **{"head.weight": torch.zeros(1)})
+    other, _ = write_files(tmp_path / "other", stranger)
+    with pytest.raises(UserError, match="not an ImageReward checkpoint"):
+        ir.ImageRewardMetric(model=str(other), tokenizer=str(tok), device="cpu")
+
+    no_cross, _ = write_files(tmp_path / "no_cross")
+    (no_cross / "med_config.json").write_text(json.dumps({**MED, "add_cross_attention": False}))
+    with pytest.raises(UserError, match="add_cross_attention must be true"):
+        ir.ImageRewardMetric(model=str(no_cross), tokenizer=str(tok), device="cpu")
+
+    small_vocab, _ = write_files(tmp_path / "small_vocab")
+    with pytest.raises(UserError, match="do not fit the text encoder"):
+        big = tmp_path / "big_tok"
+        big.mkdir()
+        (big / "vocab.txt").write_text("\n".join(VOCAB + ["extra"]) + "\n")
+        ir.ImageRewardMetric(model=str(small_vocab), tokenizer=str(big), device="cpu")
+
+    with pytest.raises(UserError, match="2 images and 1 prompts"):
+        ir.ImageRewardMetric(model=str(model), tokenizer=str(tok), device="cpu").score(images()[:2], PROMPTS[:1])
