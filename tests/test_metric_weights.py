@@ -325,3 +325,34 @@ def test_checkpoints_load_weights_only_and_pickles_need_explicit_trust(tmp_path)
     assert torch.equal(w.load_checkpoint(st)["w"], torch.zeros(3))
     with pytest.raises(UserError, match="no such checkpoint"):
         w.load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_a_sha256_prefix_is_a_partial_pin(tmp_path):
+    manifest = w.parse_manifest({"weights": {"det": {
+        "file": "det-743b.pth", "url": "http://127.0.0.1:9/det.pth", "sha256_prefix": sha(HEAD)[:8].upper()}}})
+    root = tmp_path / "root"
+    put(root, "det-743b.pth", HEAD)
+    check = w.verify(["det"], root, manifest)[0]
+    assert (check.status, check.ok, check.sha256) == ("prefix ok", True, sha(HEAD))
+    assert w.resolve_weights("det", root, manifest) == root / "det-743b.pth"
+    put(root, "det-743b.pth", HEAD + b"!")
+    assert w.verify(["det"], root, manifest)[0].status == "wrong hash"
+    with pytest.raises(UserError, match=rf"expected {sha(HEAD)[:8]}\.\.\..*soarbench ckpts download det"):
+        w.resolve_weights("det", root, manifest)
+    for bad in ("743b", "xyz12345", sha(HEAD)):
+        with pytest.raises(UserError, match="sha256_prefix must be 8 to 63 hex digits"):
+            w.parse_manifest({"weights": {"d": {"file": "d.pth", "url": "http://x/d", "sha256_prefix": bad}}})
+
+
+def test_download_refuses_a_file_whose_hash_does_not_start_with_the_prefix(tmp_path):
+    with Server({"/det.pth": HEAD}) as server:
+        for prefix, ok in ((sha(HEAD)[:8], True), ("00000000", False)):
+            manifest = w.parse_manifest({"weights": {"det": {
+                "file": "det.pth", "url": f"{server.url}/det.pth", "sha256_prefix": prefix}}})
+            root = tmp_path / prefix
+            if ok:
+                assert w.download("det", root, manifest).read_bytes() == HEAD
+            else:
+                with pytest.raises(UserError, match="expected sha256 00000000\\.\\.\\."):
+                    w.download("det", root, manifest)
+                assert not any(root.rglob("*det*"))  # neither the file nor its part stays

@@ -50,10 +50,21 @@ class WeightFile:
     url: str
     size: int | None = None
     sha256: str | None = None
+    # The leading hex digits of the sha256 where only those are published, as in OpenMMLab's checkpoint names
+    # (`..._20220504_001756-743b7d99.pth`: the first 8 digits of the file's sha256). A partial pin.
+    sha256_prefix: str | None = None
 
     @property
     def pinned(self) -> bool:
         return self.sha256 is not None
+
+    def hash_matches(self, digest: str) -> bool:
+        if self.sha256 is not None:
+            return digest == self.sha256
+        return self.sha256_prefix is None or digest.startswith(self.sha256_prefix)
+
+    def expected_hash(self) -> str:
+        return self.sha256 or f"{self.sha256_prefix}..."
 
 
 @dataclass(frozen=True)
@@ -74,13 +85,13 @@ class FileCheck:
     """The state of one manifest file on disk."""
     entry: str
     file: str  # relative to the root
-    status: str  # "ok" | "unpinned" | "missing" | "wrong size" | "wrong hash"
+    status: str  # "ok" | "prefix ok" | "unpinned" | "missing" | "wrong size" | "wrong hash"
     sha256: str | None = None
     detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.status in ("ok", "unpinned")
+        return self.status in ("ok", "prefix ok", "unpinned")
 
 
 class Manifest:
@@ -112,6 +123,15 @@ def _checked_hex(value: Any, where: str) -> str | None:
     return text
 
 
+def _checked_prefix(value: Any, where: str) -> str | None:
+    if value in (None, ""):
+        return None
+    text = str(value).lower()
+    if not 8 <= len(text) < 64 or any(c not in "0123456789abcdef" for c in text):
+        raise UserError(f"{where}: sha256_prefix must be 8 to 63 hex digits, got {value!r}")
+    return text
+
+
 def _checked_size(value: Any, where: str) -> int | None:
     if value is None:
         return None
@@ -138,7 +158,8 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest") -> Manifest
         at = f"{where}: [weights.{name}]"
         if not isinstance(t, Mapping):
             raise UserError(f"{at} must be a table")
-        unknown = set(t) - {"file", "folder", "url", "base_url", "size", "sha256", "source", "description", "files"}
+        unknown = set(t) - {"file", "folder", "url", "base_url", "size", "sha256", "sha256_prefix", "source",
+                            "description", "files"}
         if unknown:
             raise UserError(f"{at}: unknown keys {sorted(unknown)}")
         if ("file" in t) == ("folder" in t):
@@ -148,7 +169,7 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest") -> Manifest
             if not t.get("url"):
                 raise UserError(f"{at}: `url` is required")
             files = (WeightFile(rel, str(t["url"]), _checked_size(t.get("size"), at),
-                                _checked_hex(t.get("sha256"), at)),)
+                                _checked_hex(t.get("sha256"), at), _checked_prefix(t.get("sha256_prefix"), at)),)
         else:
             rel = _checked_relpath(t["folder"], at)
             base = str(t.get("base_url", ""))
@@ -164,7 +185,8 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest") -> Manifest
                 if not url:
                     raise UserError(f"{at}: file {inner!r} has no `url` and the entry no `base_url`")
                 files.append(WeightFile(f"{rel}/{inner}", url, _checked_size(item.get("size"), f"{at} {inner}"),
-                                        _checked_hex(item.get("sha256"), f"{at} {inner}")))
+                                        _checked_hex(item.get("sha256"), f"{at} {inner}"),
+                                        _checked_prefix(item.get("sha256_prefix"), f"{at} {inner}")))
             files = tuple(files)
         entries[name] = WeightsEntry(name=name, path=rel, is_folder="folder" in t, source=str(t.get("source", "")),
                                      description=str(t.get("description", "")), files=files)
@@ -250,10 +272,11 @@ def _check(entry: WeightsEntry, f: WeightFile, root: Path, stamps: _Stamps, reha
         return FileCheck(entry.name, f.path, "wrong size",
                          detail=f"{path} has {size} bytes, expected {f.size}")
     digest = stamps.digest(f.path, path, rehash=rehash)
-    if f.sha256 is not None and digest != f.sha256:
+    if not f.hash_matches(digest):
         return FileCheck(entry.name, f.path, "wrong hash", digest,
-                         detail=f"{path} has sha256 {digest[:16]}..., expected {f.sha256[:16]}...")
-    return FileCheck(entry.name, f.path, "ok" if f.pinned else "unpinned", digest)
+                         detail=f"{path} has sha256 {digest[:16]}..., expected {f.expected_hash()[:16]}...")
+    status = "ok" if f.pinned else "prefix ok" if f.sha256_prefix else "unpinned"
+    return FileCheck(entry.name, f.path, status, digest)
 
 
 # ------------------------------------------------------------------------------------------------- lookup
@@ -418,9 +441,9 @@ def download(name: str, root: str | os.PathLike | None = None,
             part = dest.with_name(f".{dest.name}.part")
             _fetch(f, part, timeout, progress)
             size, digest = part.stat().st_size, sha256_file(part)
-            if (f.size is not None and size != f.size) or (f.sha256 is not None and digest != f.sha256):
+            if (f.size is not None and size != f.size) or not f.hash_matches(digest):
                 part.unlink()
-                expected = f"sha256 {f.sha256}" if f.sha256 else f"{f.size} bytes"
+                expected = (f"sha256 {f.expected_hash()}" if f.sha256 or f.sha256_prefix else f"{f.size} bytes")
                 raise UserError(f"download of {f.path} from {f.url} gave {size} bytes with sha256 {digest}, "
                                 f"expected {expected}; the partial file was removed, run the command again")
             os.replace(part, dest)
