@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test base clean
+.PHONY: install demo test base clean perf
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ DEVICE ?= auto
 base: $(STAMP)
 	$(BIN)/python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml \
 		--out benchmarks/shapes/base --device $(DEVICE)
+
+# images/s of every scorer (real architectures; random weights where reward_ckpts/ lacks the published ones)
+# and ClipScore against torchmetrics' CLIPScore on the same model; see benchmarks/perf/README.md
+perf: $(STAMP)
+	$(BIN)/python benchmarks/perf/scorers.py --scale real --images 16 --batch-sizes 1,8 --device $(DEVICE) \
+		--json runs/perf/scorers.json
 
 clean:
 	rm -rf runs .cache reports/shapes

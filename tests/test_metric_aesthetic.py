@@ -3,7 +3,6 @@ through the real loader (weights_only), over a tiny CLIP folder; the output equa
 from __future__ import annotations
 
 import argparse
-import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -16,43 +15,21 @@ import soarbench  # noqa: F401  (torchvision fallback first)
 from soarbench.errors import UserError
 from soarbench.metrics.aesthetic import AestheticMetric, load_head
 from soarbench.metrics.registry import build_metric
+from soarbench.metrics.synthetic import aesthetic_head_state, write_aesthetic_head, write_clip_folder
 
 torch.set_num_threads(1)
 
 WIDTH = 16  # the tiny CLIP's projection width; the real head takes 768
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
-PREPROCESSOR = {"crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-                "feature_extractor_type": "CLIPFeatureExtractor",
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}
 
 
 def write_clip(folder: Path, projection_dim: int = WIDTH) -> Path:
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from soarbench.models.tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer_files
-
-    torch.manual_seed(3)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 hidden_act="quick_gelu")
-    config = CLIPConfig(text_config=dict(tower, vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77),
-                        vision_config=dict(tower, image_size=224, patch_size=32), projection_dim=projection_dim)
-    CLIPModel(config).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    write_clip_tokenizer_files(folder)
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(folder)
-    return folder
+    return write_clip_folder(folder, "tiny", seed=3, projection_dim=projection_dim)
 
 
 def head_state(width: int = WIDTH) -> OrderedDict:
     """Random weights under the published checkpoint's keys: layers.{0,2,4,6,7}.{weight,bias}."""
-    g = torch.Generator().manual_seed(11)
-    shapes = {"0": (1024, width), "2": (128, 1024), "4": (64, 128), "6": (16, 64), "7": (1, 16)}
-    state = OrderedDict()
-    for index, (out_f, in_f) in shapes.items():
-        state[f"layers.{index}.weight"] = torch.randn(out_f, in_f, generator=g) / in_f ** 0.5
-        state[f"layers.{index}.bias"] = torch.randn(out_f, generator=g) * 0.1 + (5.0 if index == "7" else 0.0)
-    return state
+    return aesthetic_head_state(width, seed=11)
 
 
 def images() -> list[Image.Image]:
@@ -65,7 +42,7 @@ def images() -> list[Image.Image]:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     clip = write_clip(root / "clip-vit-large-patch14")
-    torch.save(head_state(), root / HEAD_FILE)
+    write_aesthetic_head(root / HEAD_FILE, WIDTH, seed=11)
     return clip, root / HEAD_FILE
 
 

@@ -2,7 +2,6 @@
 equals torchmetrics' CLIPScore / 100 on the same model and inputs; the named scales; the weights lookup."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,10 @@ import soarbench  # noqa: F401  (torchvision fallback first)
 from soarbench.errors import UserError
 from soarbench.metrics.clipscore import ClipScoreMetric
 from soarbench.metrics.registry import build_metric
+from soarbench.metrics.synthetic import write_clip_folder
 
 torch.set_num_threads(1)
 
-OPENAI_PREPROCESSOR = {  # openai/clip-vit-large-patch14's preprocessor_config.json
-    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
-}
 PROMPTS = ["a red cube", "two blue spheres on a table", "a photo of a cat", "text that says hello"]
 SIZES = [(64, 48), (100, 100), (30, 70), (256, 256)]  # (height, width): crops, upscales, non-square
 SEED = 39  # a random model whose four cosines below are all clearly positive (torchmetrics clamps at 0)
@@ -29,24 +24,7 @@ SEED = 39  # a random model whose four cosines below are all clearly positive (t
 
 def write_tiny_clip(folder: Path, seed: int = SEED, projection_dim: int = 16) -> Path:
     """A randomly initialised CLIPModel with the files of the real HF folder (config, safetensors, processor)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from soarbench.models.tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer_files
-
-    torch.manual_seed(seed)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 hidden_act="quick_gelu")
-    config = CLIPConfig(text_config=dict(tower, vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77),
-                        vision_config=dict(tower, image_size=224, patch_size=32), projection_dim=projection_dim)
-    CLIPModel(config).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(OPENAI_PREPROCESSOR, indent=2))
-    write_clip_tokenizer_files(folder)
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(folder)
-    special = folder / "special_tokens_map.json"
-    if not special.exists():
-        special.write_text(json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                                       "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
-    return folder
+    return write_clip_folder(folder, "tiny", seed=seed, projection_dim=projection_dim)
 
 
 def images() -> list[Image.Image]:

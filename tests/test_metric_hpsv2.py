@@ -3,6 +3,7 @@ open_clip's own loading path (create_model with the {"state_dict": ...} checkpoi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +12,14 @@ from PIL import Image
 
 import soarbench  # noqa: F401  (torchvision fallback first)
 from soarbench.errors import UserError
-from soarbench.metrics.hpsv2 import OPENAI_MEAN, OPENAI_STD, HPSv2Metric, _model_config, build_model, hps_preprocess
+from soarbench.metrics import synthetic
+from soarbench.metrics.hpsv2 import OPENAI_MEAN, OPENAI_STD, HPSv2Metric, _model_config, hps_preprocess
 from soarbench.metrics.registry import build_metric
 
 torch.set_num_threads(1)
 
-TINY = {"embed_dim": 16,
-        "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-ARCH = "soarbench-test-tiny-hps"
+TINY = synthetic.HPS_TINY
+ARCH = synthetic.HPS_TINY_NAME
 PROMPTS = ["a watercolor fox in the snow", "a robot reading a newspaper", " ".join(["long words"] * 60)]
 
 MEAN = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
@@ -77,13 +77,8 @@ def test_square_224_is_only_normalised_and_a_224_tall_image_is_still_padded():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hps")
-    config = root / f"{ARCH}.json"
-    config.write_text(json.dumps(TINY))
-    torch.manual_seed(0)
-    model = build_model(TINY)
-    checkpoint = root / "HPS_v2.1_compressed.pt"
-    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    checkpoint, config = synthetic.write_hps(tmp_path_factory.mktemp("hps"), "tiny", seed=0)
+    config = Path(config)
     return config, checkpoint
 
 

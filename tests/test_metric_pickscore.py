@@ -3,7 +3,6 @@ laion/CLIP-ViT-H-14-laion2B-s32B-b79K's: the score equals exp(logit_scale) * cos
 PickScore reference code computes it, from the model's own embeddings."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,44 +12,19 @@ from PIL import Image
 
 import soarbench  # noqa: F401  (torchvision fallback first)
 from soarbench.errors import UserError
+from soarbench.metrics import synthetic
 from soarbench.metrics.pickscore import FLOW_GRPO_DIVISOR, PickScoreMetric
 from soarbench.metrics.registry import build_metric
 
 torch.set_num_threads(1)
 
-LAION_PREPROCESSOR = {  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json
-    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
-}
 LOGIT_SCALE = 3.0  # not CLIP's default 2.6592: the score must use the model's own learnt scale
 PROMPTS = ["a corgi wearing sunglasses", "an oil painting of a lighthouse at dusk",
            " ".join(["a very long prompt"] * 40)]  # > 77 tokens: truncated, as the reference does
 
 
 def write_pickscore(root: Path) -> tuple[Path, Path]:
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from soarbench.models.tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer_files
-
-    torch.manual_seed(7)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 hidden_act="gelu")
-    config = CLIPConfig(text_config=dict(tower, vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77),
-                        vision_config=dict(tower, image_size=224, patch_size=32), projection_dim=24,
-                        logit_scale_init_value=LOGIT_SCALE)
-    model_dir, processor_dir = root / "PickScore_v1", root / "CLIP-ViT-H-14-laion2B-s32B-b79K"
-    CLIPModel(config).save_pretrained(model_dir)  # config.json + model.safetensors, as on the hub
-    processor_dir.mkdir(parents=True)
-    (processor_dir / "preprocessor_config.json").write_text(json.dumps(LAION_PREPROCESSOR, indent=2))
-    write_clip_tokenizer_files(processor_dir)
-    CLIPTokenizer(str(processor_dir / "vocab.json"), str(processor_dir / "merges.txt"),
-                  model_max_length=77).save_pretrained(processor_dir)
-    special = processor_dir / "special_tokens_map.json"
-    if not special.exists():
-        special.write_text(json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                                       "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
-    return model_dir, processor_dir
+    return synthetic.write_pickscore(root, "tiny", seed=7, projection_dim=24, logit_scale=LOGIT_SCALE)
 
 
 def images() -> list[Image.Image]:
