@@ -231,6 +231,49 @@ def metrics_list():
         typer.echo(f"{name}\t{state}\tneeds: {'; '.join(needs) or 'nothing'}")
 
 
+@metrics_app.command("serve-geneval")
+def metrics_serve_geneval(
+    python: Optional[str] = typer.Option(None, "--python",
+                                         help="Python of the mmdet environment (default: this one)."),
+    config: Optional[str] = typer.Option(None, "--config", help="mmdet config (default: the one shipped with mmdet)."),
+    checkpoint: str = typer.Option("mask2former-mmdet", "--checkpoint", help="Manifest name or .pth path."),
+    device: str = typer.Option("cuda:0", "--device"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
+    port: int = typer.Option(8765, "--port", help="0 = any free port."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the model to load."),
+):
+    """Serve GenEval's official detector (mmdet Mask2Former Swin-S) on localhost until Ctrl-C.
+
+    Runs soarbench/geneval/detector_server.py under --python: an environment with mmdet 2.27.0.
+    Setting it up: see the docstring of soarbench/geneval/mmdet_backend.py.
+    The "mask2former" backend finds the server through $SOARBENCH_GENEVAL_SERVER.
+
+    Examples:
+
+      soarbench metrics serve-geneval --python ~/miniconda3/envs/geneval/bin/python --device cuda:0
+
+      SOARBENCH_GENEVAL_SERVER=http://127.0.0.1:8765 soarbench eval --images out --benchmark geneval --out evals/g
+    """
+    from soarbench.geneval import mmdet_backend
+
+    child, health = mmdet_backend.start_server(python, config, checkpoint, device, host, port, timeout=timeout)
+    # From here on a Ctrl-C (or any error) must stop the child, wherever it lands.
+    try:
+        url, versions = health["url"], health.get("versions", {})
+        typer.echo(f"GenEval detector server: {url}")
+        typer.echo(f"  mmdet {versions.get('mmdet')}, mmcv {versions.get('mmcv')}, torch {versions.get('torch')}, "
+                   f"checkpoint {health.get('checkpoint_label')}, device {health.get('device')}")
+        typer.echo(f"  use it: export {mmdet_backend.ENV_SERVER}={url}")
+        typer.echo(f"  or in a Flow-GRPO config: --set method.reward_options.geneval.backend=mask2former "
+                   f"--set method.reward_options.geneval.server={url}")
+        typer.echo("  Ctrl-C stops it.")
+        child.wait()
+    except KeyboardInterrupt:
+        _log(f"detector server stopped (exit status {child.stop()})")
+    finally:
+        child.stop()
+
+
 @ckpts_app.command("download")
 def ckpts_download(name: Optional[str] = typer.Argument(None, help="Manifest entry; all when omitted.")):
     """Fetch weights from their pinned public source: resumable, hash-checked, written atomically.

@@ -7,9 +7,10 @@ The rules (rules.py) are model-free; a *backend* supplies the two learned parts 
   GenEval colours on mask-composited crops).
 
 Backends are registered lazily by name, so a heavy one is imported only when chosen: "shapes", the exact
-detector of the procedural shapes world (soarbench.worlds.shapes), and "mask2former-hf", transformers'
-Mask2Former with the CLIP colour protocol, labelled NON-OFFICIAL (soarbench.geneval.hf_backend). The official
-mmdetection detector ("mask2former") is still to come: one more `BACKENDS.add(...)` line.
+detector of the procedural shapes world (soarbench.worlds.shapes), "mask2former-hf", transformers'
+Mask2Former with the CLIP colour protocol, labelled NON-OFFICIAL (soarbench.geneval.hf_backend), and
+"mask2former", the official mmdetection detector with the same colour protocol, run in-process when mmdet imports
+or through `soarbench metrics serve-geneval`'s server on localhost (soarbench.geneval.mmdet_backend).
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class Backend:
 BACKENDS = LazyRegistry("GenEval backend")
 BACKENDS.add("shapes", "soarbench.worlds.shapes:make_backend")
 BACKENDS.add("mask2former-hf", "soarbench.geneval.hf_backend:make_backend")  # NON-OFFICIAL detector
+BACKENDS.add("mask2former", "soarbench.geneval.mmdet_backend:make_backend")  # the official detector
 
 
 def backend_options(name: str) -> list[str]:
