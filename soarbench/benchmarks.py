@@ -49,8 +49,8 @@ def _lines_benchmark(name: str, prompt_set: str, metrics: dict[str, dict[str, An
 def geneval_benchmark(backend: str = "mask2former", images_per_prompt: int = 4) -> Benchmark:
     """GenEval: the 553 official rows, 4 images each (the 2212 lines of Flow-GRPO's test file, reordered).
 
-    "mask2former" is the official detector (Mask2Former Swin-S + CLIP ViT-L/14 colours); until that backend is
-    registered in soarbench.geneval.backends, building this benchmark's metric is a UserError naming it.
+    "mask2former" is the official detector (mmdetection Mask2Former Swin-S + CLIP ViT-L/14 colours), in-process when
+    mmdet imports, else through `soarbench metrics serve-geneval` (soarbench.geneval.mmdet_backend).
     """
     from soarbench import prompts
 

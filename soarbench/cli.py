@@ -384,7 +384,7 @@ def env():
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -400,3 +400,8 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(1)
         raise
+    # Without standalone mode click returns (rather than raises) the exit code of an interrupted command.
+    if isinstance(code, int) and code != 0:
+        if code == 130:
+            print("interrupted", file=sys.stderr)
+        sys.exit(code)

@@ -139,3 +139,14 @@ def test_metrics_list_says_what_is_missing(tmp_path, monkeypatch, capsys):
     lines = dict(line.split("\t", 1) for line in capsys.readouterr().out.splitlines())
     assert lines["clipscore"].startswith("ready") and lines["geneval"].startswith("ready")
     assert lines["needs_a_module"].startswith("missing: python module surely_not_xyz")
+
+
+def test_an_interrupted_command_exits_130_not_0(monkeypatch, capsys):
+    from soarbench import cli
+
+    monkeypatch.setattr(cli, "app", lambda standalone_mode: 130)  # what click returns after Ctrl-C
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "app", lambda standalone_mode: None)  # a normal run returns nothing
+    cli.main()

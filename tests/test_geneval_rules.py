@@ -300,3 +300,16 @@ def test_summarize_on_a_hand_computed_table():
 def test_summarize_empty_is_nan():
     summary = summarize([])
     assert math.isnan(summary["overall"]) and summary["tasks"] == {}
+
+
+def test_thresholds_compare_in_float32_as_numpy_does_on_mmdetections_arrays():
+    import numpy as np
+
+    at_threshold = float(np.float32(0.3))  # 0.30000001192..., above 0.3 in float64
+    just_above = float(np.nextafter(np.float32(0.3), np.float32(1)))
+    objects = select_objects([det("cat", 10, 10, score=at_threshold), det("dog", 40, 40, score=just_above)],
+                             "two_object")
+    assert list(objects) == ["dog"]
+    # the official comparison, on a float32 array as mmdetection returns it
+    scores = np.array([at_threshold, just_above], dtype=np.float32)
+    assert (scores > 0.3).tolist() == [False, True]

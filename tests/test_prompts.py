@@ -211,7 +211,8 @@ def test_geneval_is_2212_samples_and_names_its_detector():
     assert len(bench.prompts) * bench.images_per_prompt == 2212 == prompts.get("geneval_flowgrpo").rows
     assert bench.metadata == prompts.load_metadata("geneval")
     assert bench.metrics == {"geneval": {"backend": "mask2former"}}
-    assert set(build_benchmark("drawbench").metrics) == {"pickscore", "clipscore", "hpsv2", "aesthetic"}
+    assert set(build_benchmark("drawbench").metrics) == {"pickscore", "clipscore", "hpsv2", "aesthetic",
+                                                                "imagereward"}
     assert len(set(build_benchmark("drawbench").prompts)) == 200
     assert {"geneval", "ocr", "pickscore", "drawbench", "shapes"} <= set(BENCHMARKS.names())
     assert re.fullmatch(r"[0-9a-f]{64}", bench.source["sha256"])

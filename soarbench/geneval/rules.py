@@ -103,6 +103,12 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float], margin: fl
 # ----------------------------------------------------------------------------------------------- selection
 
 
+def _above(score: float, threshold: float) -> bool:
+    # mmdetection's scores are float32 arrays and numpy compares them with the Python threshold in float32, so a
+    # score of exactly float32(0.3) is NOT above 0.3 there (in float64 it would be).
+    return bool(np.float32(score) > np.float32(threshold))
+
+
 def select_objects(
     detections: Iterable[Detection],
     tag: str,
@@ -121,7 +127,7 @@ def select_objects(
     ordered = [c for c in (class_order or ()) if c in by_class] + [c for c in by_class if c not in (class_order or ())]
     objects: Objects = {}
     for cls in ordered:
-        kept = sorted((d for d in by_class[cls] if d.score > threshold), key=lambda d: -d.score)
+        kept = sorted((d for d in by_class[cls] if _above(d.score, threshold)), key=lambda d: -d.score)
         if kept:
             objects[cls] = kept[: config.max_objects]
     return objects
