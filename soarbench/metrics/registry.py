@@ -7,7 +7,8 @@ from soarbench.metrics.base import Metric
 from soarbench.registry import LazyRegistry
 
 METRICS = LazyRegistry("metric")
-METRICS.add("geneval", "soarbench.metrics.geneval:GenEvalMetric", needs=["a detector backend: shapes (built in); mask2former, the official one (mmdet in-process, or "
+METRICS.add("geneval", "soarbench.metrics.geneval:GenEvalMetric",
+            needs=["a detector backend: shapes (built in); mask2former, the official one (mmdet in-process, or "
                    "`soarbench metrics serve-geneval` + SOARBENCH_GENEVAL_SERVER; weights mask2former-mmdet and "
                    "clip-vit-large-patch14)"],
             modules=["scipy"])
