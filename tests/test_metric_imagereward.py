@@ -1,6 +1,7 @@
 """ImageReward through its real loader: a tiny ImageReward.pt with BLIP's own key names + med_config.json + a
-bert-style vocab.txt folder, checked against an independent re-implementation of BLIP's vit.py / med.py forward
-written here on plain tensor ops from the same state dict, and against torchvision's transform for the images."""
+bert-style vocab.txt folder (written by soarbench.metrics.synthetic), checked against an independent
+re-implementation of BLIP's vit.py / med.py forward written here on plain tensor ops from the same state dict,
+and against torchvision's transform for the images."""
 from __future__ import annotations
 
 import json
@@ -17,79 +18,23 @@ from PIL import Image
 import soarbench  # noqa: F401  (torchvision's CPU fallback before torchvision is imported below)
 from soarbench.errors import UserError
 from soarbench.metrics import imagereward as ir
+from soarbench.metrics import synthetic
 from soarbench.metrics.registry import METRICS, build_metric
 
-V_WIDTH, V_DEPTH, V_HEADS, PATCH, SIZE = 128, 2, 2, 16, 32  # 64-wide heads as BLIP's ViTs; 2x2 patches
-T_WIDTH, T_DEPTH, T_HEADS, T_MLP = 32, 2, 2, 48
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "blue", "cube", "ball", "##s",
-         "two", "and", "."]
-MED = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-       "hidden_dropout_prob": 0.1, "hidden_size": T_WIDTH, "initializer_range": 0.02, "intermediate_size": T_MLP,
-       "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert",
-       "num_attention_heads": T_HEADS, "num_hidden_layers": T_DEPTH, "pad_token_id": 0, "type_vocab_size": 2,
-       "vocab_size": len(VOCAB) + 2, "encoder_width": 768, "add_cross_attention": True}
+SIZES = synthetic.IMAGEREWARD_SIZES["tiny"]
+V_WIDTH, V_DEPTH, PATCH, SIZE = SIZES["vision_width"], SIZES["vision_depth"], SIZES["patch"], SIZES["image_size"]
+V_HEADS = V_WIDTH // 64  # BLIP's ViTs use 64-wide heads
+T_DEPTH, T_HEADS = SIZES["text_depth"], SIZES["text_heads"]
+VOCAB = synthetic.BERT_TINY_VOCAB
+MED = synthetic.imagereward_med_config("tiny")
 
 
-def blip_state(seed: int = 0) -> OrderedDict:
-    """Random tensors under the names ImageReward.pt uses (BLIP_Pretrain under "blip.", the MLP under "mlp.")."""
-    g = torch.Generator().manual_seed(seed)
-
-    def t(*shape, scale=0.2):
-        return torch.randn(*shape, generator=g) * scale
-
-    def ln(prefix, width):
-        return {f"{prefix}.weight": 1 + t(width, scale=0.1), f"{prefix}.bias": t(width, scale=0.1)}
-
-    def linear(prefix, n_in, n_out):
-        return {f"{prefix}.weight": t(n_out, n_in, scale=1 / math.sqrt(n_in)), f"{prefix}.bias": t(n_out)}
-
-    s = OrderedDict()
-    v = "blip.visual_encoder"
-    s[f"{v}.cls_token"] = t(1, 1, V_WIDTH)
-    s[f"{v}.pos_embed"] = t(1, (SIZE // PATCH) ** 2 + 1, V_WIDTH)
-    s[f"{v}.patch_embed.proj.weight"] = t(V_WIDTH, 3, PATCH, PATCH, scale=0.05)
-    s[f"{v}.patch_embed.proj.bias"] = t(V_WIDTH)
-    for i in range(V_DEPTH):
-        b = f"{v}.blocks.{i}"
-        s.update(ln(f"{b}.norm1", V_WIDTH))
-        s.update(linear(f"{b}.attn.qkv", V_WIDTH, 3 * V_WIDTH))
-        s.update(linear(f"{b}.attn.proj", V_WIDTH, V_WIDTH))
-        s.update(ln(f"{b}.norm2", V_WIDTH))
-        s.update(linear(f"{b}.mlp.fc1", V_WIDTH, 4 * V_WIDTH))
-        s.update(linear(f"{b}.mlp.fc2", 4 * V_WIDTH, V_WIDTH))
-    s.update(ln(f"{v}.norm", V_WIDTH))
-    e = "blip.text_encoder"
-    s[f"{e}.embeddings.position_ids"] = torch.arange(MED["max_position_embeddings"]).unsqueeze(0)
-    s[f"{e}.embeddings.word_embeddings.weight"] = t(MED["vocab_size"], T_WIDTH)
-    s[f"{e}.embeddings.position_embeddings.weight"] = t(MED["max_position_embeddings"], T_WIDTH)
-    s.update(ln(f"{e}.embeddings.LayerNorm", T_WIDTH))
-    for i in range(T_DEPTH):
-        L = f"{e}.encoder.layer.{i}"
-        for block, kv_width in (("attention", T_WIDTH), ("crossattention", V_WIDTH)):
-            s.update(linear(f"{L}.{block}.self.query", T_WIDTH, T_WIDTH))
-            s.update(linear(f"{L}.{block}.self.key", kv_width, T_WIDTH))
-            s.update(linear(f"{L}.{block}.self.value", kv_width, T_WIDTH))
-            s.update(linear(f"{L}.{block}.output.dense", T_WIDTH, T_WIDTH))
-            s.update(ln(f"{L}.{block}.output.LayerNorm", T_WIDTH))
-        s.update(linear(f"{L}.intermediate.dense", T_WIDTH, T_MLP))
-        s.update(linear(f"{L}.output.dense", T_MLP, T_WIDTH))
-        s.update(ln(f"{L}.output.LayerNorm", T_WIDTH))
-    s.update(linear("blip.vision_proj", V_WIDTH, 16))  # in the real checkpoint, unused by the score
-    s.update(linear("blip.text_proj", T_WIDTH, 16))
-    for name, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((T_WIDTH, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
-        s.update(linear(f"mlp.layers.{name}", n_in, n_out))
-    return s
+def blip_state(seed: int = 0):
+    return synthetic.imagereward_state("tiny", seed)
 
 
-def write_files(root: Path, state: OrderedDict | None = None) -> tuple[Path, Path]:
-    model, tok = root / "ImageReward", root / "bert-base-uncased"
-    model.mkdir(parents=True)
-    tok.mkdir(parents=True)
-    torch.save(state if state is not None else blip_state(), model / "ImageReward.pt")
-    (model / "med_config.json").write_text(json.dumps(MED, indent=2))
-    (tok / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    (tok / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    return model, tok
+def write_files(root: Path, state=None) -> tuple[Path, Path]:
+    return synthetic.write_imagereward(root, "tiny", state=state)
 
 
 # ------------------------------------------------------ independent reference: BLIP's forward on raw tensors
@@ -278,7 +223,7 @@ def test_missing_and_wrong_files_are_one_line_user_errors(files, tmp_path):
     with pytest.raises(UserError, match="do not fit the text encoder"):
         big = tmp_path / "big_tok"
         big.mkdir()
-        (big / "vocab.txt").write_text("\n".join(VOCAB + ["extra"]) + "\n")
+        (big / "vocab.txt").write_text("\n".join([*VOCAB, "extra"]) + "\n")
         ir.ImageRewardMetric(model=str(small_vocab), tokenizer=str(big), device="cpu")
 
     with pytest.raises(UserError, match="2 images and 1 prompts"):

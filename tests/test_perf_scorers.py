@@ -13,7 +13,7 @@ import pytest
 import soarbench  # noqa: F401  (torchvision fallback first)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "perf" / "scorers.py"
-METRICS = ["clipscore", "aesthetic", "geneval", "ocr"]
+METRICS = ["clipscore", "aesthetic", "imagereward", "geneval", "ocr"]
 
 
 @pytest.fixture(scope="module")

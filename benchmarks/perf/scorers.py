@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 import soarbench  # noqa: E402,F401  (torchvision fallback first)
 from soarbench.errors import UserError  # noqa: E402
 
-DEFAULT_METRICS = ("clipscore", "pickscore", "hpsv2", "aesthetic", "ocr", "geneval")
+DEFAULT_METRICS = ("clipscore", "pickscore", "hpsv2", "aesthetic", "imagereward", "ocr", "geneval")
 IMAGE_SIZE = 512
 FONT_CANDIDATES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
                    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf")
@@ -292,6 +292,13 @@ class Weights:
                           lambda: synthetic.write_aesthetic_head(self.folder / synthetic.AESTHETIC_FILE,
                                                                  scale=self.scale, seed=self.seed))
 
+    def imagereward(self) -> tuple[Path, Path]:
+        from soarbench.metrics import synthetic
+
+        return self._once("imagereward", "ImageReward.pt (BLIP ViT-L + cross-attention BERT) + tokenizer"
+                          if self.scale == "real" else "tiny ImageReward checkpoint + tokenizer",
+                          lambda: synthetic.write_imagereward(self.folder, self.scale, seed=self.seed))
+
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -342,6 +349,12 @@ def build(name: str, args: argparse.Namespace, weights: Weights) -> Built:
             return Built(build_metric(name, **common, **root), "published (reward_ckpts)", device, "natural")
         checkpoint, architecture = weights.hps()
         return Built(build_metric(name, weights=str(checkpoint), architecture=architecture, **common),
+                     weights.synthetic_label, device, "natural")
+    if name == "imagereward":
+        if published:
+            return Built(build_metric(name, **common, **root), "published (reward_ckpts)", device, "natural")
+        model_dir, tokenizer_dir = weights.imagereward()
+        return Built(build_metric(name, model=str(model_dir), tokenizer=str(tokenizer_dir), **common),
                      weights.synthetic_label, device, "natural")
     if name == "ocr":
         metric = build_metric(name, engine="rapidocr", device="cpu", threads=args.threads)

@@ -9,6 +9,8 @@ Every builder writes what the real download would put on disk, so the metric loa
     write_hps(root, scale)               (checkpoint, architecture): {"state_dict": open_clip state dict}, and the
                                          open_clip architecture to pass as HPSv2Metric(architecture=...)
     write_aesthetic_head(path, width)    the LAION head under its published keys layers.{0,2,4,6,7}
+    write_imagereward(root, scale)       (root/ImageReward, root/bert-base-uncased): ImageReward.pt under BLIP's
+                                         own key names + med_config.json, and a WordPiece vocab.txt folder
 
 `scale` is "tiny" (one-layer towers, 32 wide: what the metric tests use) or "real" (the published
 architectures: CLIP ViT-L/14 of openai/clip-vit-large-patch14, PickScore's CLIP ViT-H/14, open_clip "ViT-H-14"
@@ -47,6 +49,8 @@ PICKSCORE_FOLDER = "PickScore_v1"
 PICKSCORE_PROCESSOR_FOLDER = "CLIP-ViT-H-14-laion2B-s32B-b79K"
 HPS_FILE = "HPS_v2.1_compressed.pt"
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+IMAGEREWARD_FOLDER = "ImageReward"
+BERT_TOKENIZER_FOLDER = "bert-base-uncased"
 
 # The tiny towers of the metric tests: one layer, 32 wide, 224 px input cut in 32 px patches.
 _TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -224,3 +228,113 @@ def write_aesthetic_head(path: str | Path, width: int | None = None, *, scale: s
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(aesthetic_head_state(width, seed), path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ ImageReward
+
+# A WordPiece vocabulary for the tiny model: BERT's five special tokens first, then a few prompt words.
+BERT_TINY_VOCAB = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "red", "blue", "cube", "ball",
+                   "##s", "two", "and", ".")
+# BLIP_Pretrain(vit=...) + med_config.json sizes. "real" is ImageReward-v1.0: ViT-L/16 at 224 and BERT-base with a
+# cross-attention block per layer (446.2 M parameters = the published 1.79 GB ImageReward.pt in fp32).
+IMAGEREWARD_SIZES = {
+    "tiny": dict(vision_width=128, vision_depth=2, patch=16, image_size=32, text_width=32, text_depth=2,
+                 text_heads=2, text_mlp=48, vocab_size=len(BERT_TINY_VOCAB) + 2, max_positions=40),
+    "real": dict(vision_width=1024, vision_depth=24, patch=16, image_size=224, text_width=768, text_depth=12,
+                 text_heads=12, text_mlp=3072, vocab_size=30524, max_positions=512),
+}
+
+
+def imagereward_med_config(scale: str = "tiny") -> dict[str, Any]:
+    """med_config.json as ImageReward ships it (BERT fields + encoder_width + add_cross_attention)."""
+    z = IMAGEREWARD_SIZES[check_scale(scale)]
+    return {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1, "hidden_size": z["text_width"], "initializer_range": 0.02,
+            "intermediate_size": z["text_mlp"], "layer_norm_eps": 1e-12, "max_position_embeddings": z["max_positions"],
+            "model_type": "bert", "num_attention_heads": z["text_heads"], "num_hidden_layers": z["text_depth"],
+            "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": z["vocab_size"], "encoder_width": 768,
+            "add_cross_attention": True}
+
+
+def imagereward_state(scale: str = "tiny", seed: int = 0) -> OrderedDict:
+    """Random tensors under ImageReward.pt's key names: BLIP_Pretrain under "blip." (its unused vision_proj and
+    text_proj included), the reward MLP under "mlp.layers.{0,2,4,6,7}"."""
+    z = IMAGEREWARD_SIZES[check_scale(scale)]
+    g = torch.Generator().manual_seed(seed)
+    vw, tw = z["vision_width"], z["text_width"]
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    def norm(prefix, width):
+        state[f"{prefix}.weight"] = 1 + rand(width, scale=0.1)
+        state[f"{prefix}.bias"] = rand(width, scale=0.1)
+
+    def linear(prefix, n_in, n_out):
+        state[f"{prefix}.weight"] = rand(n_out, n_in, scale=n_in ** -0.5)
+        state[f"{prefix}.bias"] = rand(n_out)
+
+    state = OrderedDict()
+    v = "blip.visual_encoder"
+    state[f"{v}.cls_token"] = rand(1, 1, vw)
+    state[f"{v}.pos_embed"] = rand(1, (z["image_size"] // z["patch"]) ** 2 + 1, vw)
+    state[f"{v}.patch_embed.proj.weight"] = rand(vw, 3, z["patch"], z["patch"], scale=0.05)
+    state[f"{v}.patch_embed.proj.bias"] = rand(vw)
+    for i in range(z["vision_depth"]):
+        b = f"{v}.blocks.{i}"
+        norm(f"{b}.norm1", vw)
+        linear(f"{b}.attn.qkv", vw, 3 * vw)
+        linear(f"{b}.attn.proj", vw, vw)
+        norm(f"{b}.norm2", vw)
+        linear(f"{b}.mlp.fc1", vw, 4 * vw)
+        linear(f"{b}.mlp.fc2", 4 * vw, vw)
+    norm(f"{v}.norm", vw)
+    t = "blip.text_encoder"
+    state[f"{t}.embeddings.position_ids"] = torch.arange(z["max_positions"]).unsqueeze(0)
+    state[f"{t}.embeddings.word_embeddings.weight"] = rand(z["vocab_size"], tw)
+    state[f"{t}.embeddings.position_embeddings.weight"] = rand(z["max_positions"], tw)
+    norm(f"{t}.embeddings.LayerNorm", tw)
+    for i in range(z["text_depth"]):
+        layer = f"{t}.encoder.layer.{i}"
+        for block, kv_width in (("attention", tw), ("crossattention", vw)):
+            linear(f"{layer}.{block}.self.query", tw, tw)
+            linear(f"{layer}.{block}.self.key", kv_width, tw)
+            linear(f"{layer}.{block}.self.value", kv_width, tw)
+            linear(f"{layer}.{block}.output.dense", tw, tw)
+            norm(f"{layer}.{block}.output.LayerNorm", tw)
+        linear(f"{layer}.intermediate.dense", tw, z["text_mlp"])
+        linear(f"{layer}.output.dense", z["text_mlp"], tw)
+        norm(f"{layer}.output.LayerNorm", tw)
+    linear("blip.vision_proj", vw, 256)
+    linear("blip.text_proj", tw, 256)
+    for index, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((tw, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        linear(f"mlp.layers.{index}", n_in, n_out)
+    return state
+
+
+def write_bert_tokenizer(folder: str | Path, scale: str = "tiny") -> Path:
+    """A bert-base-uncased style tokenizer folder (vocab.txt + tokenizer_config.json). "real" pads the tiny word
+    list with [unusedN] entries to bert-base-uncased's 30522 rows, [UNK]/[CLS]/[SEP]/[MASK] at its ids 100-103."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if check_scale(scale) == "tiny":
+        vocab = list(BERT_TINY_VOCAB)
+    else:
+        vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab += [w for w in BERT_TINY_VOCAB if not w.startswith("[")]
+        vocab += [f"[unused{i}]" for i in range(99, 99 + 30522 - len(vocab))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}), encoding="utf-8")
+    return folder
+
+
+def write_imagereward(root: str | Path, scale: str = "tiny", *, seed: int = 0,
+                      state: OrderedDict | None = None) -> tuple[Path, Path]:
+    """(root/ImageReward with ImageReward.pt + med_config.json, root/bert-base-uncased); `state` replaces the
+    random checkpoint (tests write broken ones)."""
+    root = Path(root)
+    model = root / IMAGEREWARD_FOLDER
+    model.mkdir(parents=True, exist_ok=True)
+    torch.save(state if state is not None else imagereward_state(scale, seed), model / "ImageReward.pt")
+    (model / "med_config.json").write_text(json.dumps(imagereward_med_config(scale), indent=2), encoding="utf-8")
+    return model, write_bert_tokenizer(root / BERT_TOKENIZER_FOLDER, scale)
