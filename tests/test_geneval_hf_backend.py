@@ -161,7 +161,10 @@ def test_colour_is_the_argmax_of_the_three_template_classifier(backend):
         rows, cols = np.nonzero(mask)
         composite = np.where(mask[..., None], image, np.array(GREY, dtype=np.uint8))
         crops.append(Image.fromarray(composite[rows.min():rows.max() + 1, cols.min():cols.max() + 1]))
-    logits = clip.embed_images(crops) @ by_hand.T
+    from open_clip.transform import image_transform  # the official evaluator's crop preprocessing
+
+    official = image_transform(clip.image_size, is_train=False)
+    logits = clip.embed_pixels(torch.stack([official(c) for c in crops])) @ by_hand.T
     expected = [COLORS[int(i)] for i in logits.argmax(dim=-1)]
     gaps = logits.sort(dim=-1, descending=True).values
     assert (gaps[:, 0] - gaps[:, 1] > 1e-5).all(), "the hand computation must have a clear winner"

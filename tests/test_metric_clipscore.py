@@ -153,3 +153,19 @@ def test_bad_input_is_a_user_error(clip_folder, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="cannot load a CLIP model"):
         ClipScoreMetric(model=str(tmp_path / "empty"), device="cpu")
+
+
+def test_openai_clip_pixels_equal_open_clips_openai_transform():
+    """The transform GenEval's colour crops and ImageReward use: open_clip's own, built without weights."""
+    from open_clip.transform import image_transform
+
+    from soarbench.metrics.clipscore import openai_clip_pixels
+
+    official = image_transform(224, is_train=False)
+    rng = np.random.default_rng(5)
+    # odd long-side remainders after the resize (227, 229, 231 px) are where rounding half to even matters
+    for width, height in ((227, 224), (224, 229), (47, 54), (19, 31), (300, 300), (500, 61)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        torch.testing.assert_close(openai_clip_pixels(image, 224), official(image), atol=1e-6, rtol=0)
+    grey = Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8))  # converted to RGB after the crop
+    torch.testing.assert_close(openai_clip_pixels(grey, 224), official(grey), atol=1e-6, rtol=0)

@@ -18,6 +18,7 @@ from PIL import Image
 import soarbench  # noqa: F401  (torchvision's CPU fallback before torchvision is imported below)
 from soarbench.errors import UserError
 from soarbench.metrics import imagereward as ir
+from soarbench.metrics.clipscore import openai_clip_pixels
 from soarbench.metrics import synthetic
 from soarbench.metrics.registry import METRICS, build_metric
 
@@ -137,7 +138,7 @@ def metric(files):
 def test_preprocessing_equals_torchvision_transform():
     transform = torchvision_transform(SIZE)
     for image in images():
-        assert torch.allclose(ir.preprocess(image, SIZE), transform(image), atol=1e-6)
+        assert torch.allclose(openai_clip_pixels(image, SIZE), transform(image), atol=1e-6)
 
 
 def test_tokens_are_bert_wordpiece_with_dec_and_enc_added_padded_to_35(metric):

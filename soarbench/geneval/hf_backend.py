@@ -20,11 +20,13 @@ GenEval's own 0.3 / 0.9 thresholds.
 
 Colour classifier: the official protocol. Each object's mask is composited over a #999999 image, the result is
 cropped to the box (PIL rounds the box to whole pixels), and CLIP ViT-L/14 classifies the crop zero-shot over
-the ten GenEval colours. Each colour's text embedding is the mean of the L2-normalised embeddings of "a photo
-of a {c} {classname}", "a photo of a {c}-colored {classname}" and "a photo of a {c} object", renormalised
-(clip_benchmark's zero_shot_classifier); the colour is the argmax of image . text. Text embeddings are cached
-per class name. The official CLIP is open_clip's ViT-L-14 "openai"; the transformers folder of the same
-weights (manifest entry "clip-vit-large-patch14") is used here.
+the ten GenEval colours. Crops go through OpenAI CLIP's own transform as open_clip's "openai" preprocess runs it
+(torchvision's shortest-side bicubic resize and centre crop), not the transformers processor, whose crop offset
+differs by a pixel on some of the crops' arbitrary shapes. Each colour's text embedding is the mean of the
+L2-normalised embeddings of "a photo of a {c} {classname}", "a photo of a {c}-colored {classname}" and "a photo
+of a {c} object", renormalised (clip_benchmark's zero_shot_classifier); the colour is the argmax of image . text.
+Text embeddings are cached per class name. The official CLIP is open_clip's ViT-L-14 "openai"; the transformers
+folder of the same weights (manifest entry "clip-vit-large-patch14") is used here.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from soarbench.errors import UserError
 from soarbench.geneval.backends import Backend
 from soarbench.geneval.grammar import COLORS
 from soarbench.geneval.rules import Detection
-from soarbench.metrics.clipscore import HFClip, as_rgb, resolve_device
+from soarbench.metrics.clipscore import HFClip, as_rgb, openai_clip_pixels, resolve_device
 from soarbench.metrics.weights import locate
 
 NAME = "mask2former-hf"
@@ -165,8 +167,9 @@ class ClipColorClassifier:
         if not objects:
             return []
         pil = as_rgb(image)
-        crops = [masked_crop(pil, obj) for obj in objects]
-        logits = self.clip.embed_images(crops) @ self.color_embeddings(classname).T
+        # open_clip's "openai" transform, as the official evaluator preprocesses its crops
+        pixels = torch.stack([openai_clip_pixels(masked_crop(pil, obj), self.clip.image_size) for obj in objects])
+        logits = self.clip.embed_pixels(pixels) @ self.color_embeddings(classname).T
         return [COLORS[int(i)] for i in logits.argmax(dim=-1)]
 
 

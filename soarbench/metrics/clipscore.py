@@ -78,6 +78,27 @@ def positive_int(name: str, value: Any) -> int:
     return value
 
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def openai_clip_pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
+    """(3, size, size): OpenAI CLIP's own transform as torchvision runs it on a PIL image (Resize(size, BICUBIC)
+    of the shortest side, CenterCrop(size), RGB, ToTensor, Normalize) -- what open_clip's "openai" preprocess
+    and ImageReward apply. Its crop offset rounds half to even (torchvision's round((h - size) / 2)), where
+    transformers' CLIP processor floors, so the two differ by a pixel on some non-square images."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    if short != size:
+        long_new = int(size * long / short)
+        image = image.resize((size, long_new) if width <= height else (long_new, size), Image.BICUBIC)
+    width, height = image.size
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size)).convert("RGB")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - torch.tensor(OPENAI_MEAN).view(3, 1, 1)) / torch.tensor(OPENAI_STD).view(3, 1, 1)
+
+
 def pil_image_processor(folder: Path):
     """The CLIP image processor of a folder with the PIL backend (transformers 5 defaults to torchvision)."""
     try:
@@ -119,10 +140,19 @@ class HFClip:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
 
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.vision_config.image_size)
+
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(N, D) L2-normalised float32 image embeddings, on the CPU."""
+        """(N, D) L2-normalised float32 image embeddings of the folder's image processor, on the CPU."""
         pixels = self.image_processor(images=[as_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+        return self.embed_pixels(pixels)
+
+    @torch.no_grad()
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, D) L2-normalised float32 embeddings of already preprocessed (N, 3, S, S) pixels, on the CPU."""
         pooled = self.model.vision_model(pixel_values=pixels.to(self.device, torch.float32)).pooler_output
         embeds = self.model.visual_projection(pooled).float()
         return torch.nn.functional.normalize(embeds, dim=-1).cpu()

@@ -10,7 +10,7 @@ The model is BLIP's ViT image encoder, BLIP's BERT text encoder with a cross-att
 transformers 5, so the same computation runs here on transformers' BlipVisionModel and BlipTextModel, whose
 layers are the ones BLIP's vit.py and med.py define; the checkpoint's keys are renamed onto them (`rename_*`).
 
-    image  -> resize shortest side to S bicubic (torchvision's sizes), centre crop S, RGB, OpenAI mean/std
+    image  -> resize shortest side to S bicubic, centre crop S, RGB, OpenAI mean/std (torchvision's arithmetic)
            -> ViT (patch 16, LayerNorm eps 1e-6, final norm)                    -> image tokens
     prompt -> bert-base-uncased WordPiece + [DEC] (bos) and [ENC] added, padded/truncated to 35 tokens
            -> BERT (self-attention over the prompt, cross-attention to every image token)
@@ -42,7 +42,7 @@ from torch import nn
 from soarbench.errors import UserError
 from soarbench.metrics.aesthetic import AestheticMLP
 from soarbench.metrics.base import Metric, MetricInfo
-from soarbench.metrics.clipscore import batches, check_pairs, positive_int, resolve_device
+from soarbench.metrics.clipscore import batches, check_pairs, openai_clip_pixels, positive_int, resolve_device
 from soarbench.metrics.weights import load_checkpoint, locate
 
 CHECKPOINT_FILE = "ImageReward.pt"
@@ -51,8 +51,6 @@ REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_TEXT_TOKENS = 35
 HEAD_WIDTH = 64  # BLIP's ViTs: 768 / 12 heads and 1024 / 16 heads
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VISION_PREFIX = "blip.visual_encoder."
 TEXT_PREFIX = "blip.text_encoder."
@@ -188,24 +186,6 @@ def load_tokenizer(folder: Path, vocab_size: int):
 # ------------------------------------------------------------------------------------------------ model
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    """(3, size, size): ImageReward's transform (torchvision Resize(size, BICUBIC), CenterCrop, to RGB,
-    ToTensor, Normalize) with torchvision's own size and offset arithmetic on PIL images."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    if short != size:
-        long_new = int(size * long / short)
-        new = (size, long_new) if width <= height else (long_new, size)
-        image = image.resize(new, Image.BICUBIC)
-    width, height = image.size
-    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
-    std = torch.tensor(OPENAI_STD).view(3, 1, 1)
-    return (pixels - mean) / std
-
-
 class ImageRewardModel(nn.Module):
     """Image tokens -> cross-attending BERT -> [CLS] -> reward head -> normalised reward."""
 
@@ -296,7 +276,7 @@ class ImageRewardMetric(Metric):
         size = self.model.image_size
         scores: list[float] = []
         for s in batches(len(images), self.batch_size):
-            pixels = torch.stack([preprocess(_as_pil(im), size) for im in images[s]]).to(self.device)
+            pixels = torch.stack([openai_clip_pixels(_as_pil(im), size) for im in images[s]]).to(self.device)
             tokens = {k: v.to(self.device) for k, v in self.tokenize(prompts[s]).items()}
             scores.extend(self.model(pixels, **tokens).float().cpu().tolist())
         return [{"score": v} for v in scores]
