@@ -17,7 +17,7 @@ import soarbench  # noqa: F401  (torchvision fallback first)
 from soarbench.errors import UserError
 from soarbench.geneval.backends import BACKENDS, load_backend
 from soarbench.geneval.grammar import COLORS
-from soarbench.geneval.hf_backend import ClipColorClassifier, mask_box, masked_crop
+from soarbench.geneval.hf_backend import ClipColorClassifier, geneval_name, mask_box, masked_crop
 from soarbench.geneval.rules import Detection
 from soarbench.metrics.geneval import GenEvalMetric
 from soarbench.metrics.weights import load_manifest
@@ -204,3 +204,9 @@ def test_missing_weights_are_a_user_error(tmp_path, weights):
         load_backend("mask2former-hf", device="cpu", weights_root=str(tmp_path))
     with pytest.raises(UserError, match="no such file or folder"):
         load_backend("mask2former-hf", model=str(tmp_path / "nowhere"), device="cpu", weights_root=str(weights))
+
+
+def test_detector_labels_become_geneval_class_names():
+    # COCO's names for three classes, and mmdet 3.x's coco_classes() underscores (seen on a real mmdet 3.3.0)
+    assert [geneval_name(n) for n in ("mouse", "remote", "keyboard", "traffic_light", "sports_ball", " cat ")] == [
+        "computer mouse", "tv remote", "computer keyboard", "traffic light", "sports ball", "cat"]

@@ -437,3 +437,16 @@ def test_without_mmdet_or_a_url_the_default_server_is_asked(weights, monkeypatch
     with pytest.raises(UserError, match=r"mmdet is not importable here, so the default server was asked: .*"
                                         r"unreachable.*soarbench metrics serve-geneval"):
         load_backend("mask2former", device="cpu", weights_root=str(weights))
+
+
+def test_config_lookup_prefers_the_2x_name_and_finds_the_3x_one(tmp_path):
+    package = tmp_path / "site" / "mmdet"
+    v3 = package / ".mim" / "configs" / "mask2former" / wire.CONFIG_NAME_V3
+    v3.parent.mkdir(parents=True)
+    v3.write_text("# mmdet 3.x")
+    assert wire.find_config(str(package))[0] == str(v3)
+    checkout = tmp_path / "site" / "configs" / "mask2former" / wire.CONFIG_NAME  # <mmdet>/../configs (a checkout)
+    checkout.parent.mkdir(parents=True)
+    checkout.write_text("# mmdet 2.x")
+    found, tried = wire.find_config(str(package))
+    assert found == str(checkout) and len(tried) == 4

@@ -49,6 +49,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 
 CONFIG_NAME = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py"
+# The same model's config as mmdet 3.x renamed it (an mmdet 3.x install ships only this name).
+CONFIG_NAME_V3 = "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py"
 # mmdetection's COCO class names in index order (GenEval's object_names.txt is the same list, except that it
 # spells "mouse", "remote" and "keyboard" as "computer mouse", "tv remote" and "computer keyboard").
 COCO_CLASSES = (
@@ -144,10 +146,13 @@ def model_classes(model) -> tuple:
 
 
 def config_candidates(mmdet_dir: str) -> list:
-    """Where the official config may live relative to an installed mmdet package (in lookup order)."""
+    """Where the official config may live relative to an installed mmdet package (in lookup order): the 2.x
+    name the official evaluator uses, then the 3.x name of the same model."""
     return [
-        os.path.join(mmdet_dir, ".mim", "configs", "mask2former", CONFIG_NAME),
-        os.path.normpath(os.path.join(mmdet_dir, "..", "configs", "mask2former", CONFIG_NAME)),
+        path
+        for name in (CONFIG_NAME, CONFIG_NAME_V3)
+        for path in (os.path.join(mmdet_dir, ".mim", "configs", "mask2former", name),
+                     os.path.normpath(os.path.join(mmdet_dir, "..", "configs", "mask2former", name)))
     ]
 
 

@@ -60,8 +60,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def geneval_name(label: str) -> str:
-    """A detector label as GenEval names the class."""
-    name = str(label).strip()
+    """A detector label as GenEval names the class (mmdet 3.x's coco_classes() write "traffic_light")."""
+    name = str(label).strip().replace("_", " ")
     return GENEVAL_NAMES.get(name, name)
 
 
