@@ -34,7 +34,6 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -42,7 +41,8 @@ from torch import nn
 from soarbench.errors import UserError
 from soarbench.metrics.aesthetic import AestheticMLP
 from soarbench.metrics.base import Metric, MetricInfo
-from soarbench.metrics.clipscore import batches, check_pairs, openai_clip_pixels, positive_int, resolve_device
+from soarbench.metrics.clipscore import (as_pil, batches, check_pairs, openai_clip_pixels, positive_int,
+                                         resolve_device)
 from soarbench.metrics.weights import load_checkpoint, locate
 
 CHECKPOINT_FILE = "ImageReward.pt"
@@ -276,7 +276,7 @@ class ImageRewardMetric(Metric):
         size = self.model.image_size
         scores: list[float] = []
         for s in batches(len(images), self.batch_size):
-            pixels = torch.stack([openai_clip_pixels(_as_pil(im), size) for im in images[s]]).to(self.device)
+            pixels = torch.stack([openai_clip_pixels(as_pil(im), size) for im in images[s]]).to(self.device)
             tokens = {k: v.to(self.device) for k, v in self.tokenize(prompts[s]).items()}
             scores.extend(self.model(pixels, **tokens).float().cpu().tolist())
         return [{"score": v} for v in scores]
@@ -284,12 +284,3 @@ class ImageRewardMetric(Metric):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights}
 
-
-def _as_pil(image: Any) -> Image.Image:
-    """PIL images stay as they are (the transform converts to RGB after resizing); arrays become PIL."""
-    if isinstance(image, Image.Image):
-        return image
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        raise UserError(f"images must be PIL images or HWC uint8 arrays, got {type(image).__name__}")
-    return Image.fromarray(array)
