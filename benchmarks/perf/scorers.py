@@ -314,6 +314,16 @@ class Built:
     clip_folder: Path | None = None  # ClipScore's CLIP folder, for the torchmetrics comparison
 
 
+# The constructor options that point each neural scorer at its synthetic weights (written on first use).
+SYNTHETIC_OPTIONS: dict[str, Callable[[Weights], dict[str, str]]] = {
+    "clipscore": lambda w: {"model": str(w.clip())},
+    "aesthetic": lambda w: {"clip": str(w.clip()), "head": str(w.aesthetic_head())},
+    "pickscore": lambda w: dict(zip(("model", "processor"), map(str, w.pickscore()))),
+    "hpsv2": lambda w: dict(zip(("weights", "architecture"), map(str, w.hps()))),
+    "imagereward": lambda w: dict(zip(("model", "tokenizer"), map(str, w.imagereward()))),
+}
+
+
 def build(name: str, args: argparse.Namespace, weights: Weights) -> Built:
     """The metric through the registry's real constructor, with published or synthetic weights."""
     from soarbench.metrics.registry import METRICS, availability, build_metric
@@ -326,36 +336,13 @@ def build(name: str, args: argparse.Namespace, weights: Weights) -> Built:
     published = weights.published(meta.get("weights", []))
     common = {"device": device, "batch_size": batch}
     root = {"weights_root": args.weights_root}
-    if name == "clipscore":
+    if name in SYNTHETIC_OPTIONS:
         if published:
-            metric = build_metric(name, **common, **root)
-            return Built(metric, "published (reward_ckpts)", device, "natural", Path(metric.info.needs[0]))
-        folder = weights.clip()
-        return Built(build_metric(name, model=str(folder), **common), weights.synthetic_label, device, "natural",
-                     folder)
-    if name == "aesthetic":
-        if published:
-            return Built(build_metric(name, **common, **root), "published (reward_ckpts)", device, "natural")
-        return Built(build_metric(name, clip=str(weights.clip()), head=str(weights.aesthetic_head()), **common),
-                     weights.synthetic_label, device, "natural")
-    if name == "pickscore":
-        if published:
-            return Built(build_metric(name, **common, **root), "published (reward_ckpts)", device, "natural")
-        model_dir, processor_dir = weights.pickscore()
-        return Built(build_metric(name, model=str(model_dir), processor=str(processor_dir), **common),
-                     weights.synthetic_label, device, "natural")
-    if name == "hpsv2":
-        if published:
-            return Built(build_metric(name, **common, **root), "published (reward_ckpts)", device, "natural")
-        checkpoint, architecture = weights.hps()
-        return Built(build_metric(name, weights=str(checkpoint), architecture=architecture, **common),
-                     weights.synthetic_label, device, "natural")
-    if name == "imagereward":
-        if published:
-            return Built(build_metric(name, **common, **root), "published (reward_ckpts)", device, "natural")
-        model_dir, tokenizer_dir = weights.imagereward()
-        return Built(build_metric(name, model=str(model_dir), tokenizer=str(tokenizer_dir), **common),
-                     weights.synthetic_label, device, "natural")
+            metric, source = build_metric(name, **common, **root), "published (reward_ckpts)"
+        else:
+            metric, source = build_metric(name, **common, **SYNTHETIC_OPTIONS[name](weights)), weights.synthetic_label
+        clip_folder = Path(metric.info.needs[0]) if name == "clipscore" else None  # for the torchmetrics check
+        return Built(metric, source, device, "natural", clip_folder)
     if name == "ocr":
         metric = build_metric(name, engine="rapidocr", device="cpu", threads=args.threads)
         return Built(metric, "published (models in the rapidocr wheel)", "cpu", "ocr")
