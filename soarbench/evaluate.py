@@ -77,63 +77,156 @@ def read_done(path: Path) -> dict[str, dict]:
     return done
 
 
+def repair_jsonl(path: Path) -> None:
+    """Rewrite a JSONL file without its torn lines, so that appending after a crash starts on a fresh line
+    (appending to a half-written line would glue the next record to it and lose both)."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    good = []
+    for line in text.splitlines():
+        try:
+            json.loads(line)
+            good.append(line)
+        except json.JSONDecodeError:
+            continue
+    fixed = "".join(line + "\n" for line in good)
+    if fixed != text:
+        atomic_write_text(path, fixed)
+
+
+def _precision_context(precision: str, device: torch.device):
+    """Sampling in the training precision: bf16/fp16 autocast, or plain fp32."""
+    import contextlib
+
+    if precision in ("fp32", "no", None):
+        return contextlib.nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise UserError(f"eval precision must be fp32, bf16 or fp16, got '{precision}'")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def _check_settings(out_dir: Path, settings: dict, is_main: bool) -> None:
+    """An eval folder belongs to one model and one set of sampling settings: rerunning into it with others would
+    mix old images and scores with a new summary."""
+    path = out_dir / SETTINGS_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in sorted(set(old) | set(settings)):
+            if old.get(key) != settings.get(key):
+                raise UserError(f"{out_dir}: holds an eval with {key} = {old.get(key)!r}, asked {settings.get(key)!r}; "
+                                f"choose another --out (or delete the folder)")
+    elif is_main:
+        atomic_write_json(path, settings)
+
+
 def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0,
              metric_names: list[str] | None = None, batch_size: int = 64, model_info: dict | None = None,
              config: dict | None = None, on_progress: Callable[[int, int], None] | None = None,
-             num_steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
+             num_steps: int | None = None, guidance: float | None = None, precision: str = "fp32",
+             engine=None) -> dict[str, Any] | None:
+    """Generate and score the benchmark; with an engine, every process takes its share of the batches.
+
+    Batches are fixed chunks of the benchmark's samples in order and batch j goes to process j mod W, so each batch
+    is computed exactly as a one-process run computes it: the images and scores equal a one-process run's. After an
+    interruption only the samples not yet done are generated. The main process merges the shards and writes the
+    summary (other processes return None).
+    """
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
+    is_main = rank == 0
     num_steps = bench.num_steps if num_steps is None else num_steps
     guidance = bench.guidance if guidance is None else guidance
+    if num_steps < 1:
+        raise UserError(f"eval: num_steps must be >= 1, got {num_steps}")
+    if batch_size < 1:
+        raise UserError(f"eval: batch_size must be >= 1, got {batch_size}")
     names, metrics = _build_metrics(bench, metric_names)
-
+    info = model_info or {"path": str(adapter.source)}
+    settings = {"model": str(info.get("path")), "benchmark": bench.name, "n_prompts": len(bench.prompts),
+                "images_per_prompt": bench.images_per_prompt,
+                "prompt_set_sha256": provenance.prompt_set_hash(bench.prompts, bench.metadata),
+                "num_steps": int(num_steps), "guidance": float(guidance), "seed": int(seed), "height": bench.height,
+                "width": bench.width, "max_sequence_length": adapter.max_sequence_length, "metrics": names,
+                "precision": precision}
+    if is_main:
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        _check_settings(out_dir, settings, True)
+        repair_jsonl(out_dir / "samples.jsonl")
+    if engine is not None:
+        engine.barrier()
+    if not is_main:
+        _check_settings(out_dir, settings, False)
     samples_path = out_dir / "samples.jsonl"
-    done = read_done(samples_path)
-    todo = [(p, k) for p in range(len(bench.prompts)) for k in range(bench.images_per_prompt)
-            if f"{p:05d}_{k}" not in done]
-    total = len(bench.prompts) * bench.images_per_prompt
+    shard_path = out_dir / f"samples.rank{rank}.jsonl" if world > 1 else samples_path
+    repair_jsonl(shard_path)
+    done = _read_all_done(out_dir)
+    everything = [(p, k) for p in range(len(bench.prompts)) for k in range(bench.images_per_prompt)]
+    batches = [everything[i:i + batch_size] for i in range(0, len(everything), batch_size)]
+    mine = [[(p, k) for p, k in b if f"{p:05d}_{k}" not in done] for j, b in enumerate(batches) if j % world == rank]
+    mine = [b for b in mine if b]
+    total = len(everything)
     shape = adapter.latent_shape(bench.height, bench.width)
     t_start = time.perf_counter()
     was_training = adapter.transformer.training
     adapter.transformer.eval()
+    finished = total - sum(len(b) for b in mine)
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
+        for chunk in mine:
             prompts = [bench.prompts[p] for p, _ in chunk]
             seeds = [sample_seed(seed, p, k) for p, k in chunk]
             noise = torch.stack([initial_noise(s, shape) for s in seeds]).to(adapter.device)
-            text = adapter.encode_prompts(prompts)
-            latents = euler_sample(adapter, text, noise, num_steps=num_steps, guidance=guidance)
-            images = to_pil(adapter.decode(latents))
+            with torch.no_grad(), _precision_context(precision, adapter.device):
+                text = adapter.encode_prompts(prompts)
+                latents = euler_sample(adapter, text, noise, num_steps=num_steps, guidance=guidance)
+                images = to_pil(adapter.decode(latents.float()).float())
             meta = [bench.metadata[p] for p, _ in chunk] if bench.metadata is not None else None
             records = {n: m.score(images, prompts, meta) for n, m in metrics.items()}
             for j, ((p, k), image) in enumerate(zip(chunk, images)):
                 sid = f"{p:05d}_{k}"
                 atomic_write_bytes(out_dir / "images" / f"{sid}.png", png_bytes(image))
-                append_jsonl(samples_path, {"id": sid, "prompt_index": p, "image_index": k, "seed": seeds[j],
-                                            "prompt": prompts[j], "file": f"images/{sid}.png",
-                                            "records": {n: records[n][j] for n in names}})
+                append_jsonl(shard_path, {"id": sid, "prompt_index": p, "image_index": k, "seed": seeds[j],
+                                          "prompt": prompts[j], "file": f"images/{sid}.png",
+                                          "records": {n: records[n][j] for n in names}})
+            finished += len(chunk)
             if on_progress is not None:
-                on_progress(total - len(todo) + start + len(chunk), total)
+                on_progress(finished, total)
     finally:
         adapter.transformer.train(was_training)
     seconds = time.perf_counter() - t_start
-
-    rows = sorted(read_done(samples_path).values(), key=lambda r: (r["prompt_index"], r["image_index"]))
+    if engine is not None:
+        engine.barrier()
+    if not is_main:
+        return None
+    rows = sorted(_read_all_done(out_dir).values(), key=lambda r: (r["prompt_index"], r["image_index"]))
+    if world > 1:  # one merged file, then the shards go
+        atomic_write_text(samples_path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+        for shard in out_dir.glob("samples.rank*.jsonl"):
+            shard.unlink()
     scores, per_prompt = _aggregate(metrics, rows)
     if "geneval" in metrics:
         write_geneval_results(out_dir / "results.jsonl", rows)
 
-    info = model_info or {"path": str(adapter.source)}
     return _write_summary(
         out_dir, label=(model_info or {}).get("label", "model"), model=info,
         benchmark={"name": bench.name, "n_prompts": len(bench.prompts), "images_per_prompt": bench.images_per_prompt,
-                   "prompt_set_sha256": provenance.prompt_set_hash(bench.prompts, bench.metadata),
-                   "source": bench.source},
+                   "prompt_set_sha256": settings["prompt_set_sha256"], "source": bench.source},
         sampling={"sampler": "euler_ode", "num_steps": num_steps, "guidance": guidance, "height": bench.height,
-                  "width": bench.width, "seed": seed, "max_sequence_length": adapter.max_sequence_length},
+                  "width": bench.width, "seed": seed, "max_sequence_length": adapter.max_sequence_length,
+                  "precision": precision, "processes": world},
         extra={}, metrics=metrics, scores=scores, per_prompt=per_prompt, n_samples=len(rows), seconds=seconds,
         config=config)
+
+
+def _read_all_done(out_dir: Path) -> dict[str, dict]:
+    done = read_done(out_dir / "samples.jsonl")
+    for shard in sorted(out_dir.glob("samples.rank*.jsonl")):
+        for sid, row in read_done(shard).items():
+            done.setdefault(sid, row)
+    return done
 
 
 def _write_summary(out_dir: Path, *, label: str, model: dict, benchmark: dict, sampling: dict | None, extra: dict,

@@ -12,7 +12,6 @@ from soarbench.cli import main
 from soarbench.config import apply_overrides, parse_value
 from soarbench.errors import UserError
 from soarbench.harness.data import BucketSampler, Record, caption_of, read_records
-from soarbench.harness.distributed import World
 
 
 def _train_cfg(tmp_path, model, jsonl, method="sft"):

@@ -22,8 +22,11 @@ def _check(cfg: dict) -> int:
     name = options.pop("name")
     method = build_method(name, options)
     budget = Budget.from_config(cfg["budget"])
-    cost = method.cost(1) if getattr(method, "online", False) else method.step_cost(cfg["train"]["batch_size"], 1)
-    return budget.steps_affordable(cost)
+    from soarbench.harness.train import accumulation_steps
+    from soarbench.methods.base import RunShape
+
+    shape = RunShape(1, accumulation_steps(cfg["train"], 1), int(cfg["train"]["batch_size"]))
+    return budget.steps_affordable(method.plan(shape))
 
 
 @pytest.mark.parametrize("path", sorted(p for p in ROOT.rglob("*.toml")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from soarbench import flow
-from soarbench.harness.distributed import World, rank_seed
-from soarbench.methods.base import Batch, StepContext
+from soarbench.harness.meter import Meter
+from soarbench.methods.base import Batch, Ctx
 from soarbench.methods.sft import SFT, FlowMatchingDraw
 from soarbench.methods.soar import SOAR, correction_velocity, renoise_toward
 
@@ -42,8 +42,12 @@ def test_renoised_points_lie_on_the_segment_at_the_sigma_asked():
 
 
 def _ctx(adapter, seed=0):
-    return StepContext(adapter=adapter, generator=torch.Generator().manual_seed(seed),
-                       sigmas=flow.training_sigmas(3.0, 1000))
+    from soarbench.models.roles import Roles
+
+    meter = Meter()
+    adapter.meter = meter
+    return Ctx(adapter=adapter, roles=Roles(adapter), engine=None, meter=meter,
+               sigmas=flow.training_sigmas(3.0, 1000), seed=seed)
 
 
 def _batch(adapter, n=4, seed=5):
@@ -51,14 +55,29 @@ def _batch(adapter, n=4, seed=5):
     prompts = ["a photo of a red circle", "a photo of two squares", "a photo of a cross left of a diamond",
                "a photo of a blue triangle"][:n]
     return Batch(z0=torch.randn(n, *adapter.latent_shape(32, 32), generator=g),
-                 text=adapter.encode_prompts(prompts), prompts=prompts)
+                 text=adapter.encode_prompts(prompts), prompts=prompts, ids=list(range(n)))
+
+
+class Out:
+    """The pooled loss of one micro-batch (its sum / its weight) and the passes the meter counted."""
+
+    def __init__(self, out, weight, counts):
+        self.loss, self.logs = out.loss / weight, {k: v / c if c else v for k, (v, c) in out.logs.items()}
+        self.fwd_bwd, self.no_grad_fwd = counts["fwd_bwd"], counts["no_grad_fwd"]
+
+
+def _loss(adapter, method, batch, seed=0):
+    ctx = _ctx(adapter, seed)
+    [micro] = next(method.updates(ctx, [batch]))
+    out = method.loss(ctx, micro)
+    return Out(out, micro.weight, ctx.meter.take()[0])
 
 
 def _loss_and_grads(adapter, method, batch, seed=0):
     net = adapter.transformer
     net.requires_grad_(True)
     net.zero_grad(set_to_none=True)
-    out = method.loss(_ctx(adapter, seed), batch)
+    out = _loss(adapter, method, batch, seed)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     return out, grads
@@ -78,7 +97,7 @@ def test_lambda_zero_is_exactly_sft(adapter, options):
 
 def test_pooled_normalisation_and_pass_counts(adapter):
     batch = _batch(adapter)
-    out = SOAR(lambda_aux=0.5, trajectory_length=3).loss(_ctx(adapter), batch)
+    out = _loss(adapter, SOAR(lambda_aux=0.5, trajectory_length=3), batch)
     B, n_aux = 4, 12
     expected = (B * out.logs["loss_main"] + 0.5 * n_aux * out.logs["loss_aux"]) / (B + 0.5 * n_aux)
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
@@ -93,7 +112,7 @@ def test_rollout_reuses_the_detached_conditional_velocity(adapter):
         (kw["hidden_states"].shape[0], torch.is_grad_enabled())), with_kwargs=True)
     net.requires_grad_(True)
     try:
-        SOAR(trajectory_length=2).loss(_ctx(adapter), _batch(adapter))
+        _loss(adapter, SOAR(trajectory_length=2), _batch(adapter))
     finally:
         hook.remove()
     assert calls == [(4, True), (4, False), (8, True)]
@@ -127,7 +146,18 @@ def test_aux_sigma_range_and_stochastic_path_exclusions(adapter):
     assert torch.allclose(paths[0][0], d.z_on + (sigma1 - sigma0).reshape(-1, 1, 1, 1) * v_cfg, atol=1e-5)
 
 
-def test_every_rank_draws_its_own_seed():
-    seeds = {rank_seed(7, World(rank=r, world_size=8)) for r in range(8)}
-    assert len(seeds) == 8
-    assert rank_seed(7, World(rank=3, world_size=8)) == 7 * 8 + 3
+def test_every_sample_draws_its_own_noise_whatever_its_batch(adapter):
+    """Draws are keyed by the global sample index: a sample gets the same noise and timestep in any micro-batch or
+    process (so 1 GPU x 2 accumulation = 2 GPUs), and different samples get different draws."""
+    method = SFT()
+    ctx = _ctx(adapter, seed=7)
+    whole = _batch(adapter, n=4)
+    halves = [Batch(whole.z0[i:i + 2], whole.text[i:i + 2], whole.prompts[i:i + 2], whole.ids[i:i + 2])
+              for i in (0, 2)]
+    d = method.draw(ctx, whole)
+    parts = [method.draw(ctx, h) for h in halves]
+    assert torch.equal(d.z1, torch.cat([p.z1 for p in parts])) and torch.equal(d.t0, torch.cat([p.t0 for p in parts]))
+    assert len({float(t) for t in d.t0}) == 4 and not torch.equal(d.z1[0], d.z1[1])
+    ctx.unit = 1  # the next step draws afresh
+    assert not torch.equal(method.draw(ctx, whole).z1, d.z1)
+    assert not torch.equal(method.draw(_ctx(adapter, seed=8), whole).z1, d.z1)  # and so does another seed

@@ -163,13 +163,19 @@ def test_two_process_flow_grpo_starts_from_identical_lora(ddp_dir):
 
 
 def test_diverged_replicas_are_caught():
-    from soarbench.harness.distributed import World
-    from soarbench.harness.train import _check_replicas
+    """train.check_replicas: a process whose weights differ from the others' stops the run."""
+    from soarbench.harness.engine import Engine
 
-    class TwoRanks(World):
+    class TwoRanks(Engine):
+        def __init__(self, offset):
+            self.offset = offset
+
+        distributed = True
+        shards_parameters = False
+
         def all_gather_objects(self, obj):
-            return [obj, obj + 1.0]  # the other rank holds different weights
+            return [obj, obj + self.offset]  # the other rank's parameter checksum
 
     with pytest.raises(RuntimeError, match="diverged"):
-        _check_replicas(TwoRanks(rank=0, world_size=2), [torch.ones(3)], step=7)
-    _check_replicas(World(), [torch.ones(3)], step=7)  # single process: nothing to compare
+        TwoRanks(1.0).check_replicas([torch.ones(3)], step=7)
+    TwoRanks(0.0).check_replicas([torch.ones(3)], step=7)  # equal replicas pass

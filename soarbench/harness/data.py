@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from soarbench.errors import UserError
-from soarbench.harness.distributed import World
+from soarbench.harness.rng import key_seed, keyed_rand, keyed_randn
 from soarbench.io import read_jsonl
 from soarbench.methods.base import Batch
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
@@ -154,62 +154,105 @@ class BucketSampler:
         self.epoch, self._queue = state["epoch"], [list(b) for b in state["queue"]]
 
 
-class TrainData:
-    def __init__(self, records: list[Record], adapter: SD3Adapter, world: World, batch_size: int, seed: int,
-                 random_flip: bool = False, train_text: bool = False, cache: bool = True):
-        self.records, self.adapter, self.world = records, adapter, world
-        self.batch_size, self.random_flip, self.train_text = batch_size, random_flip, train_text
-        self.sampler = BucketSampler(records, batch_size * world.world_size, seed)
-        self.pixel_rng = random.Random(seed * world.world_size + world.rank)
-        self.latent_gen = torch.Generator(device=world.device).manual_seed(
-            (seed * world.world_size + world.rank) * 7919 + 17)
+class ImageData:
+    """Data batches for methods that train on images (source "images"): each optimizer step's global batch.
+
+    The global batch of unit u comes from the bucket sampler (the same on every process); process r takes the
+    slots r, W + r, 2W + r, ... (one per accumulation slot), each `batch_size` samples. A sample's crop, flip,
+    VAE posterior draw and caption dropout are keyed by (seed, unit, its position in the global batch), so the
+    batch a slot sees does not depend on how many processes share the work.
+    """
+
+    def __init__(self, records: list[Record], adapter: SD3Adapter, engine, shape, seed: int,
+                 random_flip: bool = False, train_text: bool = False, caption_dropout: float = 0.0,
+                 text_cache: str = "auto", cache_latents: bool = True):
+        self.records, self.adapter, self.engine, self.shape, self.seed = records, adapter, engine, shape, seed
+        self.random_flip, self.train_text, self.caption_dropout = random_flip, train_text, float(caption_dropout)
+        self.sampler = BucketSampler(records, shape.global_batch, seed)
         self._posterior: tuple[torch.Tensor, torch.Tensor] | None = None
         self._text_cache: dict[str, TextEmbeddings] = {}
-        if cache and not random_flip and all(image_size(r) == (r.bw, r.bh) for r in records):
+        if cache_latents and not random_flip and all(image_size(r) == (r.bw, r.bh) for r in records):
             self._posterior = self._encode_all()
+        if not train_text and text_cache != "none":
+            self._fill_text_cache(text_cache)
 
-    def _encode_all(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_all(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:
         sizes = {(r.bw, r.bh) for r in self.records}
         if len(sizes) != 1:
             return None  # mixed buckets: encode per batch
         means, stds = [], []
         for i in range(0, len(self.records), chunk):
-            px = torch.stack([load_pixels(r, self.pixel_rng, False) for r in self.records[i:i + chunk]])
+            px = torch.stack([load_pixels(r, random.Random(0), False) for r in self.records[i:i + chunk]])
             m, s = self.adapter.posterior(px)
             means.append(m)
             stds.append(s)
         return torch.cat(means), torch.cat(stds)
 
-    def _latents(self, idx: list[int]) -> torch.Tensor:
+    def _fill_text_cache(self, mode: str, chunk: int = 64, max_bytes: float = 2e9) -> None:
+        """Encode every caption once, in fixed chunks of the sorted captions: the embeddings then depend on the
+        data alone, never on which captions shared a batch (so a resumed run is bit-identical)."""
+        captions = sorted({r.caption for r in self.records} | {""})
+        first = self.adapter.encode_prompts(captions[:1])
+        per_caption = first.tokens.numel() * first.tokens.element_size() + first.pooled.numel() * 4
+        if mode == "auto" and per_caption * len(captions) > max_bytes:
+            return  # too large to hold: encode each micro-batch instead
+        for i in range(0, len(captions), chunk):
+            part = captions[i:i + chunk]
+            enc = self.adapter.encode_prompts(part)
+            for j, c in enumerate(part):
+                self._text_cache[c] = enc[j:j + 1]
+
+    def _latents(self, idx: list[int], positions: list[int], unit: int) -> torch.Tensor:
         if self._posterior is not None:
             mean, std = self._posterior
             sel = torch.tensor(idx, device=mean.device)
-            noise = torch.randn(mean[sel].shape, generator=self.latent_gen, device=self.latent_gen.device)
-            return self.adapter.to_model_latents(mean[sel] + std[sel] * noise.to(mean.device))
-        px = torch.stack([load_pixels(self.records[i], self.pixel_rng, self.random_flip) for i in idx])
-        return self.adapter.encode_images(px, generator=self.latent_gen)
+            mean, std = mean[sel], std[sel]
+        else:
+            px = torch.stack([load_pixels(self.records[i], random.Random(key_seed(self.seed, unit, "pixels", p)),
+                                          self.random_flip) for i, p in zip(idx, positions)])
+            mean, std = self.adapter.posterior(px)
+        noise = keyed_randn(mean.shape[1:], [(self.seed, unit, "posterior", p) for p in positions],
+                            device=mean.device, dtype=mean.dtype)
+        return self.adapter.to_model_latents(mean + std * noise)
 
     def _text(self, captions: list[str]) -> TextEmbeddings:
         if self.train_text:
             return self.adapter.encode_prompts(captions, grad=True)
-        missing = sorted({c for c in captions if c not in self._text_cache})
-        if missing:
-            enc = self.adapter.encode_prompts(missing)
-            for j, c in enumerate(missing):
-                self._text_cache[c] = enc[j:j + 1]
-        return TextEmbeddings.cat([self._text_cache[c] for c in captions])
+        if self._text_cache:
+            return TextEmbeddings.cat([self._text_cache[c] for c in captions])
+        return self.adapter.encode_prompts(captions)
 
-    def next_batch(self) -> Batch:
+    def _dropped(self, captions: list[str], positions: list[int], unit: int) -> list[str]:
+        """Caption dropout (train the unconditional branch of CFG): the empty prompt, with probability p."""
+        if self.caption_dropout <= 0:
+            return captions
+        draws = keyed_rand(1, [(self.seed, unit, "caption_dropout", p) for p in positions]).flatten().tolist()
+        return ["" if u < self.caption_dropout else c for c, u in zip(captions, draws)]
+
+    def next(self, ctx) -> list[Batch]:
+        """This process's micro-batches of the next optimizer step (one per accumulation slot)."""
+        unit = ctx.unit
         global_idx = self.sampler.next()
-        r, b = self.world.rank, self.batch_size
-        idx = global_idx[r * b:(r + 1) * b]
-        # every rank knows the whole global batch, so the unique-prompt counter needs no communication
-        self.last_global_captions = [self.records[i].caption for i in global_idx]
-        captions = [self.records[i].caption for i in idx]
-        return Batch(z0=self._latents(idx), text=self._text(captions), prompts=captions)
+        ctx.meter.add_prompts(self.records[i].caption for i in global_idx)
+        b, W, r = self.shape.batch_size, self.shape.world_size, self.engine.rank if self.engine else 0
+        batches = []
+        for a in range(self.shape.accumulation):
+            slot = a * W + r
+            positions = list(range(slot * b, (slot + 1) * b))
+            idx = [global_idx[p] for p in positions]
+            captions = self._dropped([self.records[i].caption for i in idx], positions, unit)
+            batches.append(Batch(z0=self._latents(idx, positions, unit), text=self._text(captions),
+                                 prompts=captions, ids=positions))
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
 
 
-def ensure_generated(dcfg: dict, world: World) -> None:
+def ensure_generated(dcfg: dict, engine=None) -> None:
     """Worlds that make their own data (the shapes world) write it once where data.jsonl points."""
     gen = dcfg.get("generate")
     if not gen or Path(dcfg["jsonl"]).is_file():
@@ -218,7 +261,7 @@ def ensure_generated(dcfg: dict, world: World) -> None:
         from soarbench.errors import did_you_mean
 
         raise did_you_mean("data.generate.world", str(gen.get("world")), ["shapes"])
-    if world.is_main:
+    if engine is None or engine.is_main:
         from soarbench.worlds.shapes import write_training_split
 
         target = Path(dcfg["jsonl"])
@@ -226,32 +269,62 @@ def ensure_generated(dcfg: dict, world: World) -> None:
                              size=int(gen.get("image_size", 32)))
         if not target.is_file():
             raise UserError(f"data.jsonl = {target}: the shapes world writes train.jsonl in that folder")
-    world.barrier()
+    if engine is not None:
+        engine.barrier()
 
 
-class PromptSampler:
-    """Online methods: m distinct prompts per epoch, the same on every rank, each repeated k times (a group)."""
+class PromptData:
+    """Prompts for methods that generate their own samples (source "prompts").
 
-    def __init__(self, records: list[Record], prompts_per_epoch: int, group_size: int, world: World, seed: int):
+    Unit u draws m distinct prompts (the same on every process, keyed by (seed, u)), each repeated k times (a
+    group): m x k samples with global indices 0 .. m k - 1, group g = index // k. Process r generates the
+    contiguous block [r n / W, (r + 1) n / W) of them.
+    """
+
+    def __init__(self, records: list[Record], prompts_per_unit: int, group_size: int, engine, seed: int):
         unique: dict[str, dict | None] = {}
         for r in records:
             unique.setdefault(r.caption, r.geneval)
         self.prompts = sorted(unique)
         self.metadata = [unique[p] for p in self.prompts]
-        if prompts_per_epoch > len(self.prompts):
-            raise UserError(f"data: prompts_per_epoch = {prompts_per_epoch} but the data has only "
+        world = engine.world_size if engine else 1
+        if prompts_per_unit > len(self.prompts):
+            raise UserError(f"data: {prompts_per_unit} prompts per epoch but the data has only "
                             f"{len(self.prompts)} distinct prompts")
-        if (prompts_per_epoch * group_size) % world.world_size:
-            raise UserError(f"method: prompts_per_epoch x group_size = {prompts_per_epoch * group_size} does not "
-                            f"divide over {world.world_size} ranks")
-        self.m, self.k, self.world, self.seed, self.epoch = prompts_per_epoch, group_size, world, seed, 0
+        if (prompts_per_unit * group_size) % world:
+            raise UserError(f"method: {prompts_per_unit} prompts x group size {group_size} = "
+                            f"{prompts_per_unit * group_size} samples do not divide over {world} processes")
+        self.m, self.k, self.engine, self.seed = prompts_per_unit, group_size, engine, seed
 
-    def next(self) -> tuple[list[int], list[str], list[dict | None]]:
-        """(group ids, prompts, metadata) of this rank's share of the epoch's m x k samples."""
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1
+    @property
+    def n(self) -> int:
+        return self.m * self.k
+
+    def unit_prompts(self, unit: int) -> list[int]:
+        """The prompt index of every global sample of the unit."""
+        rng = random.Random(key_seed(self.seed, unit, "prompts"))
         chosen = rng.sample(range(len(self.prompts)), self.m)
-        groups = [g for g in chosen for _ in range(self.k)]
-        share = len(groups) // self.world.world_size
-        mine = groups[self.world.rank * share:(self.world.rank + 1) * share]
-        return mine, [self.prompts[g] for g in mine], [self.metadata[g] for g in mine]
+        return [g for g in chosen for _ in range(self.k)]
+
+    def next(self, ctx) -> "PromptShare":
+        prompts = self.unit_prompts(ctx.unit)
+        ctx.meter.add_prompts(self.prompts[p] for p in prompts)
+        W, r = (self.engine.world_size, self.engine.rank) if self.engine else (1, 0)
+        share = self.n // W
+        ids = list(range(r * share, (r + 1) * share))
+        return PromptShare(ids=ids, groups=[i // self.k for i in ids], prompts=[self.prompts[prompts[i]] for i in ids],
+                           metadata=[self.metadata[prompts[i]] for i in ids])
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class PromptShare:
+    ids: list[int]  # global sample indices within the unit
+    groups: list[int]  # group (prompt occurrence) of each sample
+    prompts: list[str]
+    metadata: list[dict | None]

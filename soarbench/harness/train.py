@@ -1,67 +1,54 @@
-"""`soarbench train`: one method, one budget, one run folder.
+"""`soarbench train`: one method, one budget, one run folder; the one loop every method runs under.
 
     soarbench train --config benchmarks/shapes/soar.toml --out runs/soar
-    torchrun --nproc_per_node 8 -m soarbench train --config sd35m_soar.toml --out runs/soar   # 8 GPUs
+    accelerate launch --config_file configs/accelerate/zero2.yaml -m soarbench train --config cfg.toml --out runs/x
+    torchrun --nproc_per_node 8 -m soarbench train --config sd35m_soar.toml --out runs/soar
 
-RUN_DIR gets config.toml (resolved), run.json, train_log.jsonl (one line per optimizer step, with the budget
-counters), checkpoints/step_N/ (resumable with --resume) and evals/step_N/<benchmark>/ at the configured budget
-fractions.
+RUN_DIR gets config.toml (resolved), run.json (method, version, engine, global batch), train_log.jsonl (one line
+per optimizer step with the budget counters), tb/ (TensorBoard events), checkpoints/step_N/ (diffusers layout,
+resumable with --resume) and evals/step_N/<benchmark>/ at the configured budget fractions.
+
+The loop knows methods only through their contract (soarbench/methods/base.py): per unit of work it calls
+collect, then for each optimizer step of `updates` it backpropagates every micro-batch's loss sum scaled by
+processes x accumulation / (the step's global weight), so the engine's averaging yields the pooled mean over the
+global batch. It counts nothing itself: the meter inside the model adapter and the reward functions does.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from soarbench import config as C
 from soarbench.errors import UserError
-from soarbench.harness.budget import Budget, Counters, StepCost
-from soarbench.harness.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from soarbench.harness.data import PromptSampler, TrainData, ensure_generated, read_records
-from soarbench.harness.distributed import World, init_world, rank_seed
+from soarbench.harness.budget import Budget, Counters, Schedule, UnitCost
+from soarbench.harness.checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state
+from soarbench.harness.data import ImageData, PromptData, ensure_generated, read_records
+from soarbench.harness.engine import Engine
+from soarbench.harness.meter import Meter
 from soarbench.io import append_jsonl, atomic_write_json, atomic_write_text
 from soarbench.methods import build_method
-from soarbench.methods.base import StepContext
+from soarbench.methods.base import Ctx, RunShape
+from soarbench.models.roles import Roles
 from soarbench.models.sd3 import SD3Adapter, TRAINABLE_COMPONENTS
 
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "seed": 0, "batch_size": 8, "lr": 2e-5, "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8,
-    "grad_clip": 1.0, "warmup_steps": 0, "mixed_precision": "no", "gradient_checkpointing": False,
-    "allow_tf32": True, "components": ["transformer"], "device": "auto", "threads": 0, "checkpoint_every": 0,
+    "seed": 0, "batch_size": 8, "gradient_accumulation_steps": 1, "global_batch_size": 0, "lr": 2e-5,
+    "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0, "warmup_steps": 0,
+    "mixed_precision": "no", "gradient_checkpointing": False, "allow_tf32": True, "components": ["transformer"],
+    "device": "auto", "threads": 0, "checkpoint_every": 0, "nonfinite": "stop", "check_replicas": False,
 }
-
-
-class Schedule:
-    """When to stop and when to evaluate, both read off the budget actually spent.
-
-    A run continues while the next unit of work (a step, or an online method's epoch) still fits, using the
-    config's per-unit cost (an upper bound where samples can be dropped, so Flow-GRPO spends what its dropped
-    groups saved on further epochs). Evaluations fall where the spent budget first reaches 1/points .. 1 of the
-    amount, so methods with different step costs are compared at the same budget fractions, and at the end.
-    """
-
-    def __init__(self, budget: Budget, cost: StepCost, points: int):
-        self.budget, self.points = budget, max(int(points), 0)
-        self.per_unit = cost.value(budget.unit, budget.no_grad_fraction)
-
-    def more(self, counters: Counters) -> bool:
-        spent = counters.value(self.budget.unit)
-        if math.isnan(self.per_unit):
-            return spent < self.budget.amount
-        return spent + self.per_unit <= self.budget.amount * (1 + 1e-9)
-
-    def thresholds_passed(self, spent: float) -> int:
-        return sum(spent >= self.budget.amount * k / self.points * (1 - 1e-9) for k in range(1, self.points + 1))
+LOG_DEFAULTS: dict[str, Any] = {"tensorboard": True, "wandb": False, "wandb_project": "soarbench", "every": 10}
+STATE_FILE = "trainer_state.pt"
 
 
 def resolve_config(cfg: dict) -> dict:
-    cfg = C.deep_merge({"train": TRAIN_DEFAULTS}, cfg)
+    cfg = C.deep_merge({"train": TRAIN_DEFAULTS, "log": LOG_DEFAULTS}, cfg)
     C.require(cfg, "model.path")
     C.require(cfg, "data.jsonl")
     C.require(cfg, "method.name")
@@ -69,218 +56,320 @@ def resolve_config(cfg: dict) -> dict:
     bad = [c for c in cfg["train"]["components"] if c not in TRAINABLE_COMPONENTS]
     if bad:
         raise UserError(f"config: train.components has unknown '{bad[0]}' (valid: {', '.join(TRAINABLE_COMPONENTS)})")
+    if cfg["train"]["nonfinite"] not in ("stop", "skip"):
+        raise UserError(f"config: train.nonfinite must be stop or skip, got '{cfg['train']['nonfinite']}'")
+    ecfg = cfg.get("eval", {})
+    if ecfg.get("benchmark"):
+        from soarbench.benchmarks import BENCHMARKS
+
+        BENCHMARKS.check(ecfg["benchmark"])  # before any work, not a quarter of the way into the budget
     return cfg
+
+
+def accumulation_steps(tcfg: dict, world_size: int) -> int:
+    """train.gradient_accumulation_steps, or derived from train.global_batch_size (the same config then runs on any
+    number of processes and follows the same trajectory)."""
+    b, acc, glob = int(tcfg["batch_size"]), int(tcfg["gradient_accumulation_steps"]), int(tcfg["global_batch_size"])
+    if b < 1 or acc < 1:
+        raise UserError("config: train.batch_size and train.gradient_accumulation_steps must be >= 1")
+    if glob:
+        if glob % (b * world_size):
+            raise UserError(f"config: train.global_batch_size = {glob} is not a multiple of batch_size {b} x "
+                            f"{world_size} process(es)")
+        return glob // (b * world_size)
+    return acc
+
+
+class Run:
+    """Everything one training run holds; `train()` builds it and drives the loop."""
+
+    def __init__(self, cfg: dict, out_dir: Path, resume: bool, log, progress):
+        self.cfg, self.out_dir, self.log, self.progress = cfg, Path(out_dir), log, progress
+        tcfg, mcfg, dcfg = cfg["train"], dict(cfg["method"]), cfg["data"]
+        self.method_name = mcfg.pop("name")
+        self.method = build_method(self.method_name, mcfg)
+        self.budget = Budget.from_config(cfg["budget"])
+        if tcfg["threads"]:
+            torch.set_num_threads(int(tcfg["threads"]))
+        self.engine = Engine(tcfg["device"], tcfg["mixed_precision"])
+        engine = self.engine
+        if engine.device.type == "cuda" and tcfg["allow_tf32"]:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.shape = RunShape(engine.world_size, accumulation_steps(tcfg, engine.world_size), int(tcfg["batch_size"]))
+        self.cost: UnitCost = self.method.plan(self.shape)
+        units = self.budget.steps_affordable(self.cost)  # refuses a budget below one unit of work
+        self.total_steps = None if units is None else units * self.cost.optimizer_steps
+        if not resume and (self.out_dir / "train_log.jsonl").exists():
+            raise UserError(f"{self.out_dir}: already holds a run (train_log.jsonl); pass --resume to continue it "
+                            f"or choose another --out")
+        if resume:
+            _refuse_changed_config(self.out_dir, cfg)
+        ensure_generated(dcfg, engine)
+        records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))  # bad data fails before anything is written
+        if engine.is_main:
+            log(self.budget.arithmetic(self.cost, engine.world_size, self.shape.accumulation))
+
+        components = tuple(tcfg["components"])
+        if engine.distributed and any(c != "transformer" for c in components):
+            raise UserError("config: training text encoders (train.components) is supported in single-process runs "
+                            "only (the shapes base recipe); multi-process runs train the transformer")
+        self.adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=engine.device, dtype=torch.float32,
+                                                  max_sequence_length=cfg["model"].get("max_sequence_length"))
+        if tcfg["gradient_checkpointing"]:
+            self.adapter.transformer.enable_gradient_checkpointing()
+        self.meter = Meter()
+        self.adapter.meter = self.meter
+        self.roles = Roles(self.adapter)
+        self.ctx = Ctx(adapter=self.adapter, roles=self.roles, engine=engine, meter=self.meter,
+                       sigmas=_grid(self.adapter, engine.device), seed=int(tcfg["seed"]), shape=self.shape,
+                       components=components)
+        groups = self.method.setup(self.ctx)
+        self.params = [p for g in groups for p in g.params]
+        engine.broadcast_parameters(self.params)  # fresh weights (LoRA, heads) start equal on every process
+        lr = float(tcfg["lr"])
+        self.optimizer = torch.optim.AdamW(
+            [{"params": g.params, "lr": lr if g.lr is None else float(g.lr)} for g in groups],
+            lr=lr, betas=tuple(tcfg["betas"]), weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
+        warmup = int(tcfg["warmup_steps"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        net, self.optimizer = engine.prepare(self.roles.base, self.optimizer, self.cost.micro_batches,
+                                             self.shape.batch_size)
+        self.roles.net = net
+        self.adapter.net = net
+        train_text = any(c.startswith("text_encoder") for c in components)
+        if self.method.source == "images":
+            self.data = ImageData(records, self.adapter, engine, self.shape, int(tcfg["seed"]),
+                                  random_flip=bool(dcfg.get("random_flip", False)), train_text=train_text,
+                                  caption_dropout=float(dcfg.get("caption_dropout", 0.0)),
+                                  text_cache=str(dcfg.get("text_cache", "auto")))
+        else:
+            k = int(getattr(self.method, "group_size", 1))
+            self.data = PromptData(records, self.cost.images // k, k, engine, int(tcfg["seed"]))
+        self.counters = Counters(no_grad_fraction=self.budget.no_grad_fraction, devices=engine.world_size)
+        ecfg = cfg.get("eval", {})
+        self.ecfg = ecfg
+        self.schedule = Schedule(self.budget, self.cost, int(ecfg.get("points", 4)) if ecfg.get("benchmark") else 0)
+        self.step, self.unit, self.evals_passed, self.pending_eval = 0, 0, 0, None
+        self.base_model = Path(cfg["model"]["path"])
+        if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
+            self.restore(ckpt)
+            log(f"resumed from {ckpt} at step {self.step}")
+        if resume and engine.is_main:
+            _truncate_log(self.out_dir / "train_log.jsonl", self.step)  # steps past the checkpoint are redone
+        self.writer = None
+        if engine.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.toml", C.dumps_toml(cfg))
+            atomic_write_json(self.out_dir / "run.json", self.run_record())
+            self.writer = _Writers(self.out_dir, cfg)
+
+    # ---- records ---------------------------------------------------------------------------------------------
+    def run_record(self) -> dict:
+        run = self.cfg.get("run", {})
+        return {"run_name": run.get("name", self.method_name), "group": run.get("group", self.method_name),
+                "method": self.method_name, "method_version": self.method.version,
+                "seed": int(self.cfg["train"]["seed"]), "base_model": str(self.cfg["model"]["path"]),
+                "budget": {"unit": self.budget.unit, "amount": self.budget.amount,
+                           "no_grad_fraction": self.budget.no_grad_fraction, "steps": self.total_steps,
+                           "per_step": self.cost.__dict__, "per_unit": self.cost.__dict__},
+                "global_batch": self.cost.samples_per_step, "accumulation": self.shape.accumulation,
+                "world_size": self.engine.world_size, **self.engine.describe()}
+
+    # ---- the loop --------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        engine, method, ctx = self.engine, self.method, self.ctx
+        if self.step == 0 and self.ecfg.get("include_base", False):
+            self.evaluate(0)
+        if self.pending_eval is not None:
+            self.evaluate(self.pending_eval)  # the process died between this checkpoint and its evaluation
+        every = int(self.cfg["train"]["checkpoint_every"])
+        wall_start = time.perf_counter() - self.counters.wall_s
+        while self.schedule.more(self.counters):
+            ctx.unit = self.unit
+            with engine.acc.autocast():  # rollouts sample in the precision training recomputes them
+                buffer = method.collect(ctx, self.data)
+            unit_logs = dict(getattr(buffer, "logs", {}) or {})
+            steps = list(method.updates(ctx, buffer))
+            for j, micros in enumerate(steps):
+                self.optimizer_step(micros, unit_logs, end_of_unit=j == len(steps) - 1)
+                self.counters.wall_s = time.perf_counter() - wall_start
+                self.log_step()
+            self.unit += 1
+            last = not self.schedule.more(self.counters)
+            passed = self.schedule.thresholds_passed(self.counters.value(self.budget.unit))
+            due = passed > self.evals_passed or last
+            if due or (every and self.step % every == 0):
+                t_pause = time.perf_counter()
+                if due:
+                    self.evals_passed = passed
+                    self.pending_eval = self.step if self.ecfg.get("benchmark") else None
+                self.save()
+                if self.pending_eval is not None:
+                    self.evaluate(self.pending_eval)
+                wall_start += time.perf_counter() - t_pause  # checkpoints and evaluation are not training time
+        if engine.is_main:
+            atomic_write_json(self.out_dir / "done.json", {"step": self.step, "budget_spent": self.counters.as_dict()})
+            if self.writer is not None:
+                self.writer.close()
+
+    def optimizer_step(self, micros, unit_logs: dict, end_of_unit: bool) -> None:
+        engine, ctx = self.engine, self.ctx
+        if len(micros) != self.cost.micro_batches:
+            raise RuntimeError(f"{self.method_name}: {len(micros)} micro-batches in an optimizer step, planned "
+                               f"{self.cost.micro_batches} (the engine's accumulation count)")
+        weight = engine.all_reduce_sum(torch.tensor(sum(m.weight for m in micros), dtype=torch.float64,
+                                                    device=engine.device)).item()
+        scale = engine.world_size / max(weight, 1e-12)
+        total = torch.zeros((), dtype=torch.float64, device=engine.device)
+        sums: dict[str, list[float]] = {}
+        for micro in micros:
+            with engine.accumulate():
+                with engine.acc.autocast():
+                    out = self.method.loss(ctx, micro)
+                engine.backward(out.loss * scale)
+            total += out.loss.detach().double()
+            for name, (value, count) in out.logs.items():
+                acc = sums.setdefault(name, [0.0, 0.0])
+                acc[0] += value
+                acc[1] += count
+        names = sorted(sums)
+        packed = engine.all_reduce_sum(torch.tensor([total.item()] + [v for n in names for v in sums[n]],
+                                                    dtype=torch.float64, device=engine.device)).tolist()
+        loss = packed[0] / max(weight, 1e-12)
+        logs = {n: packed[1 + 2 * i] / packed[2 + 2 * i] if packed[2 + 2 * i] else packed[1 + 2 * i]
+                for i, n in enumerate(names)}
+        clip = float(self.cfg["train"]["grad_clip"]) or math.inf
+        grad_norm = engine.clip_grad_norm(self.params, clip)
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        self.step += 1
+        ctx.step = self.step
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        elif self.cfg["train"]["nonfinite"] == "stop":
+            raise UserError(f"step {self.step}: the loss or gradient norm is not finite (loss {loss}, grad norm "
+                            f"{grad_norm}); lower train.lr, or set train.nonfinite = 'skip' to skip such steps")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_update(ctx, self.step, end_of_unit)
+        counts, prompts = self.meter.take()
+        names = sorted(counts)
+        summed = engine.all_reduce_sum(torch.tensor([counts[n] for n in names], dtype=torch.float64,
+                                                    device=engine.device)).tolist()
+        self.counters.add({n: int(round(v)) for n, v in zip(names, summed)})
+        self.counters.optimizer_steps += 1
+        self.counters.add_prompts(p for chunk in engine.all_gather_objects(sorted(prompts)) for p in chunk)
+        self._last = {"step": self.step, "loss": loss, **unit_logs, **logs, "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "skipped": not finite}
+        if self.cfg["train"]["check_replicas"]:
+            engine.check_replicas(self.params, self.step)
+
+    def log_step(self) -> None:
+        row = {**self._last, "budget": self.counters.as_dict()}
+        if self.engine.is_main:
+            append_jsonl(self.out_dir / "train_log.jsonl", row)
+            if self.writer is not None:
+                self.writer.scalars(row, self.step)
+        if self.progress is not None:
+            self.progress(self.step, self.total_steps)
+
+    # ---- checkpoints and evaluation --------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        state = {"step": self.step, "unit": self.unit, "evals_passed": self.evals_passed,
+                 "pending_eval": self.pending_eval, "scheduler": self.scheduler.state_dict(),
+                 "counters": self.counters.state_dict(), "data": self.data.state_dict(),
+                 "roles": self.roles.state_dict(), "method": self.method.state_dict(),
+                 "world_size": self.engine.world_size, "accumulation": self.shape.accumulation}
+        if not self.engine.shards_parameters:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def save(self) -> Path:
+        engine = self.engine
+        state = self.trainer_state()
+        modules = self.method.export(self.ctx)
+        final = checkpoint_dir(self.out_dir, self.step)
+        if engine.shards_parameters:  # ZeRO-3 / FSDP: the optimizer's shards are saved by accelerate
+            engine.acc.save_state(str(final.with_name(final.name + ".engine")))
+        if engine.is_main:
+            from soarbench.harness.checkpoint import save_checkpoint
+
+            save_checkpoint(self.out_dir, self.step, self.adapter, list(modules), self.base_model, state,
+                            {"step": self.step, "method": self.method_name, "method_version": self.method.version,
+                             "run_name": self.cfg.get("run", {}).get("name")}, modules)
+            if self.roles.use_lora:
+                _save_lora_diffusers(self.roles, final / "lora")
+        engine.barrier()
+        return final
+
+    def restore(self, ckpt: Path) -> None:
+        state = load_trainer_state(ckpt)
+        if (state["world_size"] * state.get("accumulation", 1)) != self.shape.slots:
+            raise UserError(f"{ckpt}: saved with {state['world_size']} process(es) x {state.get('accumulation', 1)} "
+                            f"accumulation slots, resumed with {self.shape.slots} slots (keep the global batch's "
+                            f"layout, or set train.global_batch_size)")
+        if not self.roles.use_lora:
+            for name in self.ctx.components:  # the trained weights, from the checkpoint's own components
+                module = getattr(self.adapter.pipe, name)
+                loaded = type(module).from_pretrained(ckpt / name, dtype=torch.float32, local_files_only=True)
+                with torch.no_grad():
+                    module.load_state_dict(loaded.state_dict())
+        self.roles.load_state_dict(state["roles"])  # LoRA, EMA, live weights under an EMA, copies, extra modules
+        self.method.load_state_dict(state["method"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.engine.acc.load_state(str(ckpt.with_name(ckpt.name + ".engine")))
+        self.scheduler.load_state_dict(state["scheduler"])
+        restored = Counters.from_state(state["counters"])
+        self.counters.__dict__.update(restored.__dict__)
+        self.data.load_state_dict(state["data"])
+        self.step, self.unit = int(state["step"]), int(state["unit"])
+        self.ctx.step = self.step
+        self.evals_passed, self.pending_eval = int(state["evals_passed"]), state.get("pending_eval")
+        if self.pending_eval is not None and _eval_done(self.cfg, self.out_dir, self.pending_eval):
+            self.pending_eval = None
+
+    def evaluate(self, step: int) -> None:
+        """Every process evaluates its share of the benchmark with the weights the method evaluates."""
+        from soarbench.benchmarks import build_benchmark
+        from soarbench.evaluate import evaluate
+
+        ecfg = self.ecfg
+        bench = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))
+        folder = self.out_dir / "evals" / f"step_{step:06d}" / bench.name
+        info = model_info(self.cfg, self.method_name if step else "base", step, self.counters,
+                          self.out_dir / "checkpoints" / f"step_{step:06d}")
+        precision = ecfg.get("precision", "auto")
+        if precision == "auto":
+            precision = {"no": "fp32"}.get(self.cfg["train"]["mixed_precision"], self.cfg["train"]["mixed_precision"])
+        with self.meter.paused(), (self.method.eval_weights(self.ctx) if step else contextlib.nullcontext()):
+            summary = evaluate(self.adapter, bench, folder, seed=int(ecfg.get("seed", 0)),
+                               batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=self.cfg,
+                               num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"),
+                               metric_names=ecfg.get("metrics") or None, precision=precision, engine=self.engine)
+        self.pending_eval = None
+        if summary is not None and self.engine.is_main:
+            main = next(iter(summary["scores"].items()))
+            self.log(f"eval step {step}: {main[0]} = {main[1]:.4f}")
+            if self.writer is not None:
+                self.writer.eval(summary, folder, step)
 
 
 def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=None) -> Path:
     cfg = resolve_config(cfg)
-    out_dir = Path(out_dir)
-    tcfg, mcfg, dcfg = cfg["train"], dict(cfg["method"]), cfg["data"]
-    method_name = mcfg.pop("name")
-    method = build_method(method_name, mcfg)
-    budget = Budget.from_config(cfg["budget"])
-
-    if tcfg["threads"]:
-        torch.set_num_threads(int(tcfg["threads"]))
-    world = init_world(tcfg["device"])
-    if world.device.type == "cuda" and tcfg["allow_tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    seed = int(tcfg["seed"])
-    torch.manual_seed(rank_seed(seed, world))
-    random.seed(rank_seed(seed, world))
-    np.random.seed(rank_seed(seed, world) % 2**32)
-
-    ensure_generated(dcfg, world)
-    records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))  # bad data fails before anything is written
-    online = getattr(method, "online", False)
-    if online:
-        cost = method.cost(world.world_size)
-        prompts = PromptSampler(records, method.m, method.k, world, seed)
-        per_rank = method.m * method.k // world.world_size
-    else:
-        cost = method.step_cost(int(tcfg["batch_size"]), world.world_size)
-        per_rank = int(tcfg["batch_size"])
-    # online methods buy whole epochs (each of `cost.optimizer_steps` optimizer steps)
-    total_units = budget.steps_affordable(cost)  # refuses a budget below one unit of work
-    total_steps = None if online or total_units is None else total_units * cost.optimizer_steps
-    if world.is_main:
-        log(budget.arithmetic(cost, world.world_size, per_rank))
-
-    adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=world.device, dtype=torch.float32,
-                                         max_sequence_length=cfg["model"].get("max_sequence_length"))
-    if tcfg["gradient_checkpointing"]:
-        adapter.transformer.enable_gradient_checkpointing()
-    if online:
-        components = ["transformer"]
-        params = method.setup(adapter, world.device)
-        data = prompts
-    else:
-        components = list(tcfg["components"])
-        params = []
-        for name in components:
-            module = getattr(adapter.pipe, name)
-            module.requires_grad_(True).train()
-            params += [p for p in module.parameters() if p.requires_grad]
-        train_text = any(c.startswith("text_encoder") for c in components)
-        data = TrainData(records, adapter, world, int(tcfg["batch_size"]), seed,
-                         random_flip=bool(dcfg.get("random_flip", False)), train_text=train_text)
-    world.broadcast_(params)  # identical replicas from the first step (e.g. LoRA's random init)
-    optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), betas=tuple(tcfg["betas"]),
-                                  weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
-    warmup = int(tcfg["warmup_steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    generator = torch.Generator(device=world.device).manual_seed(rank_seed(seed, world))
-    counters = Counters(no_grad_fraction=budget.no_grad_fraction)
-    ctx = StepContext(adapter=adapter, generator=generator, sigmas=_grid(adapter, world.device),
-                      world_size=world.world_size, all_reduce_sum=world.all_reduce_sum)
-    ecfg = cfg.get("eval", {})
-    schedule = Schedule(budget, cost, int(ecfg.get("points", 4)) if ecfg.get("benchmark") else 0)
-    base_model = Path(cfg["model"]["path"]).resolve()
-
-    step = 0
-    if not resume and out_dir.joinpath("train_log.jsonl").exists():
-        raise UserError(f"{out_dir}: already holds a run (train_log.jsonl); pass --resume to continue it or "
-                        f"choose another --out")
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        step = _restore(ckpt, adapter, components, optimizer, scheduler, counters, data, generator, world,
-                        method if online else None)
-        log(f"resumed from {ckpt} at step {step}")
-    if resume and world.is_main:
-        _truncate_log(out_dir / "train_log.jsonl", step)  # steps past the checkpoint are about to be redone
-    if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.toml", C.dumps_toml(cfg))
-        atomic_write_json(out_dir / "run.json", run_record(cfg, method_name, budget, cost, total_steps, world))
-        if step == 0 and ecfg.get("include_base", False):
-            _evaluate(cfg, adapter, out_dir, 0, counters, method_name, log)
-        if step and _eval_done(cfg, out_dir, step) is False:
-            _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)  # interrupted during its eval
-
-    autocast = _autocast(tcfg["mixed_precision"], world.device)
-    wall_start = time.perf_counter() - counters.wall_s
-    every = int(tcfg["checkpoint_every"])
-
-    def optimizer_step() -> float | None:
-        world.average_gradients(params)
-        norm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["grad_clip"])) if tcfg["grad_clip"] else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm) if norm is not None else None
-
-    def count(fwd_bwd: int = 0, no_grad_fwd: int = 0, images: int = 0, reward_calls: int = 0) -> None:
-        packed = world.all_reduce_sum(torch.tensor([fwd_bwd, no_grad_fwd, images, reward_calls], device=world.device))
-        counters.fwd_bwd += int(packed[0])
-        counters.no_grad_fwd += int(packed[1])
-        counters.images += int(packed[2])
-        counters.reward_calls += int(packed[3])
-
-    def end_of_step(logs: dict, loss: torch.Tensor, grad_norm: float | None, boundary: bool = True) -> None:
-        nonlocal wall_start
-        counters.optimizer_steps += 1
-        counters.wall_s = time.perf_counter() - wall_start
-        # loss is this rank's share of the pooled objective times world size (see methods/base.py)
-        loss_value = world.all_reduce_sum(loss.detach().float()).item() / world.world_size
-        if world.is_main:
-            append_jsonl(out_dir / "train_log.jsonl", {
-                "step": step, "loss": loss_value, **{k: float(v) for k, v in logs.items()},
-                "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "budget": counters.as_dict()})
-        if progress is not None:
-            progress(step, total_steps)
-        nonlocal evals_passed
-        last = not schedule.more(counters)
-        passed = schedule.thresholds_passed(counters.value(budget.unit))
-        due = boundary and (passed > evals_passed or last)
-        if due:
-            evals_passed = passed
-        if boundary and (due or (every and step % every == 0)):
-            t_pause = time.perf_counter()
-            _check_replicas(world, params, step)
-            state = _trainer_state(step, optimizer, scheduler, counters, data, generator, world,
-                                   method if online else None)
-            if world.is_main:
-                modules = {"transformer": method.export_transformer()} if online else None
-                save_checkpoint(out_dir, step, adapter, components, base_model, state,
-                                {"step": step, "method": method_name, "run_name": cfg.get("run", {}).get("name")},
-                                modules)
-                if ecfg.get("benchmark") and due:
-                    with (method.eval_weights() if online else contextlib.nullcontext()):
-                        _evaluate(cfg, adapter, out_dir, step, counters, method_name, log)
-            world.barrier()
-            wall_start += time.perf_counter() - t_pause  # checkpoints and evaluation are not training time
-
-    evals_passed = schedule.thresholds_passed(counters.value(budget.unit))
-    while schedule.more(counters):
-        if online:
-            group_ids, texts, metadata = data.next()
-            counters.add_prompts(sorted({t for chunk in world.all_gather_objects(texts) for t in chunk}))
-            with autocast:  # the rollout's log-probs must be computed in the precision training recomputes them
-                epoch = method.collect(ctx, group_ids, texts, metadata, world.all_gather_objects)
-            count(no_grad_fwd=epoch.no_grad_fwd, images=epoch.images, reward_calls=epoch.reward_calls)
-            kept = torch.nonzero(epoch.keep).flatten()
-            parts = torch.tensor_split(kept, cost.optimizer_steps) if len(kept) else [kept] * cost.optimizer_steps
-            for part in parts:
-                step += 1
-                total = torch.zeros((), device=world.device)
-                logs: dict = dict(epoch.logs)
-                micro = method.micro or max(len(part), 1)
-                chunks = [part[i:i + micro] for i in range(0, len(part), micro)]
-                n_terms = max(len(chunks) * epoch.steps.shape[1], 1)
-                for chunk in chunks:
-                    for column in range(epoch.steps.shape[1]):
-                        with autocast:
-                            out = method.loss(ctx, epoch, chunk, column)
-                        (out.loss / n_terms).backward()
-                        total += out.loss.detach() / n_terms
-                        count(fwd_bwd=out.fwd_bwd, no_grad_fwd=out.no_grad_fwd)
-                        for k_, v_ in out.logs.items():
-                            logs[k_] = logs.get(k_, 0.0) + v_ / n_terms
-                # every rank steps, or none: a rank whose groups all tied contributes zero gradients
-                anyone = world.all_reduce_sum(torch.tensor(len(part), device=world.device)).item() > 0
-                grad_norm = optimizer_step() if anyone else None
-                if not anyone:
-                    optimizer.zero_grad(set_to_none=True)  # every group tied everywhere: nothing to learn
-                if method.ema is not None:
-                    method.ema.step(counters.optimizer_steps)
-                end_of_step(logs, total, grad_norm, boundary=(part is parts[-1]))
-            continue
-        step += 1
-        batch = data.next_batch()
-        with autocast:
-            out = method.loss(ctx, batch)
-        out.loss.backward()
-        grad_norm = optimizer_step()
-        count(fwd_bwd=out.fwd_bwd, no_grad_fwd=out.no_grad_fwd)
-        counters.add_prompts(data.last_global_captions)
-        end_of_step(out.logs, out.loss, grad_norm)
-    if world.is_main:
-        atomic_write_json(out_dir / "done.json", {"step": step, "budget_spent": counters.as_dict()})
-    return out_dir
+    run = Run(cfg, out_dir, resume, log, progress)
+    run.run()
+    return Path(out_dir)
 
 
+# ---- helpers ---------------------------------------------------------------------------------------------------
 def _grid(adapter: SD3Adapter, device) -> torch.Tensor:
     from soarbench.flow import training_sigmas
 
     sc = adapter.scheduler_config
     return training_sigmas(float(sc.get("shift", 3.0)), int(sc.get("num_train_timesteps", 1000))).to(device)
-
-
-def _autocast(mode: str, device: torch.device):
-    if mode in ("no", "fp32", None):
-        return contextlib.nullcontext()
-    if mode not in ("bf16", "fp16"):
-        raise UserError(f"config: train.mixed_precision must be no, bf16 or fp16, got '{mode}'")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
-
-
-def run_record(cfg: dict, method: str, budget: Budget, cost: StepCost, steps: int | None, world: World) -> dict:
-    run = cfg.get("run", {})
-    return {"run_name": run.get("name", method), "group": run.get("group", method), "method": method,
-            "seed": int(cfg["train"]["seed"]), "base_model": str(cfg["model"]["path"]),
-            "budget": {"unit": budget.unit, "amount": budget.amount, "no_grad_fraction": budget.no_grad_fraction,
-                       "steps": steps, "per_step": cost.__dict__},
-            "world_size": world.world_size}
 
 
 def model_info(cfg: dict, method: str, step: int, counters: Counters, path: Path) -> dict:
@@ -291,29 +380,46 @@ def model_info(cfg: dict, method: str, step: int, counters: Counters, path: Path
             "label": "base" if method == "base" else f"{group}@{step}"}
 
 
-def _evaluate(cfg: dict, adapter: SD3Adapter, out_dir: Path, step: int, counters: Counters, method: str, log) -> None:
-    from soarbench.benchmarks import build_benchmark
-    from soarbench.evaluate import evaluate
-
-    ecfg = cfg["eval"]
-    bench = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))
-    folder = out_dir / "evals" / f"step_{step:06d}" / bench.name
-    info = model_info(cfg, method if step else "base", step, counters, out_dir / "checkpoints" / f"step_{step:06d}")
-    summary = evaluate(adapter, bench, folder, seed=int(ecfg.get("seed", 0)), batch_size=int(ecfg.get("batch_size", 64)),
-                       model_info=info, config=cfg, num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"))
-    main = next(iter(summary["scores"].items()))
-    log(f"eval step {step}: {main[0]} = {main[1]:.4f}")
+def _eval_done(cfg: dict, out_dir: Path, step: int) -> bool:
+    folder = Path(out_dir) / "evals" / f"step_{step:06d}"
+    return folder.is_dir() and any(folder.glob("*/summary.json"))
 
 
-def _eval_done(cfg: dict, out_dir: Path, step: int) -> bool | None:
-    """None: no eval was started at this step; False: one was started and not finished; True: finished."""
-    ecfg = cfg.get("eval", {})
-    if not ecfg.get("benchmark"):
-        return None
-    folder = out_dir / "evals" / f"step_{step:06d}"
-    if not folder.is_dir():
-        return None
-    return any(folder.glob("*/summary.json"))
+# what may differ between a run and its resumption: where it runs and how it reports, never what it computes
+_RESUME_MAY_CHANGE = ("train.device", "train.threads", "train.checkpoint_every", "log.", "eval.batch_size",
+                      "budget.amount")
+
+
+def _refuse_changed_config(out_dir: Path, cfg: dict) -> None:
+    """--resume continues the recorded run: a changed option would silently train with the old value."""
+    path = Path(out_dir) / "config.toml"
+    if not path.is_file():
+        return
+    old = C.load_toml(path)
+    for key, (before, after) in _diff(old, json.loads(json.dumps(cfg, default=str))).items():
+        if not any(key == k or key.startswith(k) for k in _RESUME_MAY_CHANGE):
+            raise UserError(f"--resume: {key} was {before!r} in {path} and is {after!r} now; resume with the recorded "
+                            f"config, or start a new run folder")
+
+
+def _diff(a, b, prefix="") -> dict:
+    out = {}
+    for key in sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else []:
+        va, vb = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update(_diff(va, vb, name + "."))
+        elif _norm(va) != _norm(vb):
+            out[name] = (va, vb)
+    return out
+
+
+def _norm(v):
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return "" if v is None else v
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -326,69 +432,74 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _step_of(line: str) -> int | None:
-    import json
-
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
 
 
-def _check_replicas(world: World, params, step: int) -> None:
-    """Every rank must hold the same weights after averaged updates; a divergence is a harness bug, caught at
-    each checkpoint rather than discovered in the results."""
-    if not world.distributed:
-        return
-    with torch.no_grad():
-        checksum = float(sum(p.detach().double().sum().item() for p in params))
-    sums = world.all_gather_objects(checksum)
-    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
-        raise RuntimeError(f"step {step}: the ranks' weights diverged (parameter sums {sums})")
+def _save_lora_diffusers(roles: Roles, folder: Path) -> None:
+    """The (EMA) LoRA in diffusers' layout: `pipe.load_lora_weights(folder)` loads it onto the base pipeline."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+
+    from soarbench.rl import lora as L
+
+    with roles.ema_weights():
+        state = get_peft_model_state_dict(L.peft_model(roles.base))
+        state = {k.removeprefix("base_model.model."): v.detach().cpu().clone() for k, v in state.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=state)
 
 
-def _trainer_state(step, optimizer, scheduler, counters, data, generator, world, method=None) -> dict:
-    rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if isinstance(data, TrainData):
-        rng.update(pixel_rng=data.pixel_rng.getstate(), latent_gen=data.latent_gen.get_state())
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "counters": counters.state_dict(), "rank_rng": world.all_gather_objects(rng),
-             "world_size": world.world_size}
-    if isinstance(data, TrainData):
-        state["sampler"] = data.sampler.state_dict()
-    else:
-        state["prompt_epoch"] = data.epoch
-    if method is not None:
-        state["method"] = method.state_dict()
-    return state
+class _Writers:
+    """TensorBoard (default) and Weights & Biases (log.wandb) beside the JSONL log, on the main process."""
 
+    def __init__(self, out_dir: Path, cfg: dict):
+        lcfg = cfg.get("log", {})
+        self.tb = self.wandb = None
+        if lcfg.get("tensorboard", True):
+            from torch.utils.tensorboard import SummaryWriter
 
-def _restore(ckpt: Path, adapter, components, optimizer, scheduler, counters, data, generator, world,
-             method=None) -> int:
-    state = load_trainer_state(ckpt)
-    if state["world_size"] != world.world_size:
-        raise UserError(f"{ckpt}: saved with {state['world_size']} ranks, resumed with {world.world_size}")
-    if method is not None:
-        method.load_state_dict(state["method"])  # the checkpoint's transformer is the merged EMA export
-    else:
-        for name in components:
-            module = getattr(adapter.pipe, name)
-            loaded = type(module).from_pretrained(ckpt / name, dtype=torch.float32, local_files_only=True)
-            module.load_state_dict(loaded.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    restored = Counters.from_state(state["counters"])
-    counters.__dict__.update(restored.__dict__)
-    mine = state["rank_rng"][world.rank]
-    generator.set_state(mine["generator"])
-    torch.set_rng_state(mine["torch"])
-    if isinstance(data, TrainData):
-        data.sampler.load_state_dict(state["sampler"])
-        data.pixel_rng.setstate(_tupleize(mine["pixel_rng"]))
-        data.latent_gen.set_state(mine["latent_gen"])
-    else:
-        data.epoch = int(state["prompt_epoch"])
-    return int(state["step"])
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tb"))
+        if lcfg.get("wandb", False):
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("config: log.wandb = true but wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=lcfg.get("wandb_project", "soarbench"), dir=str(out_dir),
+                                    name=cfg.get("run", {}).get("name"), config=cfg)
 
+    def scalars(self, row: dict, step: int) -> None:
+        flat = {f"train/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and k != "step"}
+        flat.update({f"budget/{k}": v for k, v in row.get("budget", {}).items()})
+        if self.tb is not None:
+            for k, v in flat.items():
+                if v is not None and math.isfinite(float(v)):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(flat, step=step)
 
-def _tupleize(x):
-    return tuple(_tupleize(v) for v in x) if isinstance(x, (list, tuple)) else x
+    def eval(self, summary: dict, folder: Path, step: int) -> None:
+        scores = {f"eval/{k}": v for k, v in summary["scores"].items() if isinstance(v, (int, float))}
+        if self.tb is not None:
+            for k, v in scores.items():
+                self.tb.add_scalar(k, v, step)
+            images = sorted((folder / "images").glob("*.png"))[:16]
+            if images:
+                import numpy as np
+                from PIL import Image
+
+                arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
+                self.tb.add_images("eval/samples", arr, step, dataformats="NHWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scores, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

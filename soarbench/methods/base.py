@@ -1,16 +1,35 @@
-"""What a method is: a loss on one micro-batch, plus the number of network passes it spent.
+"""The method contract: all that the training loop (soarbench/harness/train.py) knows about a method.
 
-The harness owns everything else (data, optimizer, budget, checkpoints, distribution). A method reads its
-options from the `[method]` table of the config and returns a LossOutput; `loss` is what the harness backpropagates
-(already normalised so that averaging gradients over ranks gives the pooled objective).
+    class MyMethod(MethodBase):
+        name = "my_method"; source = "images"            # or "prompts"
+        def plan(self, shape) -> UnitCost                # the cost of one unit of work, declared once
+        def setup(self, ctx) -> list[ParamGroup]         # LoRA / full / extra modules, each group its own lr
+        def collect(self, ctx, data) -> buffer           # a data batch, or rollouts + rewards + advantages
+        def updates(self, ctx, buffer) -> Iterator[list[Micro]]   # the micro-batches of each optimizer step
+        def loss(self, ctx, micro) -> LossOutput         # a SUM over the micro-batch's terms
+        def after_update(self, ctx, step, end_of_unit)   # EMA, old-policy soft update, target networks
+        def state_dict / load_state_dict                 # what resume needs beyond the optimizer
+        def export(self, ctx) -> {component: module}     # what a checkpoint saves and evaluation loads
+        def eval_weights(self, ctx) -> context manager   # the weights evaluation samples with
+
+    METHODS.add("my_method", "my_package.my_module:MyMethod")    # registered from anywhere
+
+The loop draws nothing and counts nothing for a method: random draws come from `ctx.generators` keyed by
+(seed, unit, purpose, global sample index), and passes are counted by the meter inside the model adapter and
+the reward functions. Each micro-batch declares its `weight` (how many loss terms it sums) before its loss is
+computed; the loop divides every micro-batch's sum by the global total of one optimizer step, so the objective
+is a pooled mean over the whole global batch however it is split over processes and accumulation slots.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Iterator
 
 import torch
 
+from soarbench.harness.budget import UnitCost
+from soarbench.harness.rng import keyed_generator, keyed_randn
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
 
 
@@ -19,37 +38,136 @@ class Batch:
     z0: torch.Tensor  # clean model latents (B, C, H, W)
     text: TextEmbeddings
     prompts: list[str]
+    ids: list[int] = field(default_factory=list)  # global sample indices within the unit (keys of the draws)
 
 
 @dataclass
-class StepContext:
-    adapter: SD3Adapter
-    generator: torch.Generator  # rank-specific: seed = global_seed * world_size + rank, advanced every step
-    sigmas: torch.Tensor  # the 1000-entry shifted training grid, on the device
-    world_size: int = 1
-    all_reduce_sum: Any = None  # callable(tensor) -> tensor summed over ranks; identity when single-process
-    transformer: Any = None  # the module to call for gradient passes (the adapter's transformer by default)
+class RunShape:
+    """How the global batch of one optimizer step is laid out: processes x accumulation slots x micro-batch."""
 
-    def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.all_reduce_sum(x) if self.all_reduce_sum is not None else x
+    world_size: int = 1
+    accumulation: int = 1
+    batch_size: int = 1  # per micro-batch per process
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.accumulation
+
+    @property
+    def global_batch(self) -> int:
+        return self.slots * self.batch_size
+
+
+@dataclass
+class Micro:
+    data: Any
+    weight: float  # the number of loss terms this micro-batch sums (its share of the pooled mean)
 
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
-    fwd_bwd: int = 0  # sample-level forward+backward passes
-    no_grad_fwd: int = 0  # sample-level forwards without gradient
+    loss: torch.Tensor  # the SUM of this micro-batch's loss terms (differentiable)
+    # name -> (sum, count), summed over micro-batches and processes and logged as sum / count (a count of 0 logs
+    # the global sum itself, e.g. how many auxiliary points a step had)
+    logs: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def pooled_loss(ctx: StepContext, weighted_sum: torch.Tensor, weighted_count: torch.Tensor) -> torch.Tensor:
-    """sum / global count, scaled by world size because the harness averages gradients over ranks."""
-    total = ctx.reduce(weighted_count.detach().clone())
-    return weighted_sum * ctx.world_size / torch.clamp(total, min=1.0)
+@dataclass
+class ParamGroup:
+    params: list[torch.nn.Parameter]
+    lr: float | None = None  # None: train.lr
+    name: str = "policy"
 
 
-def global_mean(ctx: StepContext, local_sum: torch.Tensor, local_count: float) -> float:
-    """An all-ranks mean for logging (the reference under-reported its loss by the world size)."""
-    packed = ctx.reduce(torch.stack([local_sum.detach().float(), torch.tensor(float(local_count),
-                                                                            device=local_sum.device)]))
-    return (packed[0] / packed[1].clamp(min=1)).item()
+@dataclass
+class Ctx:
+    """What a method may use while it runs."""
+
+    adapter: SD3Adapter
+    roles: Any  # soarbench.models.roles.Roles
+    engine: Any  # soarbench.harness.engine.Engine (rank, world_size, all_reduce_sum, all_gather_objects)
+    meter: Any  # soarbench.harness.meter.Meter
+    sigmas: torch.Tensor  # the 1000-entry shifted training grid, on the device
+    seed: int = 0
+    unit: int = 0  # the unit of work being done (a step, or an epoch), 0-based: part of every draw's key
+    step: int = 0  # optimizer steps done so far
+    shape: RunShape = field(default_factory=RunShape)
+    components: tuple[str, ...] = ("transformer",)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    @property
+    def world_size(self) -> int:
+        return self.engine.world_size if self.engine is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.engine.rank if self.engine is not None else 0
+
+    def velocity(self, z, sigma, text, role: str = "policy", guidance: float = 1.0, detach_uncond: bool = False):
+        return self.roles.velocity(z, sigma, text, role=role, guidance=guidance, detach_uncond=detach_uncond)
+
+    def generators(self, ids, purpose: str) -> list[torch.Generator]:
+        """One CPU generator per sample, keyed by (seed, unit, purpose, global sample index)."""
+        return [keyed_generator(self.seed, self.unit, purpose, int(i)) for i in ids]
+
+    def randn(self, shape, ids, purpose: str) -> torch.Tensor:
+        return keyed_randn(shape, [(self.seed, self.unit, purpose, int(i)) for i in ids], device=self.device)
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine.all_reduce_sum(x) if self.engine is not None else x
+
+    def all_gather_objects(self, obj) -> list:
+        return self.engine.all_gather_objects(obj) if self.engine is not None else [obj]
+
+
+class MethodBase:
+    """Defaults for the contract: full fine-tuning of train.components, one micro-batch per slot, no state."""
+
+    name: ClassVar[str] = "method"
+    version: ClassVar[str] = "1"  # recorded with every run; "reconstructed" methods say so here
+    source: ClassVar[str] = "images"
+
+    def plan(self, shape: RunShape) -> UnitCost:
+        raise NotImplementedError
+
+    def setup(self, ctx: Ctx) -> list[ParamGroup]:
+        return [ParamGroup(ctx.roles.full(ctx.components))]
+
+    def collect(self, ctx: Ctx, data) -> Any:
+        return data.next(ctx)
+
+    def updates(self, ctx: Ctx, buffer) -> Iterator[list[Micro]]:
+        yield [Micro(b, float(len(b.prompts))) for b in buffer]
+
+    def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
+        raise NotImplementedError
+
+    def after_update(self, ctx: Ctx, step: int, end_of_unit: bool) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def export(self, ctx: Ctx) -> dict[str, torch.nn.Module]:
+        """component name -> module to save (diffusers layout); the default saves the trained components."""
+        out = {}
+        for name in ctx.components:
+            out[name] = ctx.roles.export_transformer() if name == "transformer" else getattr(ctx.adapter.pipe, name)
+        return out
+
+    def eval_weights(self, ctx: Ctx):
+        return ctx.roles.ema_weights() if ctx.roles is not None else contextlib.nullcontext()
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version}
+
+
+def log_pair(total: torch.Tensor, count: float) -> tuple[float, float]:
+    """A (sum, count) log entry; the loop sums both over micro-batches and ranks."""
+    return float(total.detach().float()), float(count)

@@ -1,29 +1,34 @@
-"""Flow-GRPO (arXiv 2505.05470): online RL with group-relative advantages and a clipped PPO objective.
+"""Flow-GRPO (arXiv 2505.05470; reference code yifan123/flow_grpo): online RL with group-relative advantages and
+a clipped PPO objective.
 
-Per epoch (see shared/specs/flow_grpo.md):
+    soarbench train --config benchmarks/shapes/flow_grpo.toml --out runs/grpo
+
+One unit of work is an epoch:
   1. m prompts, each repeated k times (a group); CFG rollouts with the SDE step (flow_sde with noise level a, or
-     cps; optionally the "Fast" window of SDE steps with ODE elsewhere), per-step log-probs in fp32;
-  2. rewards = weighted sum of raw scores from the metric registry (GenEval: partial credit);
-     A = (r - group mean) / (global std + 1e-4), clipped to +-5; groups whose advantage is 0 are dropped;
-  3. for each kept sample and each trained timestep (the first int(T * 0.99), or the window):
+     cps; optionally the "Fast" window of SDE steps with ODE elsewhere), per-step log-probs in fp32. Every
+     sample's initial and per-step noise is keyed by its global index in the epoch.
+  2. rewards = weighted sum of raw scores from the metric registry (GenEval: partial credit), gathered over all
+     processes; A = (r - group mean) / (global std + 1e-4), clipped to +-5; groups whose advantage is 0 are
+     dropped, then dropped samples are put back (chosen at random) until the kept count is a multiple of
+     optimizer_steps_per_epoch x slots (slots = processes x accumulation), as the reference refills;
+  3. the kept samples, shuffled, split into the epoch's optimizer steps; each step's samples are dealt round-robin
+     over the slots, and every (slot, trained timestep) is one micro-batch:
      ratio = exp(logp_theta - logp_old), loss = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)))
-     + beta * mean((mean_theta - mean_ref)^2) / (2 std^2), the reference being the net with LoRA disabled.
-The harness owns the loop (harness/online.py); this file holds the rollout-to-loss arithmetic.
+     + beta * mean((mean_theta - mean_ref)^2) / (2 std^2), the reference being role "ref" (LoRA disabled).
+A step's gradient is the pooled mean over its samples and timesteps, so it does not depend on how many processes
+share the work (only the refill's multiple does, and only when groups are dropped).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from soarbench.errors import UserError
-from soarbench.harness.budget import StepCost
-from soarbench.methods.base import LossOutput, StepContext
-from soarbench.models.sd3 import TextEmbeddings
-from soarbench.rl import lora as L
-from soarbench.rl.advantages import group_advantages, nonzero_groups
+from soarbench.harness.budget import UnitCost
+from soarbench.harness.rng import keyed_generator
+from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
+from soarbench.rl.advantages import group_advantages, nonzero_groups, refill_to_multiple
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
 from soarbench.rl.rollout import Trajectory, random_window, sde_rollout, step_log_prob_under
@@ -31,22 +36,19 @@ from soarbench.rl.rollout import Trajectory, random_window, sde_rollout, step_lo
 
 @dataclass
 class Epoch:
-    """One epoch's rollouts on this rank, ready for training."""
+    """One epoch's rollouts of ALL processes (gathered), ready for training."""
 
     traj: Trajectory
-    text: TextEmbeddings
-    advantages: torch.Tensor  # (B,)
-    keep: torch.Tensor  # (B,) bool: sample's group has a non-zero advantage
-    steps: torch.Tensor  # (B, K) the trained timestep indices of each sample
-    images: int = 0
-    no_grad_fwd: int = 0
-    reward_calls: int = 0
+    prompts: list[str]
+    advantages: torch.Tensor  # (N,)
+    parts: list[torch.Tensor]  # the sample indices of each optimizer step
+    steps: torch.Tensor  # (N, K) the trained timestep indices of each sample
     logs: dict[str, float] = field(default_factory=dict)
 
 
-class FlowGRPO:
+class FlowGRPO(MethodBase):
     name = "flow_grpo"
-    online = True
+    source = "prompts"
 
     def __init__(self, group_size: int = 4, batch_size: int = 16, num_steps: int = 10, guidance: float = 4.5,
                  sde_type: str = "flow_sde", noise_level: float = 0.7, sde_window: int = 0,
@@ -54,8 +56,8 @@ class FlowGRPO:
                  timestep_fraction: float = 0.99, optimizer_steps_per_epoch: int = 2, cfg_train: bool = True,
                  rewards: dict[str, float] | None = None, reward_options: dict[str, dict] | None = None,
                  lora: bool = True, lora_r: int = 32, lora_alpha: float = 64, ema: bool = True,
-                 ema_decay: float = 0.9, ema_every: int = 8, micro_batch: int = 0, resolution: int = 0):
-        # batch_size = images per epoch over all ranks = (unique prompts per epoch) x group_size
+                 ema_decay: float = 0.9, ema_every: int = 8, resolution: int = 0):
+        # batch_size = images per epoch over all processes = (unique prompts per epoch) x group_size
         if group_size < 2:
             raise UserError(f"[method] group_size must be >= 2 for group-relative advantages, got {group_size}")
         if group_size > batch_size:
@@ -74,149 +76,132 @@ class FlowGRPO:
         self.clip, self.beta, self.global_std, self.adv_clip = float(clip_range), float(beta), bool(global_std), float(adv_clip)
         self.fraction, self.opt_steps, self.cfg_train = float(timestep_fraction), int(optimizer_steps_per_epoch), bool(cfg_train)
         self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
-        self.use_ema, self.ema_decay, self.ema_every, self.micro = bool(ema), float(ema_decay), int(ema_every), int(micro_batch)
+        self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
         self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
         self.reward_fn = RewardFunction.from_config(rewards or {"geneval": 1.0}, reward_options or {})
-        self.model = None  # the peft model (LoRA) or the transformer (full fine-tune)
-        self.reference = None  # a frozen copy for full fine-tuning with beta > 0
-        self.ema: L.EMA | None = None
 
-    # ---- the harness's hooks ---------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        return self.k
+
+    # ---- the contract ---------------------------------------------------------------------------------------
     def trained_steps(self) -> int:
         return self.window if self.window else int(self.T * self.fraction)
 
-    def cost(self, world_size: int) -> StepCost:
-        """One epoch (all ranks): rollouts, rewards, and the gradient passes of its optimizer steps."""
-        n, cfg = self.m * self.k, 2 if self.g != 1.0 else 1
+    def plan(self, shape: RunShape) -> UnitCost:
+        """One epoch (all processes): rollouts, rewards, and the gradient passes of its optimizer steps."""
+        n = self.m * self.k
+        per_step = n // self.opt_steps
+        if per_step % shape.slots:
+            raise UserError(f"[method] each optimizer step trains {per_step} images, which do not deal evenly over "
+                            f"{shape.slots} slots ({shape.world_size} processes x {shape.accumulation} "
+                            f"accumulation): choose batch_size / optimizer_steps_per_epoch divisible by it")
+        cfg = 2 if self.g != 1.0 else 1
         train_cfg = 2 if (self.cfg_train and self.g != 1.0) else 1
-        k = self.trained_steps()
-        ref = n * k * train_cfg if self.beta > 0 else 0
-        return StepCost(images=n, unique_prompts=self.m, no_grad_fwd=n * self.T * cfg + ref,
-                        fwd_bwd=n * k * train_cfg, reward_calls=n * len(self.reward_fn.names),
-                        optimizer_steps=self.opt_steps)
+        K = self.trained_steps()
+        ref = n * K * train_cfg if self.beta > 0 else 0
+        return UnitCost(images=n, unique_prompts=self.m, no_grad_fwd=n * self.T * cfg + ref,
+                        fwd_bwd=n * K * train_cfg, reward_calls=n * len(self.reward_fn.names), vae_decodes=n,
+                        optimizer_steps=self.opt_steps, micro_batches=shape.accumulation * K,
+                        samples_per_step=per_step)
 
-    def setup(self, adapter, device) -> list[torch.nn.Parameter]:
-        """Attach LoRA (or unfreeze the transformer) and return the parameters the optimizer trains."""
-        if self.use_lora:
-            adapter.transformer.requires_grad_(False)
-            self.model = L.add_lora(adapter.transformer, r=self.lora_r, alpha=self.lora_alpha)
-            params = L.lora_parameters(self.model)
-        else:
-            if self.beta > 0:
-                self.reference = copy.deepcopy(adapter.transformer).requires_grad_(False).eval()
-            self.model = adapter.transformer.requires_grad_(True)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-        self.model.train()
+    def setup(self, ctx: Ctx) -> list[ParamGroup]:
+        """LoRA (or the whole transformer), the reference role for the KL, the EMA that evaluation uses."""
+        roles = ctx.roles
+        params = roles.lora(self.lora_r, self.lora_alpha) if self.use_lora else roles.full(("transformer",))
+        if self.beta > 0:
+            roles.add_role("ref")
         if self.use_ema:
-            self.ema = L.EMA(params, decay=self.ema_decay, every=self.ema_every)
-        return params
+            roles.add_ema(params, self.ema_decay, self.ema_every)
+        return [ParamGroup(params)]
 
-    def export_transformer(self):
-        """What a checkpoint saves as its transformer: the EMA weights (what evaluation uses), LoRA merged."""
-        ctx = self.ema.swap() if self.ema is not None else _null()
-        with ctx:
-            return L.merged_copy(self.model) if self.use_lora else copy.deepcopy(self.model)
-
-    def eval_weights(self):
-        return self.ema.swap() if self.ema is not None else _null()
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"ema": self.ema.state_dict() if self.ema is not None else None}
-        state["lora"] = L.lora_state_dict(self.model) if self.use_lora else None
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.use_lora and state.get("lora") is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(L.peft_model(self.model), state["lora"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-
-    # ---- rollouts --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self, ctx: StepContext, group_ids: list[int], prompts: list[str], metadata: list[dict | None],
-                gather) -> Epoch:
+    def collect(self, ctx: Ctx, data) -> Epoch:
+        share = data.next(ctx)
         adapter = ctx.adapter
-        if any(m is None for m in metadata) and "geneval" in self.reward_fn.names:
+        if any(m is None for m in share.metadata) and "geneval" in self.reward_fn.names:
             raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
-        text = adapter.encode_prompts(prompts)
+        text = adapter.encode_prompts(share.prompts)
         shape = adapter.latent_shape(*self._size(adapter))
-        gen = ctx.generator
-        noise = torch.randn((len(prompts), *shape), generator=gen, device=gen.device).to(adapter.device)
-        window = random_window(self.T, self.window, gen) if self.window else None
+        noise = ctx.randn(shape, share.ids, "rollout_noise")
+        window = random_window(self.T, self.window, keyed_generator(ctx.seed, ctx.unit, "window")) \
+            if self.window else None
         was = adapter.transformer.training
         adapter.transformer.eval()
-        traj = sde_rollout(adapter, text, noise, num_steps=self.T, guidance=self.g, variant=self.variant,
-                           noise_level=self.a, sde_window=window, generator=gen)
+        with ctx.roles.use("policy") as net:
+            traj = sde_rollout(adapter, text, noise, num_steps=self.T, guidance=self.g, variant=self.variant,
+                               noise_level=self.a, sde_window=window, transformer=net,
+                               noise_fn=lambda i: ctx.randn(shape, share.ids, f"sde_{i}"))
         adapter.transformer.train(was)
-        from soarbench.evaluate import to_pil
-
-        images = to_pil(adapter.decode(traj.final_latents))
-        rewards, parts = self.reward_fn(images, prompts, metadata)
-        # advantages use every rank's rewards: gather (group id, reward) pairs
-        pairs = [p for chunk in gather(list(zip(group_ids, rewards.tolist()))) for p in chunk]
-        all_groups = [g for g, _ in pairs]
-        adv_all = group_advantages(torch.tensor([r for _, r in pairs]), all_groups, global_std=self.global_std,
-                                   clip=self.adv_clip)
-        keep_all = nonzero_groups(adv_all, all_groups)
-        offset = _rank_offset(gather, len(prompts))
-        adv = adv_all[offset:offset + len(prompts)].to(adapter.device)
-        keep = keep_all[offset:offset + len(prompts)].to(adapter.device)
-        steps = traj.trainable_steps()[:, : self.trained_steps()]
-        cfg = 2 if self.g != 1.0 else 1
-        logs = {"reward_mean": float(torch.tensor([r for _, r in pairs]).mean()),
-                "kept_fraction": float(keep_all.float().mean())}
-        logs.update({f"reward_{n}": float(v.mean()) for n, v in parts.items()})
-        return Epoch(traj=traj, text=text, advantages=adv, keep=keep, steps=steps, images=len(prompts),
-                     no_grad_fwd=len(prompts) * self.T * cfg, reward_calls=len(prompts) * len(self.reward_fn.names),
+        rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
+        ctx.meter.add("reward_calls", len(share.ids) * len(self.reward_fn.names))
+        # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
+        traj = Trajectory(latents=_gather(ctx, traj.latents), log_probs=_gather(ctx, traj.log_probs),
+                          sigmas=traj.sigmas, trainable=_gather(ctx, traj.trainable), variant=traj.variant,
+                          noise_level=traj.noise_level)
+        reward_all = _gather(ctx, rewards.to(ctx.device)).cpu()
+        groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
+        prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
+        adv = group_advantages(reward_all, groups, global_std=self.global_std, clip=self.adv_clip)
+        keep = nonzero_groups(adv, groups)
+        multiple = self.opt_steps * ctx.shape.slots
+        kept = refill_to_multiple(keep, multiple, keyed_generator(ctx.seed, ctx.unit, "refill"))
+        index = torch.nonzero(kept).flatten()
+        order = index[torch.randperm(len(index), generator=keyed_generator(ctx.seed, ctx.unit, "order"))]
+        logs = {"reward_mean": float(reward_all.mean()), "kept_fraction": float(keep.float().mean())}
+        logs.update({f"reward_{n}": float(_gather(ctx, v.to(ctx.device)).mean()) for n, v in parts.items()})
+        return Epoch(traj=traj, prompts=prompts, advantages=adv.to(ctx.device),
+                     parts=list(order.chunk(self.opt_steps)), steps=traj.trainable_steps()[:, : self.trained_steps()],
                      logs=logs)
+
+    def updates(self, ctx: Ctx, epoch: Epoch):
+        S, W, r = ctx.shape.slots, ctx.world_size, ctx.rank
+        K = epoch.steps.shape[1]
+        for part in epoch.parts:
+            micros = []
+            for a in range(ctx.shape.accumulation):
+                idx = part[a * W + r::S].to(ctx.device)
+                text = ctx.adapter.encode_prompts([epoch.prompts[int(i)] for i in idx])
+                micros += [Micro((epoch, idx, text, column), float(len(idx))) for column in range(K)]
+            yield micros
+
+    def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
+        epoch, idx, text, column = micro.data
+        adapter = ctx.adapter
+        traj = epoch.traj.select(idx)
+        j = epoch.steps[idx, column]
+        guidance = self.g if self.cfg_train else 1.0
+        with ctx.roles.use("policy") as net:
+            out = step_log_prob_under(adapter, traj, j, text, guidance, transformer=net)
+        policy = clipped_policy_loss(out.log_prob, traj.log_probs[torch.arange(len(idx)), j],
+                                     epoch.advantages[idx], self.clip)
+        n = len(idx)
+        per_sample = policy.per_sample
+        logs = {"policy_loss": log_pair(per_sample.sum(), n), "approx_kl": log_pair(policy.approx_kl * n, n),
+                "clipfrac": log_pair(policy.clipfrac * n, n)}
+        if self.beta > 0:
+            with torch.no_grad(), ctx.roles.use("ref") as ref_net:
+                ref = step_log_prob_under(adapter, traj, j, text, guidance, transformer=ref_net)
+            kl = kl_to_reference(out.mean, ref.mean, out.kl_std)
+            per_sample = per_sample + self.beta * kl
+            logs["kl"] = log_pair(kl.sum(), n)
+        return LossOutput(loss=per_sample.sum(), logs=logs)
+
+    def after_update(self, ctx: Ctx, step: int, end_of_unit: bool) -> None:
+        if ctx.roles.ema is not None:
+            ctx.roles.ema.step(step - 1)  # 0-based index of the optimizer step just taken
 
     def _size(self, adapter) -> tuple[int, int]:
         size = self.resolution or int(adapter.vae.config.sample_size)
         return size, size
 
-    # ---- the loss on one micro-batch at one trained timestep column --------------------------------------
-    def loss(self, ctx: StepContext, epoch: Epoch, idx: torch.Tensor, column: int) -> LossOutput:
-        adapter = ctx.adapter
-        traj, text = epoch.traj.select(idx), epoch.text[idx]
-        j = epoch.steps[idx, column]
-        guidance = self.g if self.cfg_train else 1.0
-        out = step_log_prob_under(adapter, traj, j, text, guidance)
-        policy = clipped_policy_loss(out.log_prob, traj.log_probs[torch.arange(len(idx)), j],
-                                     epoch.advantages[idx], self.clip)
-        loss = policy.loss
-        n = len(idx)
-        passes = n * (2 if guidance != 1.0 else 1)
-        logs = {"policy_loss": float(policy.loss.detach()), "approx_kl": float(policy.approx_kl),
-                "clipfrac": float(policy.clipfrac)}
-        ref_passes = 0
-        if self.beta > 0:
-            with torch.no_grad():
-                if self.use_lora:
-                    with L.adapters_disabled(self.model):
-                        ref = step_log_prob_under(adapter, traj, j, text, guidance)
-                else:
-                    ref = step_log_prob_under(adapter, traj, j, text, guidance, transformer=self.reference)
-            kl = kl_to_reference(out.mean, ref.mean, out.kl_std).mean()
-            loss = loss + self.beta * kl
-            logs["kl"] = float(kl.detach())
-            ref_passes = passes
-        return LossOutput(loss=loss, logs=logs, fwd_bwd=passes, no_grad_fwd=ref_passes)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _rank_offset(gather, n_local: int) -> int:
-    """Where this rank's samples start in the gathered list (ranks hold equal shares, in rank order)."""
-    sizes = gather(n_local)
+def _gather(ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's equal-sized share along dim 0, in rank order."""
+    if ctx.world_size == 1:
+        return x
     import torch.distributed as dist
 
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    return sum(sizes[:rank])
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)

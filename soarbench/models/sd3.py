@@ -83,6 +83,10 @@ class SD3Adapter:
         self.source = source
         self.checkpoint = checkpoint
         self._null: TextEmbeddings | None = None
+        from soarbench.harness.meter import NULL_METER
+
+        self.meter = NULL_METER  # the training loop installs its meter: passes are counted where they happen
+        self.net = None  # the module velocity() calls by default (the engine-prepared policy); None: the transformer
 
     # ---- loading ---------------------------------------------------------------------------------------
     @classmethod
@@ -217,6 +221,7 @@ class SD3Adapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Model latents -> pixels in [-1, 1]."""
         cfg = self.pipe.vae.config
+        self.meter.add("vae_decodes", latents.shape[0])
         with torch.no_grad():
             z = latents.to(self.pipe.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
             return self.pipe.vae.decode(z).sample.clamp(-1, 1)
@@ -224,8 +229,12 @@ class SD3Adapter:
     # ---- velocity --------------------------------------------------------------------------------------
     def velocity(self, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
                  transformer=None) -> torch.Tensor:
-        """v_theta(z_sigma, sigma * 1000, text). `transformer` overrides the module (DDP wrapper, reference net)."""
-        net = transformer if transformer is not None else self.pipe.transformer
+        """v_theta(z_sigma, sigma * 1000, text). `transformer` overrides the module (a role's module).
+
+        Counted by the meter: a forward with gradient enabled is a forward+backward pass, one without is a no-grad
+        forward, each per sample."""
+        net = transformer if transformer is not None else (self.net if self.net is not None else self.pipe.transformer)
+        self.meter.add("fwd_bwd" if torch.is_grad_enabled() else "no_grad_fwd", z.shape[0])
         dtype = self.pipe.transformer.dtype
         sigma = sigma.reshape(-1).expand(z.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
         out = net(hidden_states=z.to(dtype), timestep=(sigma * 1000).to(dtype),

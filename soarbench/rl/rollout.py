@@ -171,11 +171,13 @@ def _check_batch(text: TextEmbeddings, batch_size: int) -> None:
 def sde_rollout(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, num_steps: int = 10,
                 guidance: float = 4.5, variant: str = "flow_sde", noise_level: float = 0.7,
                 sde_window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
-                transformer=None) -> Trajectory:
+                transformer=None, noise_fn=None) -> Trajectory:
     """Sample B images from `noise` (B, C, H, W), recording every state and each stochastic step's log-prob.
 
     sde_window=(start, size) makes only steps start..start+size-1 stochastic; None makes all of them stochastic.
-    `generator` draws the SDE noise (on the latents' device); `transformer` overrides the adapter's module.
+    `generator` draws the SDE noise (on the latents' device); `noise_fn(i)`, when given, returns step i's noise
+    (B, C, H, W) instead (the harness keys it by sample, so a sample's rollout does not depend on its batch);
+    `transformer` overrides the adapter's module.
     """
     check_variant(variant)
     batch = noise.shape[0]
@@ -190,13 +192,15 @@ def sde_rollout(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, 
         s0, s1 = sigmas[i], sigmas[i + 1]
         v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance, transformer)
         if stochastic[i]:
-            step = sde_step(variant, z, v, s0, s1, noise_level, generator=generator,
+            eps = noise_fn(i).to(z.device) if noise_fn is not None else None
+            step = sde_step(variant, z, v, s0, s1, noise_level, eps=eps, generator=generator,
                             sigma_next_at_one=sigma_next_at_one)
             z, log_prob = step.sample, step_log_prob(variant, step)
         else:
             z, log_prob = z + (s1 - s0) * v, z.new_zeros(batch)  # the Euler update of ode.euler_sample
         states.append(z)
         log_probs.append(log_prob)
+    adapter.meter.add("images", batch)
     return Trajectory(latents=torch.stack(states, dim=1), log_probs=torch.stack(log_probs, dim=1), sigmas=sigmas,
                       trainable=stochastic.to(noise.device).expand(batch, -1).clone(), variant=variant,
                       noise_level=float(noise_level))

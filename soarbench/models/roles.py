@@ -1,0 +1,178 @@
+"""Named weights behind one door: `roles.velocity(z, sigma, text, role="policy" | "ref" | "old" | ...)`.
+
+A method asks for the weights it means by name; how they exist depends on how the policy is trained:
+
+  role      LoRA (peft adapters on the transformer)           full fine-tuning
+  policy    the trained adapter "default"                     the trained transformer
+  ref       the same network with every adapter disabled      a frozen copy of the initial transformer
+  old       a second adapter "old" (soft-updated copy)        a frozen copy, soft-updated
+  ema       the EMA shadow of the trained weights, swapped in for evaluation and export (`ema_weights`)
+
+Extra trainable modules (a value head) are registered with `add_module` and get their own parameter group.
+Every call goes through the engine-prepared module (`net`), so sharded engines (ZeRO-3, FSDP) gather the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+import torch
+
+from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
+from soarbench.rl import lora as L
+
+ROLES = ("policy", "ref", "old", "ema")
+
+
+class Roles:
+    def __init__(self, adapter: SD3Adapter):
+        self.adapter = adapter
+        self.base = adapter.transformer  # the module the policy lives in (peft model once LoRA is added)
+        self.use_lora = False
+        self.copies: dict[str, torch.nn.Module] = {}  # full fine-tuning: frozen copies ("ref", "old")
+        self.adapters: set[str] = set()  # LoRA: extra adapters ("old")
+        self.ema: L.EMA | None = None
+        self.modules: dict[str, torch.nn.Module] = {}  # extra trainable modules (value heads)
+        self.net: torch.nn.Module | None = None  # the engine-prepared policy module
+
+    # ---- building the policy --------------------------------------------------------------------------------
+    def lora(self, r: int, alpha: float) -> list[torch.nn.Parameter]:
+        """Train a LoRA (Flow-GRPO's projections); the base weights are frozen. Returns the trained parameters."""
+        self.adapter.transformer.requires_grad_(False)
+        self.base = L.add_lora(self.adapter.transformer, r=r, alpha=alpha)  # peft injects the layers in place
+        self.use_lora = True
+        return L.lora_parameters(self.base)
+
+    def full(self, components=("transformer",)) -> list[torch.nn.Parameter]:
+        params = []
+        for name in components:
+            module = getattr(self.adapter.pipe, name)
+            module.requires_grad_(True).train()
+            params += [p for p in module.parameters() if p.requires_grad]
+        return params
+
+    def add_role(self, role: str) -> None:
+        """Make `ref` or `old` exist (before the engine prepares the policy)."""
+        if role not in ("ref", "old"):
+            raise ValueError(f"unknown role '{role}' (valid: ref, old)")
+        if self.use_lora:
+            if role == "old":
+                from peft import LoraConfig
+
+                peft = L.peft_model(self.base)
+                peft.add_adapter("old", LoraConfig(**{k: v for k, v in peft.peft_config["default"].to_dict().items()
+                                                      if k in LoraConfig.__dataclass_fields__}))
+                self._copy_adapter("default", "old")
+                peft.set_adapter("default")
+                self.adapters.add("old")
+            return  # ref under LoRA = adapters disabled
+        self.copies[role] = copy.deepcopy(self.adapter.transformer).requires_grad_(False).eval()
+
+    def add_module(self, name: str, module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        self.modules[name] = module
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def add_ema(self, params, decay: float, every: int) -> None:
+        self.ema = L.EMA(params, decay=decay, every=every)
+
+    # ---- the one door ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def use(self, role: str = "policy") -> Iterator[torch.nn.Module]:
+        """The module that computes `role`'s velocity inside the block."""
+        net = self.net if self.net is not None else self.adapter.transformer
+        if role == "policy":
+            yield net
+        elif role == "ref" and self.use_lora:
+            with L.adapters_disabled(self.base):
+                yield net
+        elif role == "old" and self.use_lora:
+            peft = L.peft_model(self.base)
+            trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+            peft.set_adapter("old")
+            try:
+                yield net
+            finally:
+                peft.set_adapter("default")
+                for n, p in peft.named_parameters():  # peft's set_adapter also flips requires_grad
+                    p.requires_grad_(n in trainable)
+        elif role == "ema":
+            with self.ema_weights():
+                yield net
+        elif role in self.copies:
+            yield self.copies[role]
+        else:
+            raise ValueError(f"role '{role}' does not exist in this run (have: policy"
+                             f"{', ref' if self.use_lora else ''}{''.join(', ' + r for r in self.copies)}"
+                             f"{', ema' if self.ema else ''})")
+
+    def velocity(self, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, role: str = "policy",
+                 guidance: float = 1.0, detach_uncond: bool = False) -> torch.Tensor:
+        """v_role(z, sigma, text); with guidance != 1 the CFG velocity from one batched [uncond; cond] forward."""
+        from soarbench.sampling.ode import cfg_velocity
+
+        with self.use(role) as net:
+            if guidance == 1.0:
+                return self.adapter.velocity(z, sigma, text, net)
+            return cfg_velocity(self.adapter, z, sigma, text, self.adapter.null_embeddings(), guidance, net,
+                                detach_uncond)
+
+    # ---- weights moving between roles -----------------------------------------------------------------------
+    @torch.no_grad()
+    def soft_update(self, role: str, decay: float) -> None:
+        """target <- decay * target + (1 - decay) * policy (DiffusionNFT's old policy)."""
+        if self.use_lora:
+            self._copy_adapter("default", role, decay)
+            return
+        target = self.copies[role]
+        for t, p in zip(target.parameters(), self.adapter.transformer.parameters()):
+            t.lerp_(p.detach().to(t.dtype), 1.0 - decay)
+
+    def _copy_adapter(self, source: str, target: str, decay: float = 0.0) -> None:
+        peft = L.peft_model(self.base)
+        named = dict(peft.named_parameters())
+        with torch.no_grad():
+            for name, p in named.items():
+                if f".{source}." in name:
+                    q = named[name.replace(f".{source}.", f".{target}.")]
+                    q.lerp_(p.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Evaluate (and export) with the EMA weights inside the block, when the method keeps an EMA."""
+        with (self.ema.swap() if self.ema is not None else contextlib.nullcontext()):
+            yield
+
+    def export_transformer(self) -> torch.nn.Module:
+        """A plain diffusers transformer with what evaluation uses (EMA when kept, LoRA merged)."""
+        with self.ema_weights():
+            return L.merged_copy(self.base) if self.use_lora else copy.deepcopy(self.adapter.transformer)
+
+    # ---- state for resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"ema": self.ema.state_dict() if self.ema is not None else None,
+                 "modules": {n: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                             for n, m in self.modules.items()}}
+        if self.use_lora:
+            peft = L.peft_model(self.base)
+            state["lora"] = {n: p.detach().cpu().clone() for n, p in peft.named_parameters() if "lora_" in n}
+        elif self.ema is not None:  # a checkpoint's transformer holds the EMA weights: keep the live ones here
+            state["policy"] = {k: v.detach().cpu().clone() for k, v in self.adapter.transformer.state_dict().items()}
+        state["copies"] = {r: {k: v.detach().cpu() for k, v in m.state_dict().items()} for r, m in self.copies.items()
+                           if r != "ref"}  # ref never changes: rebuilt from the base
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            if self.use_lora and state.get("lora"):
+                named = dict(L.peft_model(self.base).named_parameters())
+                for n, v in state["lora"].items():
+                    named[n].copy_(v)
+            if state.get("policy") is not None:
+                self.adapter.transformer.load_state_dict(state["policy"])
+            for r, sd in state.get("copies", {}).items():
+                self.copies[r].load_state_dict(sd)
+            for n, sd in state.get("modules", {}).items():
+                self.modules[n].load_state_dict(sd)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
