@@ -4,6 +4,7 @@ User errors (bad files, unknown names, missing models) print one line and exit 2
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -115,8 +116,13 @@ def eval_(
     max_sequence_length: Optional[int] = typer.Option(
         None, "--max-sequence-length", help="T5 tokens; default: the length recorded with the model, else 77."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="Sampling precision: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
 ):
     """Generate a benchmark's images with fixed seeds and score them, or score existing images (--images).
+
+    Under `accelerate launch` or torchrun every process generates its share of the batches; the main process
+    merges them (the same images and scores as one process).
 
     Examples:
 
@@ -163,13 +169,24 @@ def eval_(
         from soarbench.evaluate import evaluate
         from soarbench.models.sd3 import SD3Adapter
 
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        adapter = SD3Adapter.from_pretrained(model, device=dev, max_sequence_length=max_sequence_length)
+        from soarbench.harness.engine import Engine, resolve_device
+
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got '{precision}'")
+        dev = resolve_device(device)
+        if precision == "auto":
+            precision = "bf16" if dev.startswith("cuda") else "fp32"
+        engine = Engine(dev) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        adapter = SD3Adapter.from_pretrained(model, device=engine.device if engine else dev,
+                                             max_sequence_length=max_sequence_length)
         bench = build_benchmark(benchmark)
         summary = evaluate(adapter, bench, out, seed=0 if seed is None else seed, metric_names=names,
                            batch_size=batch_size,
                            model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
-                           num_steps=steps, guidance=guidance, on_progress=_Bar(f"eval {benchmark}"))
+                           num_steps=steps, guidance=guidance, on_progress=_Bar(f"eval {benchmark}"),
+                           precision=precision, engine=engine)
+        if summary is None:
+            return  # not the main process: the main one writes and prints the summary
     for key, value in summary["scores"].items():
         typer.echo(f"{key}\t{value:.4f}")
 

@@ -121,13 +121,14 @@ class Engine:
 
     # ---- training ------------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: int,
-                micro_batch_size: int):
+                micro_batch_size: int, grad_clip: float = 0.0):
         """Wrap the trained module and its optimizer; `micro_batches` backward passes make one optimizer step."""
         self.acc.gradient_accumulation_steps = int(micro_batches)
         if self.kind == self._types.DEEPSPEED:
             ds = self.acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
             ds["gradient_accumulation_steps"] = int(micro_batches)
+            ds["gradient_clipping"] = float(grad_clip)  # DeepSpeed clips inside its step
             ds.pop("train_batch_size", None)
         model, optimizer = self.acc.prepare(model, optimizer)
         self.model = model

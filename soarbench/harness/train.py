@@ -116,6 +116,8 @@ class Run:
                             "only (the shapes base recipe); multi-process runs train the transformer")
         self.adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=engine.device, dtype=torch.float32,
                                                   max_sequence_length=cfg["model"].get("max_sequence_length"))
+        _set_text_encoder_precision(self.adapter, cfg["model"].get("text_encoder_precision", "auto"), engine,
+                                    tcfg["mixed_precision"], components)
         if tcfg["gradient_checkpointing"]:
             self.adapter.transformer.enable_gradient_checkpointing()
         self.meter = Meter()
@@ -135,7 +137,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         net, self.optimizer = engine.prepare(self.roles.base, self.optimizer, self.cost.micro_batches,
-                                             self.shape.batch_size)
+                                             self.shape.batch_size, float(tcfg["grad_clip"]))
         self.roles.net = net
         self.adapter.net = net
         train_text = any(c.startswith("text_encoder") for c in components)
@@ -372,6 +374,19 @@ def _grid(adapter: SD3Adapter, device) -> torch.Tensor:
     return training_sigmas(float(sc.get("shift", 3.0)), int(sc.get("num_train_timesteps", 1000))).to(device)
 
 
+def _set_text_encoder_precision(adapter: SD3Adapter, precision: str, engine: Engine, mixed: str, components) -> None:
+    """Frozen text encoders in the precision a user would choose: bf16 on CUDA bf16 runs ("auto"), else fp32."""
+    if precision == "auto":
+        precision = "bf16" if engine.device.type == "cuda" and mixed == "bf16" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise UserError(f"config: model.text_encoder_precision must be auto, fp32, bf16 or fp16, got '{precision}'")
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(adapter.pipe, name, None)
+        if module is not None and name not in components:
+            module.to(dtype)
+
+
 def model_info(cfg: dict, method: str, step: int, counters: Counters, path: Path) -> dict:
     run = cfg.get("run", {})
     name, group = run.get("name", method), run.get("group", method)
@@ -445,11 +460,17 @@ def _save_lora_diffusers(roles: Roles, folder: Path) -> None:
 
     from soarbench.rl import lora as L
 
+    peft = L.peft_model(roles.base)
     with roles.ema_weights():
-        state = get_peft_model_state_dict(L.peft_model(roles.base))
+        state = get_peft_model_state_dict(peft)
         state = {k.removeprefix("base_model.model."): v.detach().cpu().clone() for k, v in state.items()}
+    # the metadata carries lora_alpha: without it diffusers would assume alpha = r (scale 1, not alpha / r)
+    config = peft.peft_config["default"].to_dict()
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()
+                if k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_dora", "use_rslora")}
     folder.mkdir(parents=True, exist_ok=True)
-    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=state)
+    StableDiffusion3Pipeline.save_lora_weights(str(folder), transformer_lora_layers=state,
+                                               transformer_lora_adapter_metadata=metadata)
 
 
 class _Writers:

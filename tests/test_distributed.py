@@ -1,0 +1,126 @@
+"""Results that do not depend on the number of processes: 2 processes (accelerate launch and torchrun, gloo on CPU)
+equal one process with the same global batch, and one process with 2 accumulation slots, for SFT, SOAR and
+Flow-GRPO; a 2-process evaluation writes the same samples and scores as one process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from soarbench.harness.train import train
+from soarbench.models import SD3Adapter
+
+METHODS = {
+    "sft": 'name = "sft"',
+    "soar": 'name = "soar"\ntrajectory_length = 2',
+    "flow_grpo": 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\nlora_alpha = 8\n'
+                 'ema_every = 1\nrewards = { test_dist_brightness = 1.0 }',
+}
+LAUNCHERS = {
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_model_dir, shapes_data):
+    """A folder with links to the micro model and data, and a reward plugin the subprocesses can import."""
+    root = tmp_path_factory.mktemp("dist")
+    (root / "model").symlink_to(tiny_model_dir)
+    (root / "train.jsonl").symlink_to(shapes_data)
+    (root / "images").symlink_to(shapes_data.parent / "images")
+    (root / "dist_plugin.py").write_text(
+        "import numpy as np\nfrom soarbench.metrics.base import Metric, MetricInfo\n"
+        "from soarbench.metrics.registry import METRICS\n"
+        "class Brightness(Metric):\n"
+        "    info = MetricInfo(name='test_dist_brightness', version='1', scale='mean pixel value')\n"
+        "    def score(self, images, prompts, metadata=None):\n"
+        "        return [{'score': float(np.asarray(im, dtype=np.float32).mean() / 255)} for im in images]\n"
+        "METRICS.add('test_dist_brightness', 'dist_plugin:Brightness')\n")
+    return root
+
+
+def _config(job: Path, method: str, batch: int, accumulation: int) -> Path:
+    path = job / f"{method}-{batch}-{accumulation}.toml"
+    path.write_text(f'[model]\npath = "{job / "model"}"\nmax_sequence_length = 0\n'
+                    f'[data]\njsonl = "{job / "train.jsonl"}"\n[method]\n{METHODS[method]}\n'
+                    f'[train]\nseed = 5\nbatch_size = {batch}\ngradient_accumulation_steps = {accumulation}\n'
+                    'lr = 1e-3\nthreads = 1\ndevice = "cpu"\ncheckpoint_every = 1\ncheck_replicas = true\n'
+                    '[budget]\nunit = "optimizer_steps"\namount = 2\n')
+    return path
+
+
+def _launch(job: Path, launcher: str, port: int, *args) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{job}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = LAUNCHERS[launcher] + [str(port), "-m", "soarbench", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=job)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _in_process(job: Path, method: str, batch: int, accumulation: int, out: Path) -> Path:
+    sys.path.insert(0, str(job))
+    try:
+        import dist_plugin  # noqa: F401  (registers the reward)
+        from soarbench import config as C
+
+        train(C.load_toml(_config(job, method, batch, accumulation)), out, log=lambda m: None)
+    finally:
+        sys.path.remove(str(job))
+    return out
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return SD3Adapter.from_pretrained(run / "checkpoints" / "step_000002").transformer.state_dict()
+
+
+def _close(a: dict, b: dict, initial: dict) -> None:
+    """Equal within float tolerance, relative to how far training moved the weights."""
+    moved = max(float((a[k] - initial[k]).abs().max()) for k in a)
+    assert moved > 1e-4  # training did something
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-3 * moved, (worst, moved)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_processes_equal_one_process(job, method, tmp_path):
+    _launch(job, "accelerate", 29611 + len(method), "train", "--config", _config(job, method, 2, 1),
+            "--out", tmp_path / "two")
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["engine"] == "multi_cpu"
+    one_big = _in_process(job, method, 4, 1, tmp_path / "one_big")  # the same global batch in one micro-batch
+    one_acc = _in_process(job, method, 2, 2, tmp_path / "one_acc")  # ... in two accumulation slots
+    assert json.loads((one_acc / "run.json").read_text())["global_batch"] == run["global_batch"]
+    initial = SD3Adapter.from_pretrained(job / "model").transformer.state_dict()
+    two = _weights(tmp_path / "two")
+    _close(_weights(one_big), two, initial)
+    _close(_weights(one_acc), two, initial)
+    logs = [[json.loads(x)["budget"] for x in (r / "train_log.jsonl").read_text().splitlines()]
+            for r in (tmp_path / "two", one_acc)]
+    assert [{k: v for k, v in b.items() if k not in ("wall_s", "device_s")} for b in logs[0]] == \
+        [{k: v for k, v in b.items() if k not in ("wall_s", "device_s")} for b in logs[1]]
+
+
+def test_torchrun_equals_accelerate(job, tmp_path):
+    for launcher, port in (("torchrun", 29631), ("accelerate", 29632)):
+        _launch(job, launcher, port, "train", "--config", _config(job, "soar", 2, 1), "--out", tmp_path / launcher)
+    a, b = _weights(tmp_path / "torchrun"), _weights(tmp_path / "accelerate")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_eval_equals_one_process(job, tmp_path, cli):
+    args = ["eval", "--model", job / "model", "--benchmark", "shapes", "--steps", "2", "--batch-size", "5"]
+    _launch(job, "accelerate", 29641, *args, "--out", tmp_path / "two")
+    code, _, err = cli(*args, "--out", tmp_path / "one")
+    assert code == 0, err
+    rows = [(tmp_path / d / "samples.jsonl").read_text().splitlines() for d in ("one", "two")]
+    assert rows[0] == rows[1] and len(rows[0]) > 5
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two")]
+    assert summaries[0]["scores"] == summaries[1]["scores"]
+    for image in sorted((tmp_path / "one" / "images").glob("*.png")):
+        assert image.read_bytes() == (tmp_path / "two" / "images" / image.name).read_bytes()
