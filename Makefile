@@ -12,6 +12,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	# torchvision's CPU fallback as an import hook, so diffusers / accelerate launch work without importing soarbench
+	$(BIN)/python soarbench/_compat.py
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -401,6 +401,9 @@ def env():
 
 def main() -> None:
     try:
+        from soarbench.registry import load_plugins
+
+        load_plugins()
         code = app(standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

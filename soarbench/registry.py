@@ -30,3 +30,25 @@ class LazyRegistry:
         self.check(name)
         module, _, attr = self._entries[name][0].partition(":")
         return getattr(importlib.import_module(module), attr)
+
+
+def load_plugins() -> list[str]:
+    """Import the modules that register methods, metrics or benchmarks from outside soarbench.
+
+    Named in $SOARBENCH_PLUGINS (comma-separated module names, importable from sys.path), or declared by installed
+    packages under the entry-point group "soarbench.plugins". A module registers with e.g.
+    `METHODS.add("my_method", "my_module:MyMethod")`. Returns the modules imported."""
+    import os
+    from importlib.metadata import entry_points
+
+    from soarbench.errors import UserError
+
+    names = [n.strip() for n in os.environ.get("SOARBENCH_PLUGINS", "").split(",") if n.strip()]
+    names += [ep.value.split(":")[0] for ep in entry_points(group="soarbench.plugins")]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"plugin '{name}' (SOARBENCH_PLUGINS or the soarbench.plugins entry point) could not be "
+                            f"imported: {e}") from None
+    return names

@@ -57,7 +57,8 @@ def _config(job: Path, method: str, batch: int, accumulation: int) -> Path:
 
 
 def _launch(job: Path, launcher: str, port: int, *args) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{job}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{job}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "SOARBENCH_PLUGINS": "dist_plugin"}
     cmd = LAUNCHERS[launcher] + [str(port), "-m", "soarbench", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=job)
     assert proc.returncode == 0, proc.stderr[-4000:]

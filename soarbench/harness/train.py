@@ -126,6 +126,7 @@ class Run:
         self.ctx = Ctx(adapter=self.adapter, roles=self.roles, engine=engine, meter=self.meter,
                        sigmas=_grid(self.adapter, engine.device), seed=int(tcfg["seed"]), shape=self.shape,
                        components=components)
+        _seed_global_rngs(int(tcfg["seed"]))  # fresh weights (LoRA's init) depend on the seed alone
         groups = self.method.setup(self.ctx)
         self.params = [p for g in groups for p in g.params]
         engine.broadcast_parameters(self.params)  # fresh weights (LoRA, heads) start equal on every process
@@ -372,6 +373,21 @@ def _grid(adapter: SD3Adapter, device) -> torch.Tensor:
 
     sc = adapter.scheduler_config
     return training_sigmas(float(sc.get("shift", 3.0)), int(sc.get("num_train_timesteps", 1000))).to(device)
+
+
+def _seed_global_rngs(seed: int) -> None:
+    """The global generators, used by libraries that initialise weights, seeded by the run seed alone (the same on
+    every process; every per-sample draw has its own keyed generator)."""
+    import random
+
+    import numpy as np
+
+    from soarbench.harness.rng import key_seed
+
+    s = key_seed(seed, "global")
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
 
 
 def _set_text_encoder_precision(adapter: SD3Adapter, precision: str, engine: Engine, mixed: str, components) -> None:
