@@ -21,7 +21,8 @@ from PIL import Image
 from torch import nn
 
 from soarbench.errors import UserError
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics import pixels as pixels_lib
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.clipscore import HFClip, batches, positive_int, resolve_device
 from soarbench.metrics.weights import load_checkpoint, locate
 
@@ -64,9 +65,13 @@ def load_head(path, trust_pickle: bool = False) -> AestheticMLP:
 
 
 class AestheticMetric(Metric):
+    differentiable = True
+
     def __init__(self, clip: str = "clip-vit-large-patch14", head: str = "aesthetic-mlp",
                  weights_root: str | None = None, device: str = "auto", batch_size: int = 32,
-                 trust_pickle: bool = False):
+                 trust_pickle: bool = False, protocol: str = "official"):
+        # The papers' aesthetic reward runs the same encoder and head: "paper" is accepted and changes nothing.
+        self.protocol = check_protocol("aesthetic", protocol)
         self.batch_size = positive_int("batch_size", batch_size)
         clip_path, clip_label = locate(clip, weights_root)
         head_path, head_label = locate(head, weights_root)
@@ -98,6 +103,19 @@ class AestheticMetric(Metric):
             embeds = self.clip.embed_images(images[s]).to(device)  # already L2-normalised
             scores.extend(self.head(embeds).squeeze(-1).float().cpu().tolist())
         return [{"score": v} for v in scores]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str] | None = None,
+                     metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """(B,) ratings of decoded pixels in [-1, 1], differentiable: the processor's bicubic resize done by
+        torch on the float pixels (soarbench.metrics.clipscore.TENSOR_TOLERANCE describes the match)."""
+        x = pixels_lib.unit_pixels(images)
+        if prompts is not None and len(prompts) != len(x):
+            raise UserError(f"aesthetic: got {len(x)} images and {len(prompts)} prompts")
+        out = []
+        for s in batches(len(x), self.batch_size):
+            embeds = self.clip.image_features(self.clip.tensor_pixels(x[s]))  # L2-normalised
+            out.append(self.head(embeds.to(next(self.head.parameters()).device)).squeeze(-1).float())
+        return (torch.cat(out) if out else x.new_zeros(0)).to(images.device)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights}

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from soarbench.errors import UserError, did_you_mean
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics import pixels as pixels_lib
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.weights import locate
 
 SCALES = {
@@ -37,6 +38,10 @@ SCALES = {
     "hessel": "2.5 * max(cosine, 0), Hessel et al.'s CLIP-S (about 0.65-0.75 with ViT-L/14)",
 }
 
+PREPROCESS = {
+    "official": "CLIP image processor (PIL backend): shortest side 224 bicubic, centre crop 224, OpenAI mean/std",
+    "paper": "float tensor: shortest side 224 bilinear (antialiased), centre crop 224, OpenAI mean/std",
+}
 
 # ------------------------------------------------------------------------------------------ shared helpers
 
@@ -159,9 +164,24 @@ class HFClip:
     @torch.no_grad()
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, D) L2-normalised float32 embeddings of already preprocessed (N, 3, S, S) pixels, on the CPU."""
+        return self.image_features(pixels).cpu()
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, D) L2-normalised float32 embeddings of preprocessed pixels, on the model's device, differentiable
+        with respect to `pixels` when grad is enabled (the weights themselves are frozen)."""
         pooled = self.model.vision_model(pixel_values=pixels.to(self.device, torch.float32)).pooler_output
         embeds = self.model.visual_projection(pooled).float()
-        return torch.nn.functional.normalize(embeds, dim=-1).cpu()
+        return torch.nn.functional.normalize(embeds, dim=-1)
+
+    def tensor_pixels(self, x: torch.Tensor, interpolation: str = "bicubic") -> torch.Tensor:
+        """The image processor's steps in torch on (N, 3, H, W) [0, 1] pixels, differentiable: shortest side to
+        the model's size ("bicubic", antialiased, as the processor's PIL resize; "bilinear" for the papers'
+        tensor rewards), centre crop (floor offset as transformers; torchvision's rounding for "bilinear", as
+        those rewards crop with torchvision), OpenAI mean/std."""
+        size, like_processor = self.image_size, interpolation == "bicubic"
+        x = pixels_lib.resize_shortest(x, size, interpolation, like_pil=like_processor)
+        x = pixels_lib.center_crop(x, size, rounding="floor" if like_processor else "round")
+        return pixels_lib.normalize(x)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -181,24 +201,45 @@ class HFClip:
         return torch.cat(out) if out else torch.zeros(0)
 
 
+def clip_cosine_tensor(clip: HFClip, images: torch.Tensor, prompts: Sequence[str], batch_size: int,
+                       interpolation: str = "bicubic") -> torch.Tensor:
+    """(B,) cos(text_i, image_i) of decoded pixels in [-1, 1] on their device, on the autograd graph when grad is
+    enabled: the tensor path shared by ClipScore and PickScore."""
+    x = pixels_lib.unit_pixels(images)
+    out = []
+    for s in batches(len(x), batch_size):
+        features = clip.image_features(clip.tensor_pixels(x[s], interpolation))
+        with torch.no_grad():
+            text = clip.embed_texts(prompts[s]).to(features.device)
+        out.append((features * text).sum(-1))
+    return (torch.cat(out) if out else x.new_zeros(0)).to(images.device)
+
+
 # -------------------------------------------------------------------------------------------------- metric
 
 
 class ClipScoreMetric(Metric):
     """cos(text, image) of a transformers CLIP (default: OpenAI ViT-L/14 from reward_ckpts)."""
 
+    differentiable = True
+
     def __init__(self, model: str = "clip-vit-large-patch14", scale: str = "cosine",
-                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32):
+                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32,
+                 protocol: str = "official"):
         if scale not in SCALES:
             raise did_you_mean("ClipScore scale", scale, SCALES)
+        self.protocol = check_protocol("ClipScore", protocol)
         self.scale = scale
         self.batch_size = positive_int("batch_size", batch_size)
         path, label = locate(model, weights_root)
         self.clip = HFClip(path, device=resolve_device(device))
         self.weights = label
+        # "paper": the float image resized bilinearly (antialiased), as Flow-GRPO's / DiffusionNFT's reward
+        self.interpolation = "bilinear" if protocol == "paper" else "bicubic"
+        suffix = "" if protocol == "official" else "/paper-bilinear"
         self.info = MetricInfo(
             name="clipscore",
-            version=f"hf-clip/{label}/{scale}",
+            version=f"hf-clip/{label}/{scale}{suffix}",
             scale=SCALES[scale],
             higher_is_better=True,
             needs=[str(path)],
@@ -211,11 +252,41 @@ class ClipScoreMetric(Metric):
             return 2.5 * max(cosine, 0.0)
         return cosine
 
+    def _scaled_tensor(self, cosine: torch.Tensor) -> torch.Tensor:
+        if self.scale == "torchmetrics":
+            return 100.0 * cosine
+        if self.scale == "hessel":
+            return 2.5 * cosine.clamp(min=0.0)
+        return cosine
+
+    def _paper_cosines(self, images: Sequence[Any], prompts: Sequence[str]) -> list[float]:
+        """The "paper" preprocessing on 8-bit images: each converted to a float tensor first (sizes may differ)."""
+        out = []
+        with torch.no_grad():
+            for s in batches(len(images), self.batch_size):
+                pixels = torch.cat([self.clip.tensor_pixels(pixels_lib.pil_unit_pixels(im)[None], "bilinear")
+                                    for im in images[s]])
+                text = self.clip.embed_texts(prompts[s]).to(self.clip.device)
+                out.extend((self.clip.image_features(pixels) * text).sum(-1).cpu().tolist())
+        return out
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str],
               metadata: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         check_pairs("ClipScore", images, prompts)
-        cosines = self.clip.cosine(list(images), list(prompts), self.batch_size).tolist()
+        if self.protocol == "paper":
+            cosines = self._paper_cosines(list(images), list(prompts))
+        else:
+            cosines = self.clip.cosine(list(images), list(prompts), self.batch_size).tolist()
         return [{"score": self._scaled(c), "cosine": c} for c in cosines]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str],
+                     metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """(B,) scores of decoded pixels in [-1, 1], differentiable. Official protocol: the processor's bicubic
+        resize done by torch on the float pixels; it matches score() on the saved 8-bit images to within
+        TENSOR_TOLERANCE (see there). "paper": the same bilinear path as score(), without 8-bit rounding."""
+        check_pairs("ClipScore", images, prompts)
+        cosine = clip_cosine_tensor(self.clip, images, list(prompts), self.batch_size, self.interpolation)
+        return self._scaled_tensor(cosine)
 
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         if not records:
@@ -227,4 +298,5 @@ class ClipScoreMetric(Metric):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "weights": self.weights, "scale_option": self.scale}
+        return {**super().describe(), "weights": self.weights, "scale_option": self.scale,
+                "preprocess": PREPROCESS[self.protocol]}

@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from soarbench.errors import UserError
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics import pixels as pixels_lib
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.clipscore import as_rgb, batches, check_pairs, positive_int, resolve_device
 from soarbench.metrics.weights import load_checkpoint, locate
 
@@ -35,10 +36,17 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 def hps_preprocess(image: Image.Image | np.ndarray, size: int = 224, mean: Sequence[float] = OPENAI_MEAN,
                    std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
     """(3, size, size) float32: to tensor, bicubic resize longest side -> size, centre zero-pad, normalise."""
+    pixels = torch.from_numpy(np.array(as_rgb(image))).permute(2, 0, 1).float().div(255.0)
+    return hps_preprocess_tensor(pixels, size, mean, std)
+
+
+def hps_preprocess_tensor(pixels: torch.Tensor, size: int = 224, mean: Sequence[float] = OPENAI_MEAN,
+                          std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
+    """hps_preprocess on (..., 3, H, W) float pixels in [0, 1], differentiable (the reference's own steps run on
+    tensors, so the PIL path differs from this only by its 8-bit input)."""
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    pixels = torch.from_numpy(np.array(as_rgb(image))).permute(2, 0, 1).float().div(255.0)
     height, width = pixels.shape[-2:]
     scale = size / float(max(height, width))
     if scale != 1.0:
@@ -90,10 +98,15 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
 
 
 class HPSv2Metric(Metric):
+    differentiable = True
+
     def __init__(self, weights: str = "hpsv2.1", architecture: str = "ViT-H-14", weights_root: str | None = None,
-                 device: str = "auto", batch_size: int = 16, trust_pickle: bool = False):
+                 device: str = "auto", batch_size: int = 16, trust_pickle: bool = False,
+                 protocol: str = "official"):
         import open_clip
 
+        # The papers run HPS's own scorer (this preprocessing): "paper" is accepted and changes nothing.
+        self.protocol = check_protocol("HPSv2", protocol)
         self.batch_size = positive_int("batch_size", batch_size)
         cfg, arch_label = _model_config(str(architecture))
         path, weights_label = locate(weights, weights_root)
@@ -142,6 +155,21 @@ class HPSv2Metric(Metric):
             text_features = self.model.encode_text(tokens, normalize=True)
             scores.extend((image_features * text_features).sum(-1).float().cpu().tolist())
         return [{"score": v} for v in scores]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str],
+                     metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """(B,) scores of decoded pixels in [-1, 1], differentiable: hps_preprocess_tensor on the float pixels
+        (TENSOR_TOLERANCE describes the match with score() on the 8-bit images)."""
+        check_pairs("HPSv2", images, prompts)
+        x, prompts = pixels_lib.unit_pixels(images), list(prompts)
+        out = []
+        for s in batches(len(x), self.batch_size):
+            pixels = hps_preprocess_tensor(x[s], self.image_size).to(self.device)
+            image_features = self.model.encode_image(pixels, normalize=True)
+            with torch.no_grad():
+                text_features = self.model.encode_text(self.tokenizer(prompts[s]).to(self.device), normalize=True)
+            out.append((image_features * text_features).sum(-1).float())
+        return (torch.cat(out) if out else x.new_zeros(0)).to(images.device)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights}

@@ -13,18 +13,25 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from PIL import Image
 
-from soarbench.metrics.base import Metric, MetricInfo
-from soarbench.metrics.clipscore import HFClip, check_pairs, positive_int, resolve_device
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
+from soarbench.metrics.clipscore import (HFClip, check_pairs, clip_cosine_tensor, positive_int,
+                                         resolve_device)
 from soarbench.metrics.weights import locate
 
 FLOW_GRPO_DIVISOR = 26.0
 
 
 class PickScoreMetric(Metric):
+    differentiable = True
+
     def __init__(self, model: str = "pickscore-v1", processor: str = "clip-vit-h-14-processor",
-                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32):
+                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32,
+                 protocol: str = "official"):
+        # The papers score PickScore with the reference processor too: "paper" is accepted and changes nothing.
+        self.protocol = check_protocol("PickScore", protocol)
         self.batch_size = positive_int("batch_size", batch_size)
         model_path, model_label = locate(model, weights_root)
         processor_path, processor_label = locate(processor, weights_root)
@@ -45,6 +52,13 @@ class PickScoreMetric(Metric):
         check_pairs("PickScore", images, prompts)
         cosines = self.clip.cosine(list(images), list(prompts), self.batch_size)
         return [{"score": s} for s in (self.logit_scale * cosines).tolist()]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str],
+                     metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """(B,) scores of decoded pixels in [-1, 1], differentiable: the processor's bicubic resize done by torch
+        on the float pixels (soarbench.metrics.clipscore.TENSOR_TOLERANCE describes the match with score())."""
+        check_pairs("PickScore", images, prompts)
+        return self.logit_scale * clip_cosine_tensor(self.clip, images, list(prompts), self.batch_size)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights, "logit_scale_exp": self.logit_scale,
