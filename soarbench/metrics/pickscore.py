@@ -8,6 +8,11 @@ As in the reference code, the model is PickScore_v1 and the processor is laion/C
 Score = exp(logit_scale) * cos(text, image) with the model's own learnt logit_scale: about 21-24 for SD-class
 images. Stored raw; Flow-GRPO's training reward divides it by 26 (FLOW_GRPO_DIVISOR), which advantages
 normalised per group do not see.
+
+score_tensor(pixels, prompts) is the differentiable path for decoded pixels (ClipScore's, see
+soarbench.metrics.clipscore): it matches score() on the 8-bit images within TENSOR_COSINE_ATOL (1e-3) on the
+cosine, i.e. exp(logit_scale) * 1e-3 on the score (about 0.1 for PickScore_v1, whose exp(logit_scale) is about
+100; measured on the tiny test model: 4.5e-4 on the cosine).
 """
 from __future__ import annotations
 
@@ -56,7 +61,7 @@ class PickScoreMetric(Metric):
     def score_tensor(self, images: torch.Tensor, prompts: Sequence[str],
                      metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
         """(B,) scores of decoded pixels in [-1, 1], differentiable: the processor's bicubic resize done by torch
-        on the float pixels (soarbench.metrics.clipscore.TENSOR_TOLERANCE describes the match with score())."""
+        on the float pixels; within exp(logit_scale) * TENSOR_COSINE_ATOL of score() on the 8-bit images."""
         check_pairs("PickScore", images, prompts)
         return self.logit_scale * clip_cosine_tensor(self.clip, images, list(prompts), self.batch_size)
 
