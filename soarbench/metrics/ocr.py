@@ -182,6 +182,10 @@ class PaddleOCREngine:
         return [(str(text), float(confidence)) for _box, (text, confidence) in (lines or [])]
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 ENGINES = {"rapidocr": RapidOCREngine, "paddleocr": PaddleOCREngine}
 # What each engine's models are, in words, for describe() (the file names are in engine.models).
 ENGINE_MODELS = {"rapidocr": "PP-OCRv6 small det + rec (ONNX, shipped in the rapidocr wheel)",
@@ -205,7 +209,7 @@ class OCRMetric(Metric):
         if protocol == "paper" and engine != "paddleocr":
             raise UserError(f"OCR protocol 'paper' runs the papers' engine, paddleocr, not '{engine}' "
                             f"(drop the engine option; install it with: {PADDLEOCR_INSTALL})")
-        if protocol == "paper" and importlib.util.find_spec("paddleocr") is None:
+        if protocol == "paper" and not _installed("paddleocr"):
             raise UserError(f"OCR protocol 'paper' needs the paddleocr engine, which is not installed: "
                             f"{PADDLEOCR_INSTALL}")
         try:
