@@ -105,8 +105,7 @@ def positive_int(name: str, value: Any) -> int:
     return value
 
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_MEAN, OPENAI_STD = pixels_lib.OPENAI_MEAN, pixels_lib.OPENAI_STD
 
 
 def openai_clip_pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
@@ -194,10 +193,9 @@ class HFClip:
         the model's size ("bicubic", antialiased, as the processor's PIL resize; "bilinear" for the papers'
         tensor rewards), centre crop (floor offset as transformers; torchvision's rounding for "bilinear", as
         those rewards crop with torchvision), OpenAI mean/std."""
-        size, like_processor = self.image_size, interpolation == "bicubic"
-        x = pixels_lib.resize_shortest(x, size, interpolation, like_pil=like_processor)
-        x = pixels_lib.center_crop(x, size, rounding="floor" if like_processor else "round")
-        return pixels_lib.normalize(x)
+        if interpolation == "bicubic":
+            return pixels_lib.clip_processor_pixels(x, self.image_size)
+        return pixels_lib.paper_clip_pixels(x, self.image_size)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:

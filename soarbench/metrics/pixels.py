@@ -119,3 +119,9 @@ def clip_processor_pixels(x: torch.Tensor, size: int = 224) -> torch.Tensor:
     """The CLIP image processor's steps in torch on [0, 1] pixels (shortest side -> size bicubic, floor centre
     crop, OpenAI mean/std): what openai/clip-vit-large-patch14's and PickScore's processors do with PIL."""
     return normalize(center_crop(resize_shortest(x, size, "bicubic"), size, rounding="floor"))
+
+
+def paper_clip_pixels(x: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """The papers' tensor CLIP preprocessing on [0, 1] pixels (ClipScore protocol "paper"): one torchvision
+    bilinear antialiased resize of the shortest side to size, torchvision's centre crop, OpenAI mean/std."""
+    return normalize(center_crop(resize_shortest(x, size, "bilinear", like_pil=False), size, rounding="round"))
