@@ -213,3 +213,27 @@ def test_unknown_protocol_is_a_one_line_error_with_a_suggestion(name, tmp_path):
         build_metric(name, protocol="papers", **({} if name == "geneval" else {"weights_root": str(tmp_path)}))
     assert "\n" not in str(info.value)
     assert name in METRICS.names()
+
+
+# ------------------------------------------------------------------------------ what an eval folder records
+
+
+def test_eval_summary_records_the_protocol_and_both_geneval_averages(tmp_path):
+    import dataclasses
+
+    from soarbench.benchmarks import build_benchmark
+    from soarbench.evaluate import score_images
+    from soarbench.worlds.shapes import encode_png, render_metadata
+
+    bench = build_benchmark("shapes")
+    rows = bench.metadata[:6]
+    bench = dataclasses.replace(bench, prompts=[r["prompt"] for r in rows], metadata=rows,
+                                metrics={"geneval": {"protocol": "paper"}})
+    for i, r in enumerate(rows):
+        (tmp_path / "images" / f"{i:05d}" / "samples").mkdir(parents=True)
+        (tmp_path / "images" / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(r))
+        image = render_metadata(r, np.random.default_rng(i), size=32).image
+        (tmp_path / "images" / f"{i:05d}" / "samples" / "0000.png").write_bytes(encode_png(image))
+    summary = score_images(tmp_path / "images", bench, tmp_path / "eval")
+    assert summary["metrics"]["geneval"]["protocol"] == "paper"
+    assert summary["scores"]["geneval/paper_avg"] == summary["scores"]["geneval/image_mean"] == 1.0
