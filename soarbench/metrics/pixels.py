@@ -45,7 +45,8 @@ def check_pixels(images: torch.Tensor, what: str = "images") -> None:
 
 
 def unit_pixels(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) float32 in [0, 1] from decoded pixels in [-1, 1], differentiable (clamped like to_pil)."""
+    """(B, 3, H, W) float32 in [0, 1] from decoded pixels in [-1, 1], differentiable. Clamped like to_pil, so
+    a pixel the decoder pushed outside [-1, 1] gets no gradient (it would be saturated in the saved image)."""
     check_pixels(images)
     return ((images.float() + 1) / 2).clamp(0, 1)
 
