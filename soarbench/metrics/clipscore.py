@@ -16,7 +16,20 @@ conventions are named options of `scale`:
 Every record also carries the raw "cosine". Images go through the CLIP image processor with its PIL backend
 (resize shortest side 224 bicubic, centre crop 224, OpenAI mean/std), as in transformers 4.x, torchmetrics and
 the PickScore reference; prompts are tokenised with truncation at the model's 77 positions. Flow-GRPO's training
-reward instead resizes decoded tensors bilinearly, which moves the cosine by about 1e-3.
+reward instead resizes decoded tensors bilinearly, which moves the cosine by about 1e-3; protocol="paper" does
+that (float image, shortest side 224 bilinear with antialias, torchvision's centre crop, OpenAI mean/std), in
+score() after converting each 8-bit image to a float tensor.
+
+Tensor path (training rewards): `score_tensor(pixels, prompts)` takes decoded (B, 3, H, W) pixels in [-1, 1],
+keeps the autograd graph through the image tower and returns (B,) scores on the pixels' device. With the
+official protocol it runs the processor's steps in torch (soarbench.metrics.pixels.clip_processor_pixels:
+antialiased bicubic in PIL's two clamped passes, floor-offset crop). Measured against score() on the 8-bit
+images (8 sizes from 30 x 70 to 512 x 512, up- and downscaled, 4 images each): the preprocessed pixels differ by
+at most 0.024 (mean 0.005) in normalised units, i.e. 1.5 / 255 (8-bit input, PIL's fixed-point passes and
+rounding between them); on the tiny test towers the cosine differs by at most 3.8e-4. TENSOR_COSINE_ATOL = 1e-3
+is the tolerance stated and tested (x 100 on the "torchmetrics" scale, x 2.5 for "hessel"; PickScore and the
+aesthetic predictor, which share this path, state theirs). With protocol "paper" the two paths run the same
+torch steps and differ only by the 8-bit rounding of score()'s input (equal within 1e-5 on 8-bit-exact pixels).
 """
 from __future__ import annotations
 
@@ -28,7 +41,8 @@ import torch
 from PIL import Image
 
 from soarbench.errors import UserError, did_you_mean
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics import pixels as pixels_lib
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.weights import locate
 
 SCALES = {
@@ -37,6 +51,13 @@ SCALES = {
     "hessel": "2.5 * max(cosine, 0), Hessel et al.'s CLIP-S (about 0.65-0.75 with ViT-L/14)",
 }
 
+# |score_tensor - score| on the cosine, official protocol (measured max 3.8e-4; see the module docstring)
+TENSOR_COSINE_ATOL = 1e-3
+
+PREPROCESS = {
+    "official": "CLIP image processor (PIL backend): shortest side 224 bicubic, centre crop 224, OpenAI mean/std",
+    "paper": "float tensor: shortest side 224 bilinear (antialiased), centre crop 224, OpenAI mean/std",
+}
 
 # ------------------------------------------------------------------------------------------ shared helpers
 
@@ -84,8 +105,7 @@ def positive_int(name: str, value: Any) -> int:
     return value
 
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_MEAN, OPENAI_STD = pixels_lib.OPENAI_MEAN, pixels_lib.OPENAI_STD
 
 
 def openai_clip_pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
@@ -159,9 +179,23 @@ class HFClip:
     @torch.no_grad()
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, D) L2-normalised float32 embeddings of already preprocessed (N, 3, S, S) pixels, on the CPU."""
+        return self.image_features(pixels).cpu()
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, D) L2-normalised float32 embeddings of preprocessed pixels, on the model's device, differentiable
+        with respect to `pixels` when grad is enabled (the weights themselves are frozen)."""
         pooled = self.model.vision_model(pixel_values=pixels.to(self.device, torch.float32)).pooler_output
         embeds = self.model.visual_projection(pooled).float()
-        return torch.nn.functional.normalize(embeds, dim=-1).cpu()
+        return torch.nn.functional.normalize(embeds, dim=-1)
+
+    def tensor_pixels(self, x: torch.Tensor, interpolation: str = "bicubic") -> torch.Tensor:
+        """The image processor's steps in torch on (N, 3, H, W) [0, 1] pixels, differentiable: shortest side to
+        the model's size ("bicubic", antialiased, as the processor's PIL resize; "bilinear" for the papers'
+        tensor rewards), centre crop (floor offset as transformers; torchvision's rounding for "bilinear", as
+        those rewards crop with torchvision), OpenAI mean/std."""
+        if interpolation == "bicubic":
+            return pixels_lib.clip_processor_pixels(x, self.image_size)
+        return pixels_lib.paper_clip_pixels(x, self.image_size)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -181,24 +215,45 @@ class HFClip:
         return torch.cat(out) if out else torch.zeros(0)
 
 
+def clip_cosine_tensor(clip: HFClip, images: torch.Tensor, prompts: Sequence[str], batch_size: int,
+                       interpolation: str = "bicubic") -> torch.Tensor:
+    """(B,) cos(text_i, image_i) of decoded pixels in [-1, 1] on their device, on the autograd graph when grad is
+    enabled: the tensor path shared by ClipScore and PickScore."""
+    x = pixels_lib.unit_pixels(images)
+    out = []
+    for s in batches(len(x), batch_size):
+        features = clip.image_features(clip.tensor_pixels(x[s], interpolation))
+        with torch.no_grad():
+            text = clip.embed_texts(prompts[s]).to(features.device)
+        out.append((features * text).sum(-1))
+    return (torch.cat(out) if out else x.new_zeros(0)).to(images.device)
+
+
 # -------------------------------------------------------------------------------------------------- metric
 
 
 class ClipScoreMetric(Metric):
     """cos(text, image) of a transformers CLIP (default: OpenAI ViT-L/14 from reward_ckpts)."""
 
+    differentiable = True
+
     def __init__(self, model: str = "clip-vit-large-patch14", scale: str = "cosine",
-                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32):
+                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32,
+                 protocol: str = "official"):
         if scale not in SCALES:
             raise did_you_mean("ClipScore scale", scale, SCALES)
+        self.protocol = check_protocol("ClipScore", protocol)
         self.scale = scale
         self.batch_size = positive_int("batch_size", batch_size)
         path, label = locate(model, weights_root)
         self.clip = HFClip(path, device=resolve_device(device))
         self.weights = label
+        # "paper": the float image resized bilinearly (antialiased), as Flow-GRPO's / DiffusionNFT's reward
+        self.interpolation = "bilinear" if protocol == "paper" else "bicubic"
+        suffix = "" if protocol == "official" else "/paper-bilinear"
         self.info = MetricInfo(
             name="clipscore",
-            version=f"hf-clip/{label}/{scale}",
+            version=f"hf-clip/{label}/{scale}{suffix}",
             scale=SCALES[scale],
             higher_is_better=True,
             needs=[str(path)],
@@ -211,11 +266,41 @@ class ClipScoreMetric(Metric):
             return 2.5 * max(cosine, 0.0)
         return cosine
 
+    def _scaled_tensor(self, cosine: torch.Tensor) -> torch.Tensor:
+        if self.scale == "torchmetrics":
+            return 100.0 * cosine
+        if self.scale == "hessel":
+            return 2.5 * cosine.clamp(min=0.0)
+        return cosine
+
+    def _paper_cosines(self, images: Sequence[Any], prompts: Sequence[str]) -> list[float]:
+        """The "paper" preprocessing on 8-bit images: each converted to a float tensor first (sizes may differ)."""
+        out = []
+        with torch.no_grad():
+            for s in batches(len(images), self.batch_size):
+                pixels = torch.cat([self.clip.tensor_pixels(pixels_lib.pil_unit_pixels(im)[None], "bilinear")
+                                    for im in images[s]])
+                text = self.clip.embed_texts(prompts[s]).to(self.clip.device)
+                out.extend((self.clip.image_features(pixels) * text).sum(-1).cpu().tolist())
+        return out
+
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str],
               metadata: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         check_pairs("ClipScore", images, prompts)
-        cosines = self.clip.cosine(list(images), list(prompts), self.batch_size).tolist()
+        if self.protocol == "paper":
+            cosines = self._paper_cosines(list(images), list(prompts))
+        else:
+            cosines = self.clip.cosine(list(images), list(prompts), self.batch_size).tolist()
         return [{"score": self._scaled(c), "cosine": c} for c in cosines]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str],
+                     metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """(B,) scores of decoded pixels in [-1, 1], differentiable. Official protocol: the processor's bicubic
+        resize done by torch on the float pixels; it matches score() on the saved 8-bit images to within
+        TENSOR_COSINE_ATOL on the cosine. "paper": the same bilinear path as score(), without 8-bit rounding."""
+        check_pairs("ClipScore", images, prompts)
+        cosine = clip_cosine_tensor(self.clip, images, list(prompts), self.batch_size, self.interpolation)
+        return self._scaled_tensor(cosine)
 
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         if not records:
@@ -227,4 +312,5 @@ class ClipScoreMetric(Metric):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "weights": self.weights, "scale_option": self.scale}
+        return {**super().describe(), "weights": self.weights, "scale_option": self.scale,
+                "preprocess": PREPROCESS[self.protocol]}

@@ -3,11 +3,27 @@
     metric = GenEvalMetric(backend="shapes")            # exact detector of the shapes world
     records = metric.score(images, prompts, metadata)   # one official results row (+ score) per image
     metric.summarize(records)                           # {"geneval": ..., "geneval/counting": ..., ...}
+    metric = GenEvalMetric(backend="mask2former", protocol="paper")   # the papers' detector input (below)
 
 Options are the official `--options` that change decisions (threshold, counting_threshold, max_objects,
 position_threshold) plus whatever the chosen backend's factory accepts (for "shapes": max_color_distance,
 min_area). Each record carries the official row fields (tag, prompt, correct, reason, metadata, details),
 "score" (1.0 if correct else 0.0) and "partial_credit" (Flow-GRPO's dense reward; see rules.partial_credit).
+
+Protocols. "official" hands the detector the RGB image as djghosh13/geneval does (it passes file paths, which
+mmdet reads as BGR, as its models expect). "paper" reproduces the evaluation code behind the published
+Flow-GRPO / DiffusionNFT / HY-SOAR tables, which hands mmdet an RGB array that mmdet takes for BGR: their
+detector sees red and blue swapped. With a Mask2Former backend ("mask2former", "mask2former-hf") the detector
+input is swapped here; the colour classifier (CLIP on the crops) still gets the true RGB image, as in those
+pipelines. The "shapes" backend is the exact detector of the procedural shapes world, not a network trained on
+BGR images, so the swap reproduces no published pipeline there: "paper" is accepted and recorded but changes
+nothing for it.
+
+Averages. summarize() reports both:
+  "geneval"            official overall: the unweighted mean of the six task accuracies (GenEval's paper and
+                       djghosh13/geneval's summary_scores.py);
+  "geneval/paper_avg"  the image-level mean over all images (= "geneval/image_mean"), what the Flow-GRPO /
+                       DiffusionNFT / HY-SOAR evaluation code averages and their tables' GenEval column shows.
 """
 from __future__ import annotations
 
@@ -20,11 +36,13 @@ from PIL import Image
 from soarbench.errors import UserError, did_you_mean
 from soarbench.geneval.backends import backend_options, load_backend
 from soarbench.geneval.rules import RuleConfig, evaluate_image, summarize
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 
 # The commit of djghosh13/geneval whose rules and prompt generator are reproduced.
 GENEVAL_COMMIT = "af4902f"
 _RULE_FIELDS = {f.name: f for f in dataclasses.fields(RuleConfig)}
+# Backends whose detector is the papers' mmdet / Mask2Former, fed BGR: "paper" swaps red and blue for them.
+PAPER_SWAP_BACKENDS = ("mask2former", "mask2former-hf")
 
 
 def _rule_config(options: Mapping[str, Any]) -> RuleConfig:
@@ -54,7 +72,10 @@ def _check_metadata(index: int, prompt: str, meta: Any) -> Mapping[str, Any]:
 class GenEvalMetric(Metric):
     """GenEval accuracy with the official rules; the backend supplies detection and colour naming."""
 
-    def __init__(self, backend: str = "shapes", **options: Any):
+    reward_field = "partial_credit"  # Flow-GRPO trains on the dense partial credit, not the 0/1 score
+
+    def __init__(self, backend: str = "shapes", protocol: str = "official", **options: Any):
+        self.protocol = check_protocol("GenEval", protocol)
         valid = [*_RULE_FIELDS, *backend_options(backend)]  # also rejects an unknown backend name
         for name in options:
             if name not in valid:
@@ -63,11 +84,21 @@ class GenEvalMetric(Metric):
         self.backend = load_backend(backend, **{k: v for k, v in options.items() if k not in _RULE_FIELDS})
         self.info = MetricInfo(
             name="geneval",
-            version=f"geneval-rules-{GENEVAL_COMMIT}/{self.backend.version}",
+            version=f"geneval-rules-{GENEVAL_COMMIT}/{self.backend.version}"
+                    + ("/paper-rb-swap" if self.swaps_detector_channels else ""),
             scale="accuracy in [0, 1]",
             higher_is_better=True,
             needs=list(self.backend.needs),
         )
+
+    @property
+    def swaps_detector_channels(self) -> bool:
+        """True when the detector is handed the image with red and blue swapped (protocol "paper", Mask2Former)."""
+        return self.protocol == "paper" and self.backend.name in PAPER_SWAP_BACKENDS
+
+    def detector_input(self, rgb: np.ndarray) -> np.ndarray:
+        """What the detector is handed: the RGB image, or (protocol "paper") its channels reversed."""
+        return np.ascontiguousarray(rgb[..., ::-1]) if self.swaps_detector_channels else rgb
 
     def score(
         self,
@@ -89,7 +120,7 @@ class GenEvalMetric(Metric):
             rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)[..., :3]
             row = evaluate_image(
                 meta,
-                detector.detect(rgb),
+                detector.detect(self.detector_input(rgb)),
                 image=rgb,
                 color_classifier=colors,
                 config=self.rules,
@@ -101,13 +132,22 @@ class GenEvalMetric(Metric):
         return records
 
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
-        """Flat numbers: overall (mean of task accuracies), per task, image-level mean, prompts with any hit."""
+        """Flat numbers: overall (mean of task accuracies), per task, image-level mean (also under the name
+        "geneval/paper_avg": the average the papers' tables show), prompts with any correct image."""
         summary = summarize(records)
         out = {"geneval": summary["overall"]}
         out.update({f"geneval/{tag}": acc for tag, acc in summary["tasks"].items()})
         out["geneval/image_mean"] = summary["image_mean"]
+        out["geneval/paper_avg"] = summary["image_mean"]
         out["geneval/prompt_any_correct"] = summary["prompt_any_correct"]
         credits = [float(r["partial_credit"]) for r in records if "partial_credit" in r]
         if credits:
             out["geneval/partial_credit"] = sum(credits) / len(credits)
         return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": self.backend.name,
+                "detector_input": "RGB with red and blue swapped (the papers' mmdet call)"
+                if self.swaps_detector_channels else "RGB",
+                "averages": {"geneval": "mean of the six task accuracies (official)",
+                             "geneval/paper_avg": "image-level mean over all images (the papers' tables)"}}

@@ -11,6 +11,11 @@ input size (224), sizes rounded with Python's round; centre zero-pad to a square
 normalisation; an odd remainder goes right/bottom); OpenAI mean/std. The reference skips the pad when no resize
 was needed (a 224 x 100 image would reach the model unpadded and fail); we always pad to the square.
 Score = cos(text, image) of the normalised features, about 0.25-0.33 (the HPS benchmark prints it x 100).
+
+score_tensor(pixels, prompts) is the differentiable path for decoded (B, 3, H, W) pixels in [-1, 1]: the same
+torch preprocessing (hps_preprocess_tensor) on the float pixels, so it differs from score() on the saved 8-bit
+images only by their rounding: at most 1.1e-4 on the cosine on the tiny test model over 8 image sizes;
+TENSOR_ATOL = 5e-4 is the stated tolerance.
 """
 from __future__ import annotations
 
@@ -24,10 +29,12 @@ import torch
 from PIL import Image
 
 from soarbench.errors import UserError
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics import pixels as pixels_lib
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.clipscore import as_rgb, batches, check_pairs, positive_int, resolve_device
 from soarbench.metrics.weights import load_checkpoint, locate
 
+TENSOR_ATOL = 5e-4  # |score_tensor - score| on the cosine, see the module docstring
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -35,10 +42,17 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 def hps_preprocess(image: Image.Image | np.ndarray, size: int = 224, mean: Sequence[float] = OPENAI_MEAN,
                    std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
     """(3, size, size) float32: to tensor, bicubic resize longest side -> size, centre zero-pad, normalise."""
+    pixels = torch.from_numpy(np.array(as_rgb(image))).permute(2, 0, 1).float().div(255.0)
+    return hps_preprocess_tensor(pixels, size, mean, std)
+
+
+def hps_preprocess_tensor(pixels: torch.Tensor, size: int = 224, mean: Sequence[float] = OPENAI_MEAN,
+                          std: Sequence[float] = OPENAI_STD) -> torch.Tensor:
+    """hps_preprocess on (..., 3, H, W) float pixels in [0, 1], differentiable (the reference's own steps run on
+    tensors, so the PIL path differs from this only by its 8-bit input)."""
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    pixels = torch.from_numpy(np.array(as_rgb(image))).permute(2, 0, 1).float().div(255.0)
     height, width = pixels.shape[-2:]
     scale = size / float(max(height, width))
     if scale != 1.0:
@@ -90,10 +104,15 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
 
 
 class HPSv2Metric(Metric):
+    differentiable = True
+
     def __init__(self, weights: str = "hpsv2.1", architecture: str = "ViT-H-14", weights_root: str | None = None,
-                 device: str = "auto", batch_size: int = 16, trust_pickle: bool = False):
+                 device: str = "auto", batch_size: int = 16, trust_pickle: bool = False,
+                 protocol: str = "official"):
         import open_clip
 
+        # The papers run HPS's own scorer (this preprocessing): "paper" is accepted and changes nothing.
+        self.protocol = check_protocol("HPSv2", protocol)
         self.batch_size = positive_int("batch_size", batch_size)
         cfg, arch_label = _model_config(str(architecture))
         path, weights_label = locate(weights, weights_root)
@@ -142,6 +161,21 @@ class HPSv2Metric(Metric):
             text_features = self.model.encode_text(tokens, normalize=True)
             scores.extend((image_features * text_features).sum(-1).float().cpu().tolist())
         return [{"score": v} for v in scores]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str],
+                     metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """(B,) scores of decoded pixels in [-1, 1], differentiable: hps_preprocess_tensor on the float pixels
+        (within TENSOR_ATOL of score() on the 8-bit images)."""
+        check_pairs("HPSv2", images, prompts)
+        x, prompts = pixels_lib.unit_pixels(images), list(prompts)
+        out = []
+        for s in batches(len(x), self.batch_size):
+            pixels = hps_preprocess_tensor(x[s], self.image_size).to(self.device)
+            image_features = self.model.encode_image(pixels, normalize=True)
+            with torch.no_grad():
+                text_features = self.model.encode_text(self.tokenizer(prompts[s]).to(self.device), normalize=True)
+            out.append((image_features * text_features).sum(-1).float())
+        return (torch.cat(out) if out else x.new_zeros(0)).to(images.device)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights}

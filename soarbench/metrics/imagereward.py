@@ -40,7 +40,7 @@ from torch import nn
 
 from soarbench.errors import UserError
 from soarbench.metrics.aesthetic import AestheticMLP
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.clipscore import (as_pil, batches, check_pairs, openai_clip_pixels, positive_int,
                                          resolve_device)
 from soarbench.metrics.weights import load_checkpoint, locate
@@ -247,7 +247,9 @@ def load_model(folder: Path, trust_pickle: bool = False) -> ImageRewardModel:
 class ImageRewardMetric(Metric):
     def __init__(self, model: str = "imagereward-v1", tokenizer: str = "bert-base-uncased-tokenizer",
                  weights_root: str | None = None, device: str = "auto", batch_size: int = 16,
-                 trust_pickle: bool = False):
+                 trust_pickle: bool = False, protocol: str = "official"):
+        # The papers score with the official ImageReward package's preprocessing: "paper" changes nothing here.
+        self.protocol = check_protocol("ImageReward", protocol)
         self.batch_size = positive_int("batch_size", batch_size)
         model_path, model_label = locate(model, weights_root)
         tokenizer_path, tokenizer_label = locate(tokenizer, weights_root)

@@ -2,6 +2,7 @@
 
     metric = OCRMetric()                       # rapidocr (PP-OCR ONNX models shipped in its wheel)
     metric = OCRMetric(engine="paddleocr")     # the reference engine, PaddleOCR 2.x, when installed
+    metric = OCRMetric(protocol="paper")       # the papers' engine: PaddleOCR 2.9.1 (required, no fallback)
     records = metric.score(images, prompts)    # [{"score", "target", "recognized", "distance", "engine"}, ...]
 
 Protocol (flow_grpo/ocr.py):
@@ -21,10 +22,15 @@ its default drop_score 0.5). The default here is rapidocr 3.10, whose wheel ship
 models and needs no download: run with no angle classifier, detector limit_type "max" / limit_side_len 960 (as
 PaddleOCR; rapidocr's own defaults upscale small images and are ~20x slower) and text_score 0.5 (PaddleOCR's
 drop_score). The two engines' models differ, so their numbers are close but not equal: the engine and its
-models are part of the metric's version and of every record.
+models are part of the metric's version and of every record, and describe() names them ("engine_models").
+
+Protocols: "official" runs the chosen engine (rapidocr unless told otherwise); "paper" is the Flow-GRPO
+evaluation as published and therefore requires the paddleocr engine (a UserError with its install line when
+paddleocr is absent, or when another engine is asked for).
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from soarbench.errors import UserError, did_you_mean
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.clipscore import as_rgb, check_pairs
 
 RAPIDOCR_INSTALL = "pip install rapidocr==3.10.* onnxruntime"
@@ -176,7 +182,14 @@ class PaddleOCREngine:
         return [(str(text), float(confidence)) for _box, (text, confidence) in (lines or [])]
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 ENGINES = {"rapidocr": RapidOCREngine, "paddleocr": PaddleOCREngine}
+# What each engine's models are, in words, for describe() (the file names are in engine.models).
+ENGINE_MODELS = {"rapidocr": "PP-OCRv6 small det + rec (ONNX, shipped in the rapidocr wheel)",
+                 "paddleocr": "en_PP-OCRv3 det + en_PP-OCRv4 rec (PaddleOCR 2.9.1, lang en, no angle classifier)"}
 
 
 # -------------------------------------------------------------------------------------------------- metric
@@ -186,10 +199,19 @@ class OCRMetric(Metric):
     """Flow-GRPO's OCR score. `weights_root` is accepted like every metric's; the OCR models ship inside the
     engine's package, so it is not used."""
 
-    def __init__(self, engine: str = "rapidocr", weights_root: str | None = None, device: str = "cpu",
-                 **engine_options: Any):
+    def __init__(self, engine: str | None = None, weights_root: str | None = None, device: str = "cpu",
+                 protocol: str = "official", **engine_options: Any):
+        self.protocol = check_protocol("OCR", protocol)
+        if engine is None:
+            engine = "paddleocr" if protocol == "paper" else "rapidocr"
         if engine not in ENGINES:
             raise did_you_mean("OCR engine", engine, ENGINES)
+        if protocol == "paper" and engine != "paddleocr":
+            raise UserError(f"OCR protocol 'paper' runs the papers' engine, paddleocr, not '{engine}' "
+                            f"(drop the engine option; install it with: {PADDLEOCR_INSTALL})")
+        if protocol == "paper" and not _installed("paddleocr"):
+            raise UserError(f"OCR protocol 'paper' needs the paddleocr engine, which is not installed: "
+                            f"{PADDLEOCR_INSTALL}")
         try:
             self.engine = ENGINES[engine](device=device, **engine_options)
         except TypeError as e:
@@ -238,4 +260,5 @@ class OCRMetric(Metric):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "engine": self.engine.name, "engine_version": self.engine.version,
+                "engine_models": ENGINE_MODELS.get(self.engine.name, "unknown"),
                 "models": dict(self.engine.models), "settings": dict(self.engine.settings)}

@@ -8,23 +8,35 @@ As in the reference code, the model is PickScore_v1 and the processor is laion/C
 Score = exp(logit_scale) * cos(text, image) with the model's own learnt logit_scale: about 21-24 for SD-class
 images. Stored raw; Flow-GRPO's training reward divides it by 26 (FLOW_GRPO_DIVISOR), which advantages
 normalised per group do not see.
+
+score_tensor(pixels, prompts) is the differentiable path for decoded pixels (ClipScore's, see
+soarbench.metrics.clipscore): it matches score() on the 8-bit images within TENSOR_COSINE_ATOL (1e-3) on the
+cosine, i.e. exp(logit_scale) * 1e-3 on the score (about 0.1 for PickScore_v1, whose exp(logit_scale) is about
+100; measured on the tiny test model: 4.5e-4 on the cosine).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from PIL import Image
 
-from soarbench.metrics.base import Metric, MetricInfo
-from soarbench.metrics.clipscore import HFClip, check_pairs, positive_int, resolve_device
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
+from soarbench.metrics.clipscore import (HFClip, check_pairs, clip_cosine_tensor, positive_int,
+                                         resolve_device)
 from soarbench.metrics.weights import locate
 
 FLOW_GRPO_DIVISOR = 26.0
 
 
 class PickScoreMetric(Metric):
+    differentiable = True
+
     def __init__(self, model: str = "pickscore-v1", processor: str = "clip-vit-h-14-processor",
-                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32):
+                 weights_root: str | None = None, device: str = "auto", batch_size: int = 32,
+                 protocol: str = "official"):
+        # The papers score PickScore with the reference processor too: "paper" is accepted and changes nothing.
+        self.protocol = check_protocol("PickScore", protocol)
         self.batch_size = positive_int("batch_size", batch_size)
         model_path, model_label = locate(model, weights_root)
         processor_path, processor_label = locate(processor, weights_root)
@@ -45,6 +57,13 @@ class PickScoreMetric(Metric):
         check_pairs("PickScore", images, prompts)
         cosines = self.clip.cosine(list(images), list(prompts), self.batch_size)
         return [{"score": s} for s in (self.logit_scale * cosines).tolist()]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str],
+                     metadata: Sequence[dict[str, Any]] | None = None) -> torch.Tensor:
+        """(B,) scores of decoded pixels in [-1, 1], differentiable: the processor's bicubic resize done by torch
+        on the float pixels; within exp(logit_scale) * TENSOR_COSINE_ATOL of score() on the 8-bit images."""
+        check_pairs("PickScore", images, prompts)
+        return self.logit_scale * clip_cosine_tensor(self.clip, images, list(prompts), self.batch_size)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights, "logit_scale_exp": self.logit_scale,

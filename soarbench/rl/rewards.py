@@ -2,17 +2,34 @@
 
     reward_fn = RewardFunction.from_config({"geneval": 1.0}, metric_options={"geneval": {"backend": "shapes"}})
     rewards, parts = reward_fn(images, prompts, metadata)      # (B,) fp32 and {"geneval": (B,) fp32}
+    future = reward_fn.score_async(pixels, prompts, metadata)  # the same, on one worker thread
+    ...                                                        # (e.g. the next rollout runs meanwhile)
+    rewards, parts = future.result()
 
     reward_n = sum_k w_k s_k(n)
 
 with raw, unnormalised scores s_k: the record field named in REWARD_FIELDS (GenEval's dense "partial_credit",
 which Flow-GRPO trains on, rather than its 0/1 "score"), and "score" for every other metric. Advantages are
-normalised per group afterwards, so no reward needs rescaling here. `calls` counts, per reward model, the images
-it scored: the reward-call column of the matched-budget accounting.
+normalised per group afterwards, so no reward needs rescaling here.
+
+Images are PIL images or decoded pixels, a (B, 3, H, W) float tensor in [-1, 1] (SD3Adapter.decode). Pixels go
+through each metric's tensor path (Metric.score_tensor): the result is on the pixels' device, and when every
+metric is `differentiable` (ClipScore, PickScore, HPSv2.1, Aesthetic) and grad is enabled, the reward keeps the
+autograd graph back to the pixels (Direct-Align / SRPO-style training). Non-differentiable metrics (GenEval, OCR,
+ImageReward) score the 8-bit images evaluation would save and return detached values.
+
+Counting, per reward model and per image (the reward columns of the matched-budget accounting):
+  calls[name]       forwards without a graph (no grad, a detached input, or a non-differentiable metric)
+  grad_calls[name]  forwards that build a graph to the pixels (grad enabled, input requires grad, metric
+                    differentiable)
+and, when `meter` is set (any object with add(name: str, n: int)), every scored batch of every metric calls
+meter.add("reward_calls", B) or meter.add("reward_fwd_bwd", B) accordingly.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import threading
 from numbers import Real
 from typing import Any, Mapping, Sequence
 
@@ -22,7 +39,8 @@ from soarbench.errors import UserError
 from soarbench.metrics.base import Metric
 from soarbench.metrics.registry import METRICS, build_metric
 
-# The record field each metric contributes as its training reward; "score" when not listed.
+# The record field each metric contributes as its training reward; "score" when not listed. Metric.reward_field
+# says the same for each metric class (a test holds them equal).
 REWARD_FIELDS = {"geneval": "partial_credit"}
 
 
@@ -44,14 +62,6 @@ def parse_weights(weights: Mapping[str, Any]) -> dict[str, float]:
     return parsed
 
 
-def _images(images) -> list:
-    if torch.is_tensor(images):  # decoded pixels (B, 3, H, W) in [-1, 1], as SD3Adapter.decode returns them
-        from soarbench.evaluate import to_pil
-
-        return to_pil(images)
-    return list(images)
-
-
 class RewardFunction:
     """Scores images with several metrics and returns their weighted sum as the reward."""
 
@@ -60,7 +70,11 @@ class RewardFunction:
             raise ValueError(f"need one weight per metric, got metrics {sorted(metrics)} and weights {sorted(weights)}")
         self.metrics = dict(metrics)
         self.weights = {name: float(weights[name]) for name in self.metrics}
-        self.calls = {name: 0 for name in self.metrics}  # images scored, per reward model
+        self.calls = {name: 0 for name in self.metrics}  # images scored without a graph, per reward model
+        self.grad_calls = {name: 0 for name in self.metrics}  # images scored with a graph to the pixels
+        self.meter = None  # optional budget meter: meter.add("reward_calls" | "reward_fwd_bwd", n)
+        self._lock = threading.Lock()  # counters are updated from the async worker too
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     @classmethod
     def from_config(cls, weights: Mapping[str, Any],
@@ -79,32 +93,95 @@ class RewardFunction:
         return list(self.metrics)
 
     @property
+    def differentiable(self) -> bool:
+        """True when every metric's tensor path keeps the graph to the pixels."""
+        return all(getattr(metric, "differentiable", False) for metric in self.metrics.values())
+
+    @property
     def total_calls(self) -> int:
         return sum(self.calls.values())
+
+    @property
+    def total_grad_calls(self) -> int:
+        return sum(self.grad_calls.values())
 
     def __call__(self, images, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(rewards (B,) fp32, {metric name: its raw per-image reward (B,) fp32}) for B images (PIL or pixels)."""
-        images = _images(images)
+        if torch.is_tensor(images):
+            return self._score_pixels(images, list(prompts), metadata)
+        images = list(images)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         total = torch.zeros(len(images), dtype=torch.float32)
         parts = {}
         for name, metric in self.metrics.items():
             records = metric.score(images, prompts, metadata)
-            self.calls[name] += len(images)
+            self._count(name, len(images), with_grad=False)
             parts[name] = torch.tensor([self._value(name, record) for record in records], dtype=torch.float32)
             total += self.weights[name] * parts[name]
         return total, parts
 
-    @staticmethod
-    def _value(name: str, record: Mapping[str, Any]) -> float:
-        field = reward_field(name)
+    def _score_pixels(self, pixels: torch.Tensor, prompts: list[str], metadata
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if len(prompts) != len(pixels):
+            raise ValueError(f"{len(pixels)} images but {len(prompts)} prompts")
+        total = torch.zeros(len(pixels), dtype=torch.float32, device=pixels.device)
+        parts = {}
+        for name, metric in self.metrics.items():
+            with_grad = (torch.is_grad_enabled() and pixels.requires_grad
+                         and getattr(metric, "differentiable", False))
+            values = metric.score_tensor(pixels, prompts, metadata)
+            if values.shape != (len(pixels),):
+                raise RuntimeError(f"metric '{name}' returned {tuple(values.shape)} rewards for {len(pixels)} images")
+            self._count(name, len(pixels), with_grad)
+            parts[name] = values.to(device=pixels.device, dtype=torch.float32)
+            total = total + self.weights[name] * parts[name]
+        return total, parts
+
+    def _count(self, name: str, n: int, with_grad: bool) -> None:
+        with self._lock:
+            (self.grad_calls if with_grad else self.calls)[name] += n
+        if self.meter is not None:
+            self.meter.add("reward_fwd_bwd" if with_grad else "reward_calls", n)
+
+    def score_async(self, images, prompts: Sequence[str], metadata: Sequence[dict[str, Any]] | None = None
+                    ) -> concurrent.futures.Future:
+        """Score on a single worker thread (calls run in submission order); the Future's result is what
+        __call__ returns. Pixels are detached and moved to the CPU first unless the reward is differentiable,
+        so the caller's GPU buffer is free for the next rollout. The caller's grad mode applies in the worker."""
+        if torch.is_tensor(images) and not self.differentiable:
+            images = images.detach().cpu()
+        elif not torch.is_tensor(images):
+            images = list(images)
+        prompts = list(prompts)
+        metadata = None if metadata is None else list(metadata)
+        grad_enabled = torch.is_grad_enabled()  # grad mode is thread-local: carry the caller's over
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+        def run():
+            with torch.set_grad_enabled(grad_enabled):
+                return self(images, prompts, metadata)
+
+        return self._executor.submit(run)
+
+    def close(self) -> None:
+        """Stop the async worker (after the calls already submitted); a later score_async starts a new one."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _value(self, name: str, record: Mapping[str, Any]) -> float:
+        field = self._field(name)
         if field not in record:
             raise RuntimeError(f"metric '{name}' returned a record without '{field}', its reward field")
         return float(record[field])
 
+    def _field(self, name: str) -> str:
+        return REWARD_FIELDS.get(name, getattr(self.metrics[name], "reward_field", "score"))
+
     def describe(self) -> dict[str, Any]:
         """What the reward was, for provenance: per metric its weight, reward field and version."""
-        return {name: {"weight": self.weights[name], "field": reward_field(name), **metric.describe()}
+        return {name: {"weight": self.weights[name], "field": self._field(name), **metric.describe()}
                 for name, metric in self.metrics.items()}
