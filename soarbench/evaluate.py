@@ -36,6 +36,7 @@ from soarbench.benchmarks import Benchmark
 from soarbench.errors import UserError
 from soarbench.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from soarbench.metrics.base import Metric
+from soarbench.metrics.pixels import to_pil  # noqa: F401  (one 8-bit conversion for evaluation and rewards)
 from soarbench.metrics.registry import METRICS, build_metric
 from soarbench.models.sd3 import SD3Adapter
 from soarbench.sampling.ode import euler_sample
@@ -50,11 +51,6 @@ def sample_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    arr = ((pixels.float().cpu().permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 def png_bytes(image: Image.Image) -> bytes:

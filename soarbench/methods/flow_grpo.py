@@ -113,6 +113,7 @@ class FlowGRPO(MethodBase):
             roles.add_role("ref")
         if self.use_ema:
             roles.add_ema(params, self.ema_decay, self.ema_every)
+        self.reward_fn.meter = ctx.meter  # reward calls are counted where they are made
         return [ParamGroup(params)]
 
     @torch.no_grad()
@@ -134,7 +135,6 @@ class FlowGRPO(MethodBase):
                                noise_fn=lambda i: ctx.randn(shape, share.ids, f"sde_{i}"))
         adapter.transformer.train(was)
         rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
-        ctx.meter.add("reward_calls", len(share.ids) * len(self.reward_fn.names))
         # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
         traj = Trajectory(latents=_gather(ctx, traj.latents), log_probs=_gather(ctx, traj.log_probs),
                           sigmas=traj.sigmas, trainable=_gather(ctx, traj.trainable), variant=traj.variant,
