@@ -84,12 +84,13 @@ def train(
     from soarbench.harness.train import train as run_train
     from soarbench.methods import METHODS
 
-    cfg = C.apply_overrides(C.load_toml(config), list(set_))
+    cfg = C.apply_overrides(C.load_config(config), list(set_))
     if method is not None:
         METHODS.check(method)
         cfg.setdefault("method", {})["name"] = method
     elif "method" in cfg and "name" in cfg["method"]:
         METHODS.check(cfg["method"]["name"])
+    C.validate_train_config(cfg)  # every key, type and range, before anything is loaded or written
     run_train(cfg, out, resume=resume, log=_log, progress=_Bar("training"))
     _log(f"done: {out}")
 
