@@ -307,19 +307,25 @@ def _check_components(where: str, value: list[str]) -> None:
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
-def check_device(where: str, value: str) -> None:
-    """auto | cpu | cuda | cuda:N, and a CUDA device must exist on this machine."""
+def device_problem(value: str) -> str | None:
+    """Why `value` is not a usable device here (auto | cpu | cuda | cuda:N, CUDA present), or None."""
     if not DEVICE_PATTERN.match(value):
-        raise _bad(where, value, "auto, cpu, cuda or cuda:N")
+        return "expected auto, cpu, cuda or cuda:N"
     if not value.startswith("cuda"):
-        return
+        return None
     import torch
 
     if not torch.cuda.is_available():
-        raise UserError(f"config: {where} = {_show(value)}: this machine has no CUDA device (use auto or cpu)")
+        return "this machine has no CUDA device (use auto or cpu)"
     if ":" in value and int(value.split(":")[1]) >= torch.cuda.device_count():
-        raise UserError(f"config: {where} = {_show(value)}: this machine has {torch.cuda.device_count()} CUDA "
-                        f"device(s), numbered from 0")
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    return None
+
+
+def check_device(where: str, value: str) -> None:
+    problem = device_problem(value)
+    if problem is not None:
+        raise UserError(f"config: {where} = {_show(value)}: {problem}")
 
 
 def _check_world(where: str, value: str) -> None:

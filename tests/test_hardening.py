@@ -159,3 +159,221 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_bytes('\ufeff{"a": 1}\n{"a": "é"}\n'.encode("utf-8"))
     assert list(read_jsonl(path)) == [(1, {"a": 1}), (2, {"a": "é"})]
+
+
+# ------------------------------------------------------------------------------------------------ the .pth hook
+def _bare_venv(tmp_path: Path, with_hook: bool) -> Path:
+    """A venv that sees the project venv's packages but none of its .pth files, plus (or not) our hook."""
+    import site
+    import sysconfig
+
+    venv = tmp_path / ("hooked" if with_hook else "bare")
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
+                                         "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        capture_output=True, text=True, check=True).stdout.strip())
+    ours = [p for p in site.getsitepackages() if "site-packages" in p] or [sysconfig.get_paths()["purelib"]]
+    repo = Path(__file__).resolve().parents[1]
+    # path lines only: the project venv's own .pth files are not run in the new venv
+    (site_packages / "project.pth").write_text(f"{repo}\n" + "".join(f"{p}\n" for p in ours))
+    if with_hook:
+        from soarbench._site_hook import install_files
+
+        install_files(site_packages)
+    return venv / "bin" / "python"
+
+
+PROBE = """
+import sys
+at_start = sorted(m for m in ("torch", "soarbench", "torchvision") if m in sys.modules)
+try:
+    from diffusers import StableDiffusion3Pipeline
+    result = "imported"
+except Exception as e:
+    result = type(e).__name__
+print(at_start, result, "soarbench._compat" in sys.modules)
+"""
+
+
+def test_diffusers_imports_without_soarbench_first_once_the_hook_is_installed(tmp_path):
+    hooked = _bare_venv(tmp_path, with_hook=True)
+    out = subprocess.run([str(hooked), "-c", PROBE], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    # start-up imports nothing heavy; the hook brought in soarbench._compat just before torchvision
+    assert out.stdout.split("\n")[0] == "[] imported True", out.stderr[-2000:]
+
+
+def test_without_the_hook_the_same_import_fails_here_or_needs_no_help(tmp_path):
+    """The control: what the hook changes. Where torchvision's own ops load, both work and _compat stays out."""
+    bare = _bare_venv(tmp_path, with_hook=False)
+    out = subprocess.run([str(bare), "-c", PROBE], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    line = out.stdout.split("\n")[0]
+    assert line in ("[] RuntimeError False", "[] imported False"), out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ CLI values
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    from soarbench.models.sd3 import SD3Adapter
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the command line was checked")
+
+    monkeypatch.setattr(SD3Adapter, "from_pretrained", classmethod(refuse))
+
+
+def _no_cuda_device() -> str:
+    import torch
+
+    return "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--batch-size", "0", "error: --batch-size 0: expected an integer >= 1"),
+    ("--steps", "0", "error: --steps 0: expected an integer >= 1"),
+    ("--seed", "-1", "error: --seed -1: expected an integer >= 0"),
+    ("--guidance", "nan", "error: --guidance nan: expected a finite number"),
+    ("--guidance", "inf", "error: --guidance inf: expected a finite number"),
+    ("--max-sequence-length", "-3", "error: --max-sequence-length -3: expected an integer >= 0"),
+    ("--device", "gpu", "error: --device gpu: expected auto, cpu, cuda or cuda:N"),
+    ("--device", _no_cuda_device(), "error: --device cuda"),
+])
+def test_eval_values_are_checked_before_any_model_loads(tmp_path, tiny_model_dir, cli, no_model_loads, flag,
+                                                        value, expected):
+    code, _, err = cli("eval", "--model", tiny_model_dir, "--benchmark", "shapes", "--out", tmp_path / "e",
+                       flag, value)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(expected), err
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_missing_cuda_device_names_the_machine(tmp_path, tiny_model_dir, cli, no_model_loads, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = cli("eval", "--model", tiny_model_dir, "--benchmark", "shapes", "--out", tmp_path / "e",
+                       "--device", "cuda")
+    assert (code, err) == (2, "error: --device cuda: this machine has no CUDA device (use auto or cpu)")
+
+
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in (root ignores permission bits, not sysfs)."""
+    import os
+    import tempfile
+
+    for candidate in (Path("/sys"), Path("/proc/self")):
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            return candidate
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    return locked
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "run"])
+def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, tiny_model_dir, cli, no_model_loads, command):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npath = "{tiny_model_dir}"\n[data]\njsonl = "{tmp_path / "d.jsonl"}"\n'
+                   f'[method]\nname = "sft"\n[budget]\namount = 8\n')
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'[common.model]\npath = "{tiny_model_dir}"\n[runs.sft]\nmethod = {{ name = "sft" }}\n')
+    head = {"eval": ["eval", "--model", tiny_model_dir, "--benchmark", "shapes"],
+            "train": ["train", "--config", cfg], "run": ["run", exp]}[command]
+    existing = tmp_path / "results.txt"
+    existing.write_text("keep me")
+    code, _, err = cli(*head, "--out", existing)
+    assert code == 2 and err == f"error: --out {existing}: is an existing file; expected a folder (new, or one to " \
+                                "resume in)"
+    assert existing.read_text() == "keep me"
+    locked = _unwritable_folder(tmp_path)
+    code, _, err = cli(*head, "--out", locked / "sub" / "run")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: --out {locked / 'sub' / 'run'}: cannot write in {locked} (")
+
+
+# ------------------------------------------------------------------------------------------------ full disks
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/report.md")
+
+
+def test_a_full_disk_escaping_a_command_is_one_line(tmp_path, cli, monkeypatch):
+    import soarbench.report
+
+    monkeypatch.setattr(soarbench.report, "write_report", _full_disk)
+    code, _, err = cli("report", tmp_path, "--out", tmp_path / "r")
+    assert code == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: the disk is full while writing /runs/x/report.md (No space left on device): "
+                          "free some space")
+
+
+def test_a_full_disk_behind_another_exception_is_recognised(tmp_path, cli, monkeypatch):
+    import soarbench.report
+
+    def wrapped(*args, **kwargs):
+        try:
+            _full_disk()
+        except OSError as e:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from e
+
+    monkeypatch.setattr(soarbench.report, "write_report", wrapped)
+    code, _, err = cli("report", tmp_path, "--out", tmp_path / "r")
+    assert code == 1 and err.startswith("error: the disk is full while writing /runs/x/report.md")
+
+
+def test_other_errors_still_raise(tmp_path, cli, monkeypatch):
+    import soarbench.report
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(soarbench.report, "write_report", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        cli("report", tmp_path, "--out", tmp_path / "r")
+
+
+def test_a_full_disk_during_an_atomic_write_leaves_the_old_file(tmp_path, monkeypatch):
+    import os
+
+    from soarbench.io import atomic_write_text
+
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, "old")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+# ------------------------------------------------------------------------------------------------ help and progress
+def test_run_help_shows_the_experiment_tables(cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = cli("run", "--help")
+    assert code == 0 and "Experiment TOML: [common], [runs.NAME], [experiment]" in out
+
+
+def test_progress_prints_plain_lines_every_n_steps_off_a_terminal(capsys):
+    from soarbench.cli import Progress
+
+    progress = Progress("training", every=2, unit="step", tty=False)
+    for step in range(1, 6):
+        progress(step, 5, loss=0.0123 * step, grad_norm=None, images=step * 4)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["step 2/5 loss 0.0246 images 8", "step 4/5 loss 0.0492 images 16",
+                     "step 5/5 loss 0.0615 images 20"]
+    unbounded = Progress("training", every=3, unit="step", tty=False)
+    for step in range(1, 7):
+        unbounded(step, None)
+    assert capsys.readouterr().err.strip().splitlines() == ["step 3", "step 6"]
+
+
+def test_progress_on_a_terminal_draws_no_plain_lines(capsys):
+    from soarbench.cli import Progress
+
+    progress = Progress("training", every=1, unit="step", tty=True)
+    for step in range(1, 4):
+        progress(step, 3, loss=0.5)
+    assert "step 1/3" not in capsys.readouterr().err
