@@ -48,10 +48,11 @@ class Progress:
 
     On a terminal: a rich bar (values such as loss shown beside it). Elsewhere (CI, nohup, a pipe): one plain
     line every `every` calls and at the end, e.g. "step 120/700 loss 0.0123 grad_norm 0.41", so a log file shows
-    how far a run got. `values` are whatever the caller has (the training loop passes loss=..., etc.)."""
+    how far a run got (every = 0: no plain lines, for commands whose output is read by scripts). `values` are
+    whatever the caller has (the training loop passes loss=..., etc.)."""
 
     def __init__(self, description: str, every: int = 1, unit: str | None = None, tty: bool | None = None):
-        self.description, self.every, self.unit = description, max(int(every), 1), unit or description
+        self.description, self.every, self.unit = description, max(int(every), 0), unit or description
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.progress, self.task = None, None
 
@@ -69,7 +70,7 @@ class Progress:
             self._bar(done, total, values)
             return
         last = total is not None and done >= total
-        if done % self.every == 0 or last:
+        if self.every and (done % self.every == 0 or last):
             where = f"{done}/{total}" if total is not None else f"{done}"
             _log(" ".join(p for p in (self.unit, where, self.format_values(values)) if p))
 
@@ -232,7 +233,7 @@ def eval_(
 
         bench = build_benchmark(benchmark)
         summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
-                               on_progress=Progress(f"score {benchmark}"))
+                               on_progress=Progress(f"score {benchmark}", every=0))
         if not summary["benchmark"]["covers_benchmark"]:
             _log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
                  f"{bench.images_per_prompt} images): the scores are not its official numbers")
@@ -248,7 +249,7 @@ def eval_(
         summary = evaluate(adapter, bench, out, seed=0 if seed is None else seed, metric_names=names,
                            batch_size=batch_size,
                            model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
-                           num_steps=steps, guidance=guidance, on_progress=Progress(f"eval {benchmark}"))
+                           num_steps=steps, guidance=guidance, on_progress=Progress(f"eval {benchmark}", every=0))
     for key, value in summary["scores"].items():
         typer.echo(f"{key}\t{value:.4f}")
 

@@ -377,3 +377,12 @@ def test_progress_on_a_terminal_draws_no_plain_lines(capsys):
     for step in range(1, 4):
         progress(step, 3, loss=0.5)
     assert "step 1/3" not in capsys.readouterr().err
+
+
+def test_progress_with_every_zero_stays_quiet_off_a_terminal(capsys):
+    from soarbench.cli import Progress
+
+    quiet = Progress("eval shapes", every=0, tty=False)
+    for done in range(1, 4):
+        quiet(done, 3)
+    assert capsys.readouterr().err == ""
