@@ -440,6 +440,9 @@ def validate_train_config(cfg: dict[str, Any]) -> dict[str, Any]:
             hint = _did_you_mean(name, known) or f" (valid: {', '.join(known)})"
             raise UserError(f"config: unknown section '{name}'{hint}")
     out = {name: _read_table(name, cfg.get(name, {}), schema) for name, schema in TRAIN_SCHEMA.items()}
+    if "benchmark" in out["eval"]:
+        out["eval"]["benchmark_options"] = validate_benchmark_options(out["eval"]["benchmark"],
+                                                                      out["eval"]["benchmark_options"])
     if "generate" in out["data"]:
         out["data"]["generate"] = _read_table("data.generate", out["data"]["generate"], GENERATE_SCHEMA)
     method = cfg.get(METHOD_SECTION)
@@ -563,21 +566,40 @@ def validate_method_options(name: str, options: dict[str, Any]) -> dict[str, Any
         METHODS.check(name)
     except UserError as e:
         raise UserError(f"config: method.name = {_show(name)}: {e}") from None
-    params = _constructor_parameters(METHODS.load(name))
+    return _check_options("method", _constructor_parameters(METHODS.load(name)), options, f"method '{name}'")
+
+
+def _check_options(prefix: str, params: dict[str, tuple[inspect.Parameter, Any]], options: dict[str, Any],
+                   owner: str, fill_defaults: bool = True) -> dict[str, Any]:
+    """Options checked against a signature's parameters: names (did-you-mean), types, required ones present."""
     out: dict[str, Any] = {}
     for key, value in options.items():
         if key not in params:
-            raise _unknown_key("method.", key, sorted(params), f" for method '{name}'")
+            raise _unknown_key(f"{prefix}.", key, sorted(params), f" for {owner}")
         hint = _hint_of(*params[key])
         if not _matches(value, hint):
-            raise _bad(f"method.{key}", value, _describe(hint))
+            raise _bad(f"{prefix}.{key}", value, _describe(hint))
         if isinstance(value, float) and not math.isfinite(value):
-            raise _bad(f"method.{key}", value, "a finite number")
+            raise _bad(f"{prefix}.{key}", value, "a finite number")
         out[key] = float(value) if hint is float and _is_int(value) else copy.deepcopy(value)
     for key, (param, _) in params.items():
-        if key in out:
+        if key in out or not fill_defaults:
             continue
         if param.default is inspect.Parameter.empty:
-            raise UserError(f"config: missing required field 'method.{key}' (method '{name}')")
+            raise UserError(f"config: missing required field '{prefix}.{key}' ({owner})")
         out[key] = copy.deepcopy(param.default)
     return out
+
+
+def validate_benchmark_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """eval.benchmark_options checked against the benchmark factory's signature (only the given keys kept)."""
+    from soarbench.benchmarks import BENCHMARKS
+
+    factory = BENCHMARKS.load(name)
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:
+        hints = {}
+    params = {p.name: (p, hints.get(p.name)) for p in inspect.signature(factory).parameters.values()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return _check_options("eval.benchmark_options", params, options, f"benchmark '{name}'", fill_defaults=False)

@@ -220,3 +220,20 @@ def test_a_checkpoint_that_ships_sha256sums_is_checked_too(adapter, tiny_model_d
     (ckpt / "transformer" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="transformer/config.json: sha256 .* differs from"):
         SD3Adapter.from_pretrained(ckpt)
+
+
+def test_a_bad_recorded_sequence_length_is_one_line(tiny_model_dir, tmp_path):
+    from soarbench.models.sd3 import recorded_sequence_length
+
+    base = tmp_path / "base"
+    base.mkdir()
+    assert recorded_sequence_length(base, None) == 77
+    (base / "soarbench_model.json").write_text('{"max_sequence_length": 12}')
+    assert recorded_sequence_length(base, None) == 12
+    assert recorded_sequence_length(base, {"max_sequence_length": 0}) == 0
+    (base / "soarbench_model.json").write_text('{"max_sequence_length": "long"}')
+    with pytest.raises(UserError, match=r'soarbench_model.json: max_sequence_length = "long": expected an integer'):
+        recorded_sequence_length(base, None)
+    (base / "soarbench_model.json").write_text("{oops")
+    with pytest.raises(UserError, match="soarbench_model.json: not valid JSON"):
+        recorded_sequence_length(base, None)

@@ -132,6 +132,11 @@ def test_given_values_are_kept():
     ("eval.guidance", float("nan"), "config: eval.guidance = nan: expected a finite number"),
     ("eval.benchmark", "shapez", "did you mean 'shapes'?"),
     ("eval.metrics", ["genevl"], "config: eval.metrics = ['genevl']: expected one of"),
+    ("eval", {"benchmark": "shapes", "benchmark_options": {"images_per_promt": 2}},
+     "config: unknown key 'eval.benchmark_options.images_per_promt' for benchmark 'shapes' "
+     "(did you mean 'eval.benchmark_options.images_per_prompt'?)"),
+    ("eval", {"benchmark": "shapes", "benchmark_options": {"n_per_tag": "many"}},
+     "config: eval.benchmark_options.n_per_tag = 'many': expected an integer"),
     ("data.caption_dropout", 1.0, "config: data.caption_dropout = 1.0: expected a number >= 0 and < 1"),
     ("data.text_cache", "some", "config: data.text_cache = 'some': expected one of auto, all, none"),
     ("data.generate", {"world": "shapez"}, "config: data.generate.world = 'shapez': expected shapes "

@@ -130,12 +130,26 @@ def verify_sha256sums(folder: Path) -> int:
 
 
 def recorded_sequence_length(base: Path, record: dict | None) -> int:
+    """The T5 length a model was trained with: the checkpoint's record, else the base's soarbench_model.json,
+    else 77; a recorded value that is not an integer >= 0 is one UserError line naming the file."""
     if record is not None and "max_sequence_length" in record:
-        return int(record["max_sequence_length"])
+        return _sequence_length(record["max_sequence_length"], f"{CHECKPOINT_FILE} of the checkpoint")
     note = base / MODEL_NOTE_FILE
     if note.is_file():
-        return int(json.loads(note.read_text()).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+        try:
+            data = json.loads(note.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{note}: not valid JSON (expected {{\"max_sequence_length\": N}})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{note}: expected a JSON object such as {{\"max_sequence_length\": 77}}")
+        return _sequence_length(data.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH), str(note))
     return DEFAULT_MAX_SEQUENCE_LENGTH
+
+
+def _sequence_length(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{where}: max_sequence_length = {json.dumps(value)}: expected an integer >= 0")
+    return value
 
 
 class SD3Adapter:
