@@ -205,12 +205,12 @@ class Field:
     length: int | None = None  # arrays: exact length
 
     def read(self, where: str, value: Any) -> Any:
-        value = self._typed(where, value)
+        raw, value = value, self._typed(where, value)  # messages show the value as the user wrote it
         if self.kind in ("number", "int"):
-            self._range(where, value, value)
+            self._range(where, raw, value)
         elif self.kind == "numbers":
             for v in value:
-                self._range(where, value, v)
+                self._range(where, raw, v)
         if self.choices is not None:
             valid = list(self.choices() if callable(self.choices) else self.choices)
             for v in value if isinstance(value, list) else [value]:
@@ -226,7 +226,7 @@ class Field:
         if kind == "number":
             if not _is_number(value) or not math.isfinite(value):
                 raise _bad(where, value, "a number" if not _is_number(value) else "a finite number")
-            return float(value) if isinstance(value, float) else value
+            return float(value)  # `lr = 1` is the number 1.0: the reader never sees an int where floats go
         if kind == "int":
             if not _is_int(value):
                 raise _bad(where, value, "an integer")
@@ -250,7 +250,7 @@ class Field:
                 raise _bad(where, value, f"an array of {what}" + (f" (length {self.length})" if self.length else ""))
             if self.length is not None and len(value) != self.length:
                 raise _bad(where, value, f"an array of {self.length} {what}")
-            return list(value)
+            return [float(v) for v in value] if kind == "numbers" else list(value)
         raise AssertionError(kind)
 
     def _range(self, where: str, shown: Any, v: float) -> None:
