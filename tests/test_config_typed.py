@@ -237,3 +237,13 @@ def test_cli_run_checks_every_run_before_the_first(tmp_path, cli):
     assert err == (f"error: {exp} run 'soar-s0': config: unknown key 'method.lamda_aux' for method 'soar' "
                    f"(did you mean 'method.lambda_aux'?)")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_train_on_cuda_without_cuda_is_one_line(tmp_path, cli, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _config_file(tmp_path, tmp_path / "no-model", tmp_path / "no.jsonl")
+    code, _, err = cli("train", "--config", cfg, "--set", "train.device=cuda", "--out", tmp_path / "run")
+    assert (code, err) == (2, "error: config: train.device = 'cuda': this machine has no CUDA device (use auto or cpu)")
+    assert not (tmp_path / "run").exists()
