@@ -237,3 +237,34 @@ def test_a_bad_recorded_sequence_length_is_one_line(tiny_model_dir, tmp_path):
     (base / "soarbench_model.json").write_text("{oops")
     with pytest.raises(UserError, match="soarbench_model.json: not valid JSON"):
         recorded_sequence_length(base, None)
+
+
+def test_training_resumes_from_the_last_good_checkpoint_past_a_torn_one(tiny_model_dir, shapes_data, tmp_path,
+                                                                         capsys):
+    """End to end through the trainer: the newest checkpoint is torn and a killed write left a .tmp folder; the
+    resumed run restarts from the one before and ends bit-for-bit where an uninterrupted run ends."""
+    from soarbench.harness.train import train
+    from soarbench.models import SD3Adapter
+
+    cfg = {"model": {"path": str(tiny_model_dir), "max_sequence_length": 0}, "data": {"jsonl": str(shapes_data)},
+           "method": {"name": "sft"}, "train": {"seed": 5, "batch_size": 4, "lr": 1e-3, "threads": 2},
+           "budget": {"unit": "optimizer_steps", "amount": 4}}
+    train(cfg, tmp_path / "straight", log=lambda m: None)
+    every = {**cfg, "train": {**cfg["train"], "checkpoint_every": 1}}
+    train({**every, "budget": {"unit": "optimizer_steps", "amount": 3}}, tmp_path / "cut", log=lambda m: None)
+    state = checkpoint_dir(tmp_path / "cut", 3) / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # torn by a crash
+    leftover = tmp_path / "cut" / "checkpoints" / "step_000004.tmp"
+    leftover.mkdir()
+    capsys.readouterr()
+    logs: list[str] = []
+    train(every, tmp_path / "cut", resume=True, log=logs.append)
+    assert f"resumed from {checkpoint_dir(tmp_path / 'cut', 2)} at step 2" in logs
+    warned = capsys.readouterr().out
+    assert f"skipping {checkpoint_dir(tmp_path / 'cut', 3)}: {STATE_FILE} has" in warned and str(leftover) in warned
+    a = SD3Adapter.from_pretrained(checkpoint_dir(tmp_path / "straight", 4), max_sequence_length=0)
+    b = SD3Adapter.from_pretrained(checkpoint_dir(tmp_path / "cut", 4), max_sequence_length=0)
+    for (name, p), q in zip(a.transformer.named_parameters(), b.transformer.parameters()):
+        assert torch.equal(p, q), name
+    assert not leftover.exists()  # writing step 4 again cleared the killed write's leftover
+    assert latest_checkpoint(tmp_path / "cut", warn=pytest.fail) == checkpoint_dir(tmp_path / "cut", 4)
