@@ -69,7 +69,8 @@ def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE, where: 
             image.load()
             return to_rgb(image, background)
     except ModeError as e:
-        raise UserError(f"{name}: image mode {image.mode} cannot be read as RGB ({e})") from None
+        what = "mode" if where else "image mode"
+        raise UserError(f"{name}: {what} {image.mode} cannot be read as RGB ({e})") from None
     except FileNotFoundError:
         raise UserError(f"{name}: no such file") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:

@@ -94,7 +94,7 @@ def test_training_pixels_go_through_the_same_reading(tmp_path):
     px = load_pixels(Record(tmp_path / "clear.png", "c", 4, 4, "d.jsonl:1"), random.Random(0), False)
     assert px.shape == (3, 4, 4) and bool((px == 1.0).all())  # transparent -> white -> +1, not black
     Image.fromarray(np.array([[0.5]], dtype=np.float32)).save(tmp_path / "f.tif")
-    with pytest.raises(UserError, match=r"^d.jsonl:2: image .*f.tif: image mode F cannot be read as RGB"):
+    with pytest.raises(UserError, match=r"^d.jsonl:2: image .*f.tif: mode F cannot be read as RGB"):
         load_pixels(Record(tmp_path / "f.tif", "c", 1, 1, "d.jsonl:2"), random.Random(0), False)
 
 
