@@ -12,8 +12,8 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt -c constraints.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
-	# torchvision's CPU fallback as an import hook, so diffusers / accelerate launch work without importing soarbench
-	$(BIN)/python soarbench/_compat.py
+	# `from diffusers import ...` without `import soarbench` first: a .pth hook (see soarbench/_site_hook.py)
+	$(BIN)/python -m soarbench._site_hook
 	touch $(STAMP)
 
 install: $(STAMP)

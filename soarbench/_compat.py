@@ -4,16 +4,11 @@ The torchvision 0.28.0 wheel that matches torch 2.13.0 is a CUDA build: its comp
 CPU torch, `import torchvision` then raises "operator torchvision::nms does not exist", and transformers,
 diffusers, open_clip and timm all import torchvision. We register the `torchvision::nms` schema with a CPU
 kernel, but only when the real op is missing; on a machine whose torchvision ops load this does nothing.
-Imported first by `soarbench/__init__.py`. `make install` also drops a .pth file into the environment that loads
-this file on its own (not the soarbench package) and installs an import hook, so that `from diffusers import ...`
-and `accelerate launch` work in the project's environment without importing soarbench first; the hook only acts
-when torchvision is first imported, so other programs start no slower.
+Imported first by `soarbench/__init__.py`.
 """
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
-import sys
 
 
 def _nms_cpu(boxes, scores, iou_threshold: float):
@@ -85,36 +80,4 @@ def install_torchvision_fallback() -> None:
         pass  # another copy defined it first
 
 
-class _TorchvisionHook(importlib.abc.MetaPathFinder):
-    """Runs the fallback just before torchvision is first imported, then steps aside."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "torchvision":
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            install_torchvision_fallback()
-        return None
-
-
-def install_import_hook() -> None:
-    if "torchvision" in sys.modules:
-        install_torchvision_fallback()
-    elif not any(isinstance(f, _TorchvisionHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _TorchvisionHook())
-
-
-def pth_line(path: str) -> str:
-    """The line of the environment's .pth file: load this file by path, standalone, and install the hook."""
-    return (f"import importlib.util as _u; _s = _u.spec_from_file_location('_soarbench_tv_compat', {path!r}); "
-            "_m = _u.module_from_spec(_s); _s.loader.exec_module(_m); _m.install_import_hook()\n")
-
-
-if __name__ == "soarbench._compat":
-    install_torchvision_fallback()
-elif __name__ == "__main__":  # python soarbench/_compat.py: write the .pth file into this environment
-    import sysconfig
-    from pathlib import Path
-
-    target = Path(sysconfig.get_paths()["purelib"]) / "soarbench_torchvision_compat.pth"
-    target.write_text(pth_line(str(Path(__file__).resolve())))
-    print(target)
+install_torchvision_fallback()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from soarbench.errors import UserError
 
@@ -43,24 +44,92 @@ def _log(message: str) -> None:
     _console().print(message, markup=False, highlight=False, soft_wrap=True)
 
 
-class _Bar:
-    """A rich progress bar that the harness drives through a plain callable(done, total)."""
+class Progress:
+    """The progress callback the harness and evaluation drive: progress(done, total, **values).
 
-    def __init__(self, description: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    On a terminal: a rich bar (values such as loss shown beside it). Elsewhere (CI, nohup, a pipe): one plain
+    line every `every` calls and at the end, e.g. "step 120/700 loss 0.0123 grad_norm 0.41", so a log file shows
+    how far a run got (every = 0: no plain lines, for commands whose output is read by scripts). `values` are
+    whatever the caller has (the training loop passes loss=..., etc.)."""
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=_console(), transient=True,
-                                 disable=not sys.stderr.isatty())
-        self.description, self.task = description, None
+    def __init__(self, description: str, every: int = 1, unit: str | None = None, tty: bool | None = None):
+        self.description, self.every, self.unit = description, max(int(every), 0), unit or description
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.progress, self.task = None, None
 
-    def __call__(self, done: int, total: Optional[int]) -> None:
+    @staticmethod
+    def format_values(values: dict) -> str:
+        parts = []
+        for key, value in values.items():
+            if value is None:
+                continue
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        return " ".join(parts)
+
+    def __call__(self, done: int, total: Optional[int], **values) -> None:
+        if self.tty:
+            self._bar(done, total, values)
+            return
+        last = total is not None and done >= total
+        if self.every and (done % self.every == 0 or last):
+            where = f"{done}/{total}" if total is not None else f"{done}"
+            _log(" ".join(p for p in (self.unit, where, self.format_values(values)) if p))
+
+    def _bar(self, done: int, total: Optional[int], values: dict) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+            TimeRemainingColumn
+
         if self.task is None:
+            self.progress = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeRemainingColumn(), console=_console(), transient=True)
             self.progress.start()
             self.task = self.progress.add_task(self.description, total=total)
-        self.progress.update(self.task, completed=done, total=total)
+        text = " ".join(p for p in (self.description, self.format_values(values)) if p)
+        self.progress.update(self.task, completed=done, total=total, description=escape(text))
         if total is not None and done >= total:
             self.progress.stop()
+
+
+_Bar = Progress  # the old name
+
+
+def _check_out(out: Path, flag: str = "--out") -> None:
+    """--out must be a folder this process can create or write in: checked before any model loads."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out}: is an existing file; expected a folder (new, or one to resume in)")
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {out}: {parent} is a file, so the folder cannot be created")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def _check_range(flag: str, value, low=None, finite: bool = False) -> None:
+    import math
+
+    if value is None:
+        return
+    if finite and not math.isfinite(value):
+        raise UserError(f"{flag} {value}: expected a finite number")
+    if low is not None and value < low:
+        raise UserError(f"{flag} {value}: expected {'an integer' if isinstance(value, int) else 'a number'} >= {low}")
+
+
+def _check_device(device: str) -> None:
+    from soarbench.config import device_problem
+
+    problem = device_problem(device)
+    if problem is not None:
+        raise UserError(f"--device {device}: {problem}")
 
 
 @app.command()
@@ -85,13 +154,16 @@ def train(
     from soarbench.harness.train import train as run_train
     from soarbench.methods import METHODS
 
-    cfg = C.apply_overrides(C.load_toml(config), list(set_))
+    cfg = C.apply_overrides(C.load_config(config), list(set_))
     if method is not None:
         METHODS.check(method)
         cfg.setdefault("method", {})["name"] = method
     elif "method" in cfg and "name" in cfg["method"]:
         METHODS.check(cfg["method"]["name"])
-    run_train(cfg, out, resume=resume, log=_log, progress=_Bar("training"))
+    checked = C.validate_train_config(cfg)  # every key, type and range, before anything is loaded or written
+    _check_out(out)
+    run_train(cfg, out, resume=resume, log=_log, progress=Progress("training", every=checked["log"]["every"],
+                                                                   unit="step"))
     _log(f"done: {out}")
 
 
@@ -150,7 +222,15 @@ def eval_(
     given = [flag for flag, value in generation_only.items() if value is not None]
     if given:
         raise UserError(f"{', '.join(given)} cannot be used with {'--images' if images is not None else '--model'}")
+    _check_range("--batch-size", batch_size, low=1)
+    _check_range("--steps", steps, low=1)
+    _check_range("--seed", seed, low=0)
+    _check_range("--guidance", guidance, finite=True)
+    _check_range("--max-sequence-length", max_sequence_length, low=0)
+    if images is None:
+        _check_device(device)
     BENCHMARKS.check(benchmark)
+    _check_out(out)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     for name in names or []:
         METRICS.check(name)
@@ -159,7 +239,7 @@ def eval_(
 
         bench = build_benchmark(benchmark)
         summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
-                               on_progress=_Bar(f"score {benchmark}"))
+                               on_progress=Progress(f"score {benchmark}", every=0))
         if not summary["benchmark"]["covers_benchmark"]:
             _log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
                  f"{bench.images_per_prompt} images): the scores are not its official numbers")
@@ -183,7 +263,7 @@ def eval_(
         summary = evaluate(adapter, bench, out, seed=0 if seed is None else seed, metric_names=names,
                            batch_size=batch_size,
                            model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
-                           num_steps=steps, guidance=guidance, on_progress=_Bar(f"eval {benchmark}"),
+                           num_steps=steps, guidance=guidance, on_progress=Progress(f"eval {benchmark}", every=0),
                            precision=precision, engine=engine)
         if summary is None:
             return  # not the main process: the main one writes and prints the summary
@@ -214,7 +294,8 @@ def report(
 
 @app.command()
 def run(
-    experiment: Path = typer.Argument(..., help="Experiment TOML: [common], [runs.NAME], [experiment]."),
+    # rich markup would take the brackets for style tags: escaped, they print as written
+    experiment: Path = typer.Argument(..., help=escape("Experiment TOML: [common], [runs.NAME], [experiment].")),
     out: Path = typer.Option(..., "--out", help="Experiment folder (runs, base eval)."),
     set_: List[str] = typer.Option([], "--set", help="Override a value of the experiment file: key=value."),
 ):
@@ -228,7 +309,9 @@ def run(
     """
     from soarbench.experiment import run_experiment
 
-    run_experiment(experiment, out, list(set_), log=_log, progress_factory=lambda name: _Bar(name))
+    _check_out(out)
+    run_experiment(experiment, out, list(set_), log=_log,
+                   progress_factory=lambda name: Progress(name, every=10, unit=f"[{name}] step"))
 
 
 @metrics_app.command("list")
@@ -399,6 +482,22 @@ def env():
                            "devices": provenance.devices()}, indent=2))
 
 
+def _disk_full(error: BaseException) -> str | None:
+    """The one-line story of a full disk (ENOSPC/EDQUOT anywhere in the exception chain), or None."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {error.filename}" if error.filename else ""
+            return f"the disk is full{where} ({error.strerror or 'No space left on device'})"
+        if "No space left on device" in str(error):  # e.g. torch.save's RuntimeError from its C++ writer
+            return "the disk is full (No space left on device)"
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main() -> None:
     try:
         from soarbench.registry import load_plugins
@@ -418,6 +517,12 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        full = _disk_full(e)
+        if full is not None:
+            print(f"error: {full}: free some space (or choose another --out) and run the command again; files are "
+                  f"written atomically, so nothing finished was damaged, and `soarbench train --resume` continues "
+                  f"from the last good checkpoint", file=sys.stderr)
             sys.exit(1)
         raise
     # Without standalone mode click returns (rather than raises) the exit code of an interrupted command.

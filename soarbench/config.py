@@ -1,26 +1,73 @@
-"""TOML configs with `--set key=value` overrides; the resolved config is written into every run folder.
+"""TOML configs: `extends`, `--set key=value` overrides, and one typed reading of every section.
 
-Values given to --set are parsed as TOML literals (numbers, booleans, strings, arrays), falling back to a plain
-string, so `--set train.lr=1e-4 --set method.name=soar --set data.random_flip=false` all do what they say.
+Loading:
+
+    cfg = load_config("benchmarks/shapes/sft.toml")      # follows `extends = "common.toml"` (relative to the file)
+    cfg = apply_overrides(cfg, ["train.lr=1e-4"])         # --set values are TOML literals, else plain strings
+    cfg = validate_train_config(cfg)                      # defaults filled in; bad input -> one UserError line
+
+A file may start with `extends = "other.toml"`: the other file is loaded first (it may extend a third one; a
+cycle is refused) and this file's tables are deep-merged over it, so the extending file wins key by key.
+Experiment files ([common], [runs.NAME], [experiment]) may use `extends` the same way.
+
+`validate_train_config` knows every section and key the trainer reads (TRAIN_SCHEMA below) and refuses unknown
+keys with a did-you-mean, values of the wrong type ("config: train.lr = 'abc': expected a number"), values out
+of range and unknown names (benchmarks, metrics, methods, budget units). The method's own options are checked
+against the constructor of the registered class by `validate_method_options`.
 """
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+import math
+import re
 import tomllib
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from soarbench.errors import UserError
 
+EXTENDS = "extends"
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+
+# ------------------------------------------------------------------------------------------------ loading
+def _read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML ({e})") from None
+
+
+def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file with its `extends` chain resolved (the extending file wins); the `extends` key removed."""
+    path = Path(path)
+    key = path.resolve()
+    if key in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain[_chain.index(key):], key))
+        raise UserError(f"{path}: extends forms a cycle ({cycle})")
+    cfg = _read_toml(path)
+    parent = cfg.pop(EXTENDS, None)
+    if parent is None:
+        return cfg
+    if not isinstance(parent, str) or not parent.strip():
+        raise UserError(f"{path}: extends = {_show(parent)}: expected the path of another TOML file")
+    target = path.parent / parent
+    if not target.is_file():
+        raise UserError(f"{path}: extends = '{parent}': no such file {target}")
+    return deep_merge(load_config(target, (*_chain, key)), cfg)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Kept for callers of the old name: the same as load_config (extends resolved)."""
+    return load_config(path)
 
 
 def parse_value(text: str) -> Any:
@@ -100,3 +147,459 @@ def require(cfg: dict[str, Any], dotted: str) -> Any:
             raise UserError(f"config: missing required field '{dotted}'")
         node = node[part]
     return node
+
+
+# ------------------------------------------------------------------------------------------------ typed reading
+REQUIRED = object()  # a key without a default that must be given
+OPTIONAL = object()  # a key without a default that may be left out (absent from the validated config)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in TOML: strings quoted, booleans lower-case."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _bad(where: str, value: Any, expected: str) -> UserError:
+    return UserError(f"config: {where} = {_show(value)}: expected {expected}")
+
+
+def _did_you_mean(name: str, valid, prefix: str = "") -> str:
+    """' (did you mean 'x'?)' for the nearest valid name, or nothing when none is near."""
+    close = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _unknown_key(prefix: str, key: str, valid, what: str = "") -> UserError:
+    hint = _did_you_mean(key, valid, prefix) or f" (valid: {', '.join(prefix + k for k in valid)})"
+    return UserError(f"config: unknown key '{prefix}{key}'{what}{hint}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key: its kind, default, allowed range or names, and an extra check run on the value."""
+
+    kind: str  # number | int | bool | str | table | numbers | strings
+    default: Any = OPTIONAL
+    low: float | None = None  # inclusive unless low_open
+    high: float | None = None  # inclusive unless high_open
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] | Callable[[], Any] | None = None
+    check: Callable[[str, Any], None] | None = None
+    length: int | None = None  # arrays: exact length
+
+    def read(self, where: str, value: Any) -> Any:
+        raw, value = value, self._typed(where, value)  # messages show the value as the user wrote it
+        if self.kind in ("number", "int"):
+            self._range(where, raw, value)
+        elif self.kind == "numbers":
+            for v in value:
+                self._range(where, raw, v)
+        if self.choices is not None:
+            valid = list(self.choices() if callable(self.choices) else self.choices)
+            for v in value if isinstance(value, list) else [value]:
+                if v not in valid:
+                    raise UserError(f"config: {where} = {_show(value)}: expected one of {', '.join(valid)}"
+                                    + _did_you_mean(v, valid))
+        if self.check is not None:
+            self.check(where, value)
+        return value
+
+    def _typed(self, where: str, value: Any) -> Any:
+        kind = self.kind
+        if kind == "number":
+            if not _is_number(value) or not math.isfinite(value):
+                raise _bad(where, value, "a number" if not _is_number(value) else "a finite number")
+            return float(value)  # `lr = 1` is the number 1.0: the reader never sees an int where floats go
+        if kind == "int":
+            if not _is_int(value):
+                raise _bad(where, value, "an integer")
+            return value
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise _bad(where, value, "true or false")
+            return value
+        if kind == "str":
+            if not isinstance(value, str):
+                raise _bad(where, value, "a string")
+            return value
+        if kind == "table":
+            if not isinstance(value, dict):
+                raise _bad(where, value, "a table, e.g. { key = value }")
+            return copy.deepcopy(value)
+        if kind in ("numbers", "strings"):
+            each = _is_number if kind == "numbers" else (lambda v: isinstance(v, str))
+            what = "numbers" if kind == "numbers" else "strings"
+            if not isinstance(value, list) or not all(each(v) for v in value):
+                raise _bad(where, value, f"an array of {what}" + (f" (length {self.length})" if self.length else ""))
+            if self.length is not None and len(value) != self.length:
+                raise _bad(where, value, f"an array of {self.length} {what}")
+            return [float(v) for v in value] if kind == "numbers" else list(value)
+        raise AssertionError(kind)
+
+    def _range(self, where: str, shown: Any, v: float) -> None:
+        too_low = self.low is not None and (v <= self.low if self.low_open else v < self.low)
+        too_high = self.high is not None and (v >= self.high if self.high_open else v > self.high)
+        if not (too_low or too_high):
+            return
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {_num(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {_num(self.high)}")
+        noun = "a number" if self.kind in ("number", "numbers") else "an integer"
+        raise _bad(where, shown, f"{noun} {' and '.join(parts)}")
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# names checked against registries (imported lazily: the registries import little, but only when asked)
+def _benchmark_names() -> list[str]:
+    from soarbench.benchmarks import BENCHMARKS
+
+    return BENCHMARKS.names()
+
+
+def _metric_names() -> list[str]:
+    from soarbench.metrics.registry import METRICS
+
+    return METRICS.names()
+
+
+NEW_BUDGET_UNITS = ("reward_fwd_bwd", "vae_decodes", "device_s")
+
+
+def budget_units() -> list[str]:
+    from soarbench.harness.budget import UNITS
+
+    return list(UNITS) + [u for u in NEW_BUDGET_UNITS if u not in UNITS]
+
+
+def _component_names() -> tuple[str, ...]:
+    return ("transformer", "text_encoder", "text_encoder_2")  # models.sd3.TRAINABLE_COMPONENTS, without torch
+
+
+def _check_components(where: str, value: list[str]) -> None:
+    if not value:
+        raise _bad(where, value, "at least one of " + ", ".join(_component_names()))
+    if len(set(value)) != len(value):
+        raise _bad(where, value, "each component once")
+
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def device_problem(value: str) -> str | None:
+    """Why `value` is not a usable device here (auto | cpu | cuda | cuda:N, CUDA present), or None."""
+    if not DEVICE_PATTERN.match(value):
+        return "expected auto, cpu, cuda or cuda:N"
+    if not value.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA device (use auto or cpu)"
+    if ":" in value and int(value.split(":")[1]) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    return None
+
+
+def check_device(where: str, value: str) -> None:
+    problem = device_problem(value)
+    if problem is not None:
+        raise UserError(f"config: {where} = {_show(value)}: {problem}")
+
+
+def _check_world(where: str, value: str) -> None:
+    if value != "shapes":
+        raise UserError(f"config: {where} = {_show(value)}: expected shapes" + _did_you_mean(value, ["shapes"]))
+
+
+GENERATE_SCHEMA: dict[str, Field] = {
+    "world": Field("str", REQUIRED, check=_check_world),
+    "n_images": Field("int", 4000, low=1),
+    "seed": Field("int", 1, low=0),
+    "image_size": Field("int", 32, low=8),
+}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+TRAIN_SCHEMA: dict[str, dict[str, Field]] = {
+    "model": {
+        "path": Field("str", REQUIRED),
+        "max_sequence_length": Field("int", OPTIONAL, low=0),
+        "load_t5": Field("bool", True),
+        "text_encoder_precision": Field("str", "auto", choices=PRECISIONS),
+    },
+    "data": {
+        "jsonl": Field("str", REQUIRED),
+        "image_dir": Field("str", OPTIONAL),
+        "random_flip": Field("bool", False),
+        "generate": Field("table", OPTIONAL),  # its keys: GENERATE_SCHEMA
+        "caption_dropout": Field("number", 0.0, low=0, high=1, high_open=True),
+        "text_cache": Field("str", "auto", choices=("auto", "all", "none")),
+    },
+    "train": {
+        "seed": Field("int", 0, low=0),
+        "batch_size": Field("int", 8, low=1),
+        "gradient_accumulation_steps": Field("int", 1, low=1),
+        "global_batch_size": Field("int", 0, low=0),
+        "lr": Field("number", 2e-5, low=0),
+        "weight_decay": Field("number", 1e-2, low=0),
+        "betas": Field("numbers", [0.9, 0.999], low=0, high=1, high_open=True, length=2),
+        "eps": Field("number", 1e-8, low=0, low_open=True),
+        "grad_clip": Field("number", 1.0, low=0),
+        "warmup_steps": Field("int", 0, low=0),
+        "mixed_precision": Field("str", "no", choices=("no", "bf16", "fp16")),
+        "gradient_checkpointing": Field("bool", False),
+        "allow_tf32": Field("bool", True),
+        "components": Field("strings", ["transformer"], choices=_component_names, check=_check_components),
+        "device": Field("str", "auto", check=check_device),
+        "threads": Field("int", 0, low=0),
+        "checkpoint_every": Field("int", 0, low=0),
+        "nonfinite": Field("str", "stop", choices=("stop", "skip")),
+        "check_replicas": Field("bool", False),
+        "compile": Field("bool", False),
+    },
+    "budget": {
+        "unit": Field("str", "fwd_bwd", choices=budget_units),
+        "amount": Field("number", REQUIRED, low=0, low_open=True),
+        "no_grad_fraction": Field("number", 1 / 3, low=0, high=1),
+    },
+    "eval": {
+        "benchmark": Field("str", OPTIONAL, choices=_benchmark_names),
+        "benchmark_options": Field("table", {}),
+        "points": Field("int", 4, low=0),
+        "num_steps": Field("int", OPTIONAL, low=1),
+        "guidance": Field("number", OPTIONAL),
+        "seed": Field("int", 0, low=0),
+        "batch_size": Field("int", 64, low=1),
+        "include_base": Field("bool", False),
+        "precision": Field("str", "auto", choices=PRECISIONS),
+        "metrics": Field("strings", [], choices=_metric_names),
+    },
+    "log": {
+        "tensorboard": Field("bool", True),
+        "wandb": Field("bool", False),
+        "wandb_project": Field("str", "soarbench"),
+        "every": Field("int", 10, low=1),
+    },
+    "run": {
+        "name": Field("str", OPTIONAL),
+        "group": Field("str", OPTIONAL),
+    },
+}
+METHOD_SECTION = "method"
+
+
+def _read_table(prefix: str, table: Any, schema: dict[str, Field]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise _bad(prefix, table, "a table")
+    for key in table:
+        if key not in schema:
+            raise _unknown_key(f"{prefix}.", key, schema)
+    out: dict[str, Any] = {}
+    for key, field in schema.items():
+        where = f"{prefix}.{key}"
+        if key in table:
+            out[key] = field.read(where, table[key])
+        elif field.default is REQUIRED:
+            raise UserError(f"config: missing required field '{where}'")
+        elif field.default is not OPTIONAL:
+            out[key] = copy.deepcopy(field.default)
+    return out
+
+
+def validate_train_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Every section read once, typed, defaults filled in; a UserError (one line) for anything wrong.
+
+    Sections: model, data, train, budget, eval, log, run and method (its options checked against the registered
+    method's constructor). The result is a new dict; `cfg` is not changed."""
+    if not isinstance(cfg, dict):
+        raise UserError("config: expected a table of sections")
+    known = [*TRAIN_SCHEMA, METHOD_SECTION]
+    for name in cfg:
+        if name not in known:
+            hint = _did_you_mean(name, known) or f" (valid: {', '.join(known)})"
+            raise UserError(f"config: unknown section '{name}'{hint}")
+    out = {name: _read_table(name, cfg.get(name, {}), schema) for name, schema in TRAIN_SCHEMA.items()}
+    if "benchmark" in out["eval"]:
+        out["eval"]["benchmark_options"] = validate_benchmark_options(out["eval"]["benchmark"],
+                                                                      out["eval"]["benchmark_options"])
+    if "generate" in out["data"]:
+        out["data"]["generate"] = _read_table("data.generate", out["data"]["generate"], GENERATE_SCHEMA)
+    method = cfg.get(METHOD_SECTION)
+    if method is None or (isinstance(method, dict) and "name" not in method):
+        raise UserError("config: missing required field 'method.name'")
+    if not isinstance(method, dict):
+        raise _bad(METHOD_SECTION, method, "a table")
+    options = dict(method)
+    name = options.pop("name")
+    if not isinstance(name, str):
+        raise _bad("method.name", name, "a string")
+    out[METHOD_SECTION] = {"name": name, **validate_method_options(name, options)}
+    _check_batches(out["train"])
+    return out
+
+
+def _check_batches(train: dict[str, Any]) -> None:
+    """global_batch_size, when given, must be a whole number of micro-batches (per process it is checked later,
+    when the number of processes is known)."""
+    g, b = train["global_batch_size"], train["batch_size"]
+    if g and g % b:
+        raise UserError(f"config: train.global_batch_size = {g}: expected a multiple of train.batch_size = {b}")
+
+
+# ------------------------------------------------------------------------------------------------ method options
+def _constructor_parameters(cls: type) -> dict[str, tuple[inspect.Parameter, Any]]:
+    """name -> (parameter, type hint) of cls.__init__, following **kwargs into the base classes' __init__."""
+    params: dict[str, tuple[inspect.Parameter, Any]] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # an annotation that does not evaluate: fall back to the defaults' types
+            hints = {}
+        passes_on = False
+        for p in list(inspect.signature(init).parameters.values())[1:]:
+            if p.kind is p.VAR_KEYWORD:
+                passes_on = True
+            elif p.kind is not p.VAR_POSITIONAL:
+                params.setdefault(p.name, (p, hints.get(p.name)))
+        if not passes_on:
+            break
+    return params
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a TOML value fits a type hint (int, float, bool, str, list[...], dict[...], unions, Any)."""
+    if hint is None or hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or hint in (list, tuple):
+        args = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, args[0] if args else Any) for v in value)
+    if origin is dict or hint is dict:
+        args = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _matches(k, args[0] if args else Any) and _matches(v, args[1] if args else Any) for k, v in value.items())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_describe(h) for h in typing.get_args(hint) if h is not type(None)]
+        return " or ".join(parts)
+    if hint is bool:
+        return "true or false"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    origin = typing.get_origin(hint) or hint
+    args = typing.get_args(hint)
+    if origin in (list, tuple):
+        return "an array" + (f" of {_plural(args[0])}" if args else "")
+    if origin is dict:
+        return "a table" + (f" of {_plural(args[1])}" if len(args) == 2 and args[1] is not Any else "")
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plural(hint: Any) -> str:
+    return {bool: "booleans", int: "integers", float: "numbers", str: "strings"}.get(hint, "tables"
+                                                                                    if typing.get_origin(hint) is dict
+                                                                                    or hint is dict else "values")
+
+
+def _hint_of(param: inspect.Parameter, hint: Any) -> Any:
+    """The type a value must have: the annotation, else the default's type (an int default accepts only ints)."""
+    if hint is not None:
+        return hint
+    default = param.default
+    if default is inspect.Parameter.empty or default is None:
+        return None
+    return float if isinstance(default, float) else type(default)
+
+
+def validate_method_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of method `name` (without `name`), checked against its class's constructor and completed with
+    the constructor's defaults: an unknown option gets a did-you-mean, a value of another type than the
+    parameter's (its annotation, else its default's) one line."""
+    from soarbench.methods import METHODS
+
+    if not isinstance(name, str):
+        raise _bad("method.name", name, "a string")
+    try:
+        METHODS.check(name)
+    except UserError as e:
+        raise UserError(f"config: method.name = {_show(name)}: {e}") from None
+    return _check_options("method", _constructor_parameters(METHODS.load(name)), options, f"method '{name}'")
+
+
+def _check_options(prefix: str, params: dict[str, tuple[inspect.Parameter, Any]], options: dict[str, Any],
+                   owner: str, fill_defaults: bool = True) -> dict[str, Any]:
+    """Options checked against a signature's parameters: names (did-you-mean), types, required ones present."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in params:
+            raise _unknown_key(f"{prefix}.", key, sorted(params), f" for {owner}")
+        hint = _hint_of(*params[key])
+        if not _matches(value, hint):
+            raise _bad(f"{prefix}.{key}", value, _describe(hint))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _bad(f"{prefix}.{key}", value, "a finite number")
+        out[key] = float(value) if hint is float and _is_int(value) else copy.deepcopy(value)
+    for key, (param, _) in params.items():
+        if key in out or not fill_defaults:
+            continue
+        if param.default is inspect.Parameter.empty:
+            raise UserError(f"config: missing required field '{prefix}.{key}' ({owner})")
+        out[key] = copy.deepcopy(param.default)
+    return out
+
+
+def validate_benchmark_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """eval.benchmark_options checked against the benchmark factory's signature (only the given keys kept)."""
+    from soarbench.benchmarks import BENCHMARKS
+
+    factory = BENCHMARKS.load(name)
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:
+        hints = {}
+    params = {p.name: (p, hints.get(p.name)) for p in inspect.signature(factory).parameters.values()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return _check_options("eval.benchmark_options", params, options, f"benchmark '{name}'", fill_defaults=False)

@@ -44,9 +44,14 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
     from soarbench.harness.train import train
     from soarbench.report import write_report
 
-    exp = C.apply_overrides(C.load_toml(path), overrides)
+    exp = C.apply_overrides(C.load_config(path), overrides)
     meta = C.section(exp, "experiment")
     plan = plan_runs(exp)
+    for name, cfg in plan:  # every run's config checked before the first one starts
+        try:
+            C.validate_train_config(cfg)
+        except UserError as e:
+            raise UserError(f"{path} run '{name}': {e}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     from soarbench.io import atomic_write_text
 

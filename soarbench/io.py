@@ -42,8 +42,16 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> Itera
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported at its own line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{len(raw[:e.start].decode('utf-8', 'replace')) + 1}); save the file as UTF-8") \
+                    from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark some editors write
             if not line.strip():
                 continue
             try:

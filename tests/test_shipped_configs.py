@@ -47,8 +47,30 @@ def test_experiments_plan_matched_budgets(name):
 
 
 def test_shapes_configs_share_common_settings():
+    """sft/soar/flow_grpo.toml extend common.toml: their resolved shared sections are common's (Flow-GRPO's
+    LoRA learning rate is its one override)."""
+    import tomllib
+
     common = C.load_toml(ROOT / "shapes" / "common.toml")
-    for name in ("sft.toml", "soar.toml"):
+    for name in ("sft.toml", "soar.toml", "flow_grpo.toml"):
+        raw = tomllib.loads((ROOT / "shapes" / name).read_text())
+        assert raw["extends"] == "common.toml"
         cfg = C.load_toml(ROOT / "shapes" / name)
+        assert "extends" not in cfg
         for section in ("model", "data", "train", "budget", "eval"):
-            assert cfg[section] == common[section], (name, section)
+            expected = dict(common[section], lr=3e-4) if (name, section) == ("flow_grpo.toml", "train") \
+                else common[section]
+            assert cfg[section] == expected, (name, section)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in ROOT.rglob("*.toml")
+                                        if p.name not in EXPERIMENTS | NOT_TRAIN_CONFIGS), ids=lambda p: p.name)
+def test_train_configs_pass_typed_validation(path):
+    cfg = C.validate_train_config(C.load_config(path))
+    assert cfg["method"]["name"] in {"sft", "soar", "flow_grpo"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_runs_pass_typed_validation(name):
+    for _, cfg in plan_runs(C.load_config(ROOT / "shapes" / name)):
+        assert C.validate_train_config(cfg)["budget"]["amount"] == 11200

@@ -65,7 +65,24 @@ def read_records(jsonl: str | Path, image_dir: str | Path | None = None) -> list
     records = []
     for lineno, obj in read_jsonl(jsonl, required=("md5", "caption_en")):
         where = f"{jsonl}:{lineno}"
-        caption = caption_of(obj["caption_en"])
+        raw = obj["caption_en"]
+        if not isinstance(raw, str):  # a number, list, null or object is a broken line, not an empty caption
+            kind = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+                    dict: "an object"}.get(type(raw), type(raw).__name__)
+            raise UserError(f"{where}: field 'caption_en' = {json.dumps(raw)[:60]} is {kind}: expected a string "
+                            f"(the caption, or a JSON caption object written as a string)")
+        if raw.strip().startswith("{"):
+            try:
+                inner = json.loads(raw)
+            except json.JSONDecodeError:
+                inner = None  # text that merely starts with a brace is a plain caption
+            if isinstance(inner, dict) and not any(k in inner for k in CAPTION_KEYS):
+                raise UserError(f"{where}: field 'caption_en' holds a JSON object without any of "
+                                f"{', '.join(CAPTION_KEYS)}")
+        if not isinstance(obj["md5"], str) or not obj["md5"].strip():
+            raise UserError(f"{where}: field 'md5' = {json.dumps(obj['md5'])[:60]}: expected the image's file name "
+                            f"stem as a non-empty string")
+        caption = caption_of(raw)
         if not caption:
             continue
         try:
@@ -90,23 +107,24 @@ def read_records(jsonl: str | Path, image_dir: str | Path | None = None) -> list
 
 
 def load_pixels(rec: Record, rng: random.Random, random_flip: bool) -> torch.Tensor:
-    """Resize to cover the bucket, random crop, optional flip; (3, bh, bw) in [-1, 1]."""
-    try:
-        with Image.open(rec.image) as im:
-            im = im.convert("RGB")
-            scale = max(rec.bw / im.width, rec.bh / im.height)
-            if scale != 1.0 or im.size != (rec.bw, rec.bh):
-                size = (max(rec.bw, round(im.width * scale)), max(rec.bh, round(im.height * scale)))
-                if size != im.size:
-                    im = im.resize(size, Image.BICUBIC)
-                left = rng.randint(0, im.width - rec.bw)
-                top = rng.randint(0, im.height - rec.bh)
-                im = im.crop((left, top, left + rec.bw, top + rec.bh))
-            if random_flip and rng.random() < 0.5:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            arr = np.asarray(im, dtype=np.float32)
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"{rec.where}: cannot read image {rec.image} ({e.__class__.__name__})") from None
+    """Resize to cover the bucket, random crop, optional flip; (3, bh, bw) in [-1, 1].
+
+    The file is read by soarbench.images.load_rgb: 16-bit, palette, alpha and CMYK images become the RGB a viewer
+    shows (alpha over white); a mode without a faithful RGB reading is refused naming the line and file."""
+    from soarbench.images import load_rgb
+
+    im = load_rgb(rec.image, where=rec.where)
+    scale = max(rec.bw / im.width, rec.bh / im.height)
+    if scale != 1.0 or im.size != (rec.bw, rec.bh):
+        size = (max(rec.bw, round(im.width * scale)), max(rec.bh, round(im.height * scale)))
+        if size != im.size:
+            im = im.resize(size, Image.BICUBIC)
+        left = rng.randint(0, im.width - rec.bw)
+        top = rng.randint(0, im.height - rec.bh)
+        im = im.crop((left, top, left + rec.bw, top + rec.bh))
+    if random_flip and rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    arr = np.asarray(im, dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
 
 

@@ -11,6 +11,8 @@ predicts v = z1 - z0 at timestep sigma * 1000, latents are (vae_latent - shift_f
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -48,16 +50,17 @@ class TextEmbeddings:
 
 
 def resolve_model_folder(path: str | Path) -> tuple[Path, dict | None]:
-    """(base pipeline folder, checkpoint record or None); a UserError for anything that is not a model."""
+    """(base pipeline folder, checkpoint record or None); a UserError for anything that is not a model.
+
+    A checkpoint record names its base model relative to the checkpoint folder (`base_model`), so a run folder
+    moved together with its base keeps working, and keeps the absolute path it was trained from
+    (`base_model_absolute`) as a fallback for a run folder moved alone."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: model folder does not exist")
     if (path / CHECKPOINT_FILE).is_file():
-        record = json.loads((path / CHECKPOINT_FILE).read_text())
-        base = Path(record["base_model"])
-        if not base.is_absolute():
-            base = (path / base).resolve()
-        base_folder, _ = resolve_model_folder(base)
+        record = _read_record(path / CHECKPOINT_FILE)
+        base_folder, _ = resolve_model_folder(_base_of(path, record))
         return base_folder, record
     if not (path / "model_index.json").is_file():
         raise UserError(f"{path}: not a model folder (expected model_index.json of a diffusers SD3 pipeline, "
@@ -65,13 +68,88 @@ def resolve_model_folder(path: str | Path) -> tuple[Path, dict | None]:
     return path, None
 
 
+def _read_record(file: Path) -> dict:
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{file}: not a valid checkpoint record ({e.__class__.__name__})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("base_model"), str) or \
+            not isinstance(record.get("components"), list):
+        raise UserError(f"{file}: expected a JSON object with 'base_model' (a path) and 'components' (a list)")
+    return record
+
+
+def _base_of(checkpoint: Path, record: dict) -> Path:
+    """The base folder named by a checkpoint record: relative to the checkpoint first, then the absolute path."""
+    named = Path(record["base_model"])
+    candidates = [named if named.is_absolute() else (checkpoint.resolve() / named).resolve()]
+    if record.get("base_model_absolute"):
+        candidates.append(Path(record["base_model_absolute"]))
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    tried = " nor ".join(str(c) for c in dict.fromkeys(candidates))
+    raise UserError(f"{checkpoint / CHECKPOINT_FILE}: its base model is missing: neither {tried} exists "
+                    f"(move the base model with the run folder, or put it back at the absolute path)")
+
+
+SUMS_FILE = "SHA256SUMS"
+_SUM_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+
+
+def verify_sha256sums(folder: Path) -> int:
+    """Check every file listed in folder/SHA256SUMS (sha256sum's format: '<hex>  <path>'); the number checked.
+
+    Nothing to do where no SHA256SUMS ships. A missing or changed file is one UserError line naming it."""
+    from soarbench.io import sha256_file
+
+    sums = Path(folder) / SUMS_FILE
+    if not sums.is_file():
+        return 0
+    try:
+        lines = sums.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{sums}: not UTF-8 text") from None
+    checked = 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        m = _SUM_LINE.match(line.rstrip("\r"))
+        if m is None:
+            raise UserError(f"{sums}:{lineno}: expected '<64 hex digits>  <file>', got {line[:80]!r}")
+        expected, rel = m.group(1).lower(), m.group(2)
+        target = Path(folder) / rel
+        if not target.is_file():
+            raise UserError(f"{target}: listed in {sums} (line {lineno}) but missing")
+        actual = sha256_file(target)
+        if actual != expected:
+            raise UserError(f"{target}: sha256 {actual[:12]}... differs from {sums} line {lineno} "
+                            f"({expected[:12]}...): the file is damaged or was changed")
+        checked += 1
+    return checked
+
+
 def recorded_sequence_length(base: Path, record: dict | None) -> int:
+    """The T5 length a model was trained with: the checkpoint's record, else the base's soarbench_model.json,
+    else 77; a recorded value that is not an integer >= 0 is one UserError line naming the file."""
     if record is not None and "max_sequence_length" in record:
-        return int(record["max_sequence_length"])
+        return _sequence_length(record["max_sequence_length"], f"{CHECKPOINT_FILE} of the checkpoint")
     note = base / MODEL_NOTE_FILE
     if note.is_file():
-        return int(json.loads(note.read_text()).get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH))
+        try:
+            data = json.loads(note.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{note}: not valid JSON (expected {{\"max_sequence_length\": N}})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{note}: expected a JSON object such as {{\"max_sequence_length\": 77}}")
+        return _sequence_length(data.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH), str(note))
     return DEFAULT_MAX_SEQUENCE_LENGTH
+
+
+def _sequence_length(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{where}: max_sequence_length = {json.dumps(value)}: expected an integer >= 0")
+    return value
 
 
 class SD3Adapter:
@@ -101,6 +179,9 @@ class SD3Adapter:
         from transformers.utils import logging as tlogging
 
         base, record = resolve_model_folder(path)
+        verify_sha256sums(base)
+        if record is not None:
+            verify_sha256sums(Path(path))
         if max_sequence_length is None:
             max_sequence_length = recorded_sequence_length(base, record)
         index = json.loads((base / "model_index.json").read_text())
@@ -130,7 +211,11 @@ class SD3Adapter:
             if name not in TRAINABLE_COMPONENTS:
                 raise UserError(f"{folder / CHECKPOINT_FILE}: unknown component '{name}'")
             module = getattr(pipe, name)
-            loaded = type(module).from_pretrained(folder / name, dtype=dtype, local_files_only=True)
+            try:
+                loaded = type(module).from_pretrained(folder / name, dtype=dtype, local_files_only=True)
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(f"{folder / name}: could not load the checkpoint's {name} "
+                                f"({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
             setattr(pipe, name, loaded)
             pipe.register_modules(**{name: loaded})
 
@@ -143,7 +228,10 @@ class SD3Adapter:
         for name in components:
             module = (modules or {}).get(name) or getattr(self.pipe, name)
             module.save_pretrained(folder / name, safe_serialization=True)
-        record = {"base_model": str(Path(base_model).resolve()), "components": list(components),
+        base = Path(base_model).resolve()
+        # relative to the checkpoint (a sibling of `folder` when writing into a temporary folder: same depth)
+        record = {"base_model": os.path.relpath(base, Path(folder).resolve()), "base_model_absolute": str(base),
+                  "components": list(components),
                   "max_sequence_length": self.max_sequence_length, **extra}
         from soarbench.io import atomic_write_json
 

@@ -1,7 +1,8 @@
 """One SDE step function with four variants, shared by SOAR's stochastic rollout paths and Flow-GRPO.
 
 x is the state at sigma0, v the (CFG) velocity there, sigma1 < sigma0 the next sigma, dt = sigma1 - sigma0 < 0,
-a the noise level, eps ~ N(0, I). Everything is computed in fp32. Formulas (see shared/specs/soar.md):
+a the noise level, eps ~ N(0, I). Everything is computed in fp32. Formulas (the SOAR and Flow-GRPO
+reference code: github.com/Tencent-Hunyuan/HY-SOAR, github.com/yifan123/flow_grpo):
   simple:   x' = x + v dt + a sqrt(|dt|) eps
   sde:      x0_hat = x - sigma0 v;  x' = (1 - sigma1) x0_hat + sigma1 eps          (a unused)
   flow_sde: s = a sqrt(sigma0 / (1 - sigma0));
