@@ -35,6 +35,7 @@ from soarbench import provenance
 from soarbench.benchmarks import Benchmark
 from soarbench.errors import UserError
 from soarbench.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from soarbench.images import load_rgb
 from soarbench.metrics.base import Metric
 from soarbench.metrics.pixels import to_pil  # noqa: F401  (one 8-bit conversion for evaluation and rewards)
 from soarbench.metrics.registry import METRICS, build_metric
@@ -381,14 +382,6 @@ def flat_samples(images_dir: Path, prompts_file: Path, bench: Benchmark) -> list
     return samples
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read image ({e})") from None
-
-
 def _check_resumable(done: dict[str, dict], samples: list[ImageSample], names: list[str], path: Path) -> None:
     """Rows already in samples.jsonl must be these images, scored by these metrics."""
     by_id = {s.id: s for s in samples}
@@ -434,7 +427,7 @@ def score_images(images_dir: Path, bench: Benchmark, out_dir: Path, prompts_file
     t_start = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = [_load_rgb(s.path) for s in chunk]
+        images = [load_rgb(s.path) for s in chunk]
         prompts = [s.prompt for s in chunk]
         meta = [s.metadata for s in chunk] if all(s.metadata is not None for s in chunk) else None
         records = {n: m.score(images, prompts, meta) for n, m in metrics.items()}

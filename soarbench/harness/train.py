@@ -27,7 +27,8 @@ import torch
 from soarbench import config as C
 from soarbench.errors import UserError
 from soarbench.harness.budget import Budget, Counters, Schedule, UnitCost
-from soarbench.harness.checkpoint import checkpoint_dir, latest_checkpoint, load_trainer_state
+from soarbench.harness.checkpoint import (STATE_FILE, checkpoint_dir, latest_checkpoint, load_trainer_state,
+                                          write_checkpoint)
 from soarbench.harness.data import ImageData, PromptData, ensure_generated, read_records
 from soarbench.harness.engine import Engine
 from soarbench.harness.meter import Meter
@@ -37,33 +38,12 @@ from soarbench.methods.base import Ctx, RunShape
 from soarbench.models.roles import Roles
 from soarbench.models.sd3 import SD3Adapter, TRAINABLE_COMPONENTS
 
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "seed": 0, "batch_size": 8, "gradient_accumulation_steps": 1, "global_batch_size": 0, "lr": 2e-5,
-    "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0, "warmup_steps": 0,
-    "mixed_precision": "no", "gradient_checkpointing": False, "allow_tf32": True, "components": ["transformer"],
-    "device": "auto", "threads": 0, "checkpoint_every": 0, "nonfinite": "stop", "check_replicas": False,
-}
-LOG_DEFAULTS: dict[str, Any] = {"tensorboard": True, "wandb": False, "wandb_project": "soarbench", "every": 10}
-STATE_FILE = "trainer_state.pt"
 
 
 def resolve_config(cfg: dict) -> dict:
-    cfg = C.deep_merge({"train": TRAIN_DEFAULTS, "log": LOG_DEFAULTS}, cfg)
-    C.require(cfg, "model.path")
-    C.require(cfg, "data.jsonl")
-    C.require(cfg, "method.name")
-    Budget.from_config(C.section(cfg, "budget"))
-    bad = [c for c in cfg["train"]["components"] if c not in TRAINABLE_COMPONENTS]
-    if bad:
-        raise UserError(f"config: train.components has unknown '{bad[0]}' (valid: {', '.join(TRAINABLE_COMPONENTS)})")
-    if cfg["train"]["nonfinite"] not in ("stop", "skip"):
-        raise UserError(f"config: train.nonfinite must be stop or skip, got '{cfg['train']['nonfinite']}'")
-    ecfg = cfg.get("eval", {})
-    if ecfg.get("benchmark"):
-        from soarbench.benchmarks import BENCHMARKS
-
-        BENCHMARKS.check(ecfg["benchmark"])  # before any work, not a quarter of the way into the budget
-    return cfg
+    """The config read once, typed, with every default filled in (soarbench.config.validate_train_config):
+    unknown keys, wrong types and unknown names are one-line errors before any work."""
+    return C.validate_train_config(cfg)
 
 
 def accumulation_steps(tcfg: dict, world_size: int) -> int:
@@ -139,6 +119,8 @@ class Run:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         net, self.optimizer = engine.prepare(self.roles.base, self.optimizer, self.cost.micro_batches,
                                              self.shape.batch_size, float(tcfg["grad_clip"]))
+        if tcfg.get("compile"):
+            net = torch.compile(net)  # the velocity calls go through the compiled module
         self.roles.net = net
         self.adapter.net = net
         train_text = any(c.startswith("text_encoder") for c in components)
@@ -156,7 +138,7 @@ class Run:
         self.schedule = Schedule(self.budget, self.cost, int(ecfg.get("points", 4)) if ecfg.get("benchmark") else 0)
         self.step, self.unit, self.evals_passed, self.pending_eval = 0, 0, 0, None
         self.base_model = Path(cfg["model"]["path"])
-        if resume and (ckpt := latest_checkpoint(self.out_dir)) is not None:
+        if resume and (ckpt := latest_checkpoint(self.out_dir, warn=log)) is not None:
             self.restore(ckpt)
             log(f"resumed from {ckpt} at step {self.step}")
         if resume and engine.is_main:
@@ -275,7 +257,8 @@ class Run:
             if self.writer is not None:
                 self.writer.scalars(row, self.step)
         if self.progress is not None:
-            self.progress(self.step, self.total_steps)
+            numbers = {k: v for k, v in self._last.items() if isinstance(v, float) and k not in ("loss", "lr")}
+            self.progress(self.step, self.total_steps, loss=self._last["loss"], **numbers)
 
     # ---- checkpoints and evaluation --------------------------------------------------------------------------
     def trainer_state(self) -> dict:
@@ -296,13 +279,16 @@ class Run:
         if engine.shards_parameters:  # ZeRO-3 / FSDP: the optimizer's shards are saved by accelerate
             engine.acc.save_state(str(final.with_name(final.name + ".engine")))
         if engine.is_main:
-            from soarbench.harness.checkpoint import save_checkpoint
+            record = {"step": self.step, "method": self.method_name, "method_version": self.method.version,
+                      "run_name": self.cfg.get("run", {}).get("name")}
 
-            save_checkpoint(self.out_dir, self.step, self.adapter, list(modules), self.base_model, state,
-                            {"step": self.step, "method": self.method_name, "method_version": self.method.version,
-                             "run_name": self.cfg.get("run", {}).get("name")}, modules)
-            if self.roles.use_lora:
-                _save_lora_diffusers(self.roles, final / "lora")
+            def writer(folder: Path) -> None:
+                self.adapter.save_components(folder, list(modules), self.base_model, record, modules)
+                if self.roles.use_lora:
+                    _save_lora_diffusers(self.roles, folder / "lora")
+                torch.save(state, folder / STATE_FILE)
+
+            write_checkpoint(final, writer)
         engine.barrier()
         return final
 
