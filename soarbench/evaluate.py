@@ -35,6 +35,7 @@ from soarbench import provenance
 from soarbench.benchmarks import Benchmark
 from soarbench.errors import UserError
 from soarbench.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from soarbench.harness.faults import fault
 from soarbench.images import load_rgb
 from soarbench.metrics.base import Metric
 from soarbench.metrics.pixels import to_pil  # noqa: F401  (one 8-bit conversion for evaluation and rewards)
@@ -189,6 +190,7 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
                                           "prompt": prompts[j], "file": f"images/{sid}.png",
                                           "records": {n: records[n][j] for n in names}})
             finished += len(chunk)
+            fault("eval_batch")
             if on_progress is not None:
                 on_progress(finished, total)
     finally:

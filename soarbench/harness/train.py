@@ -31,6 +31,7 @@ from soarbench.harness.checkpoint import (STATE_FILE, checkpoint_dir, latest_che
                                           write_checkpoint)
 from soarbench.harness.data import ImageData, PromptData, ensure_generated, read_records
 from soarbench.harness.engine import Engine
+from soarbench.harness.faults import fault
 from soarbench.harness.meter import Meter
 from soarbench.io import append_jsonl, atomic_write_json, atomic_write_text
 from soarbench.methods import build_method
@@ -179,6 +180,7 @@ class Run:
             steps = list(method.updates(ctx, buffer))
             for j, micros in enumerate(steps):
                 self.optimizer_step(micros, unit_logs, end_of_unit=j == len(steps) - 1)
+                fault("step")
                 self.counters.wall_s = time.perf_counter() - wall_start
                 self.log_step()
             self.unit += 1
@@ -286,6 +288,7 @@ class Run:
                 self.adapter.save_components(folder, list(modules), self.base_model, record, modules)
                 if self.roles.use_lora:
                     _save_lora_diffusers(self.roles, folder / "lora")
+                fault("checkpoint")
                 torch.save(state, folder / STATE_FILE)
 
             write_checkpoint(final, writer)

@@ -1,0 +1,123 @@
+"""Nothing lost, nothing silently wrong: runs killed (SIGKILL) during a step, a checkpoint write or an evaluation
+resume to bit-identical weights, logs and evaluation results; a non-finite loss stops the run; --resume refuses a
+changed config; an eval folder refuses other settings and redoes a torn line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from soarbench.errors import UserError
+from soarbench.harness.train import train
+from soarbench.models import SD3Adapter
+
+METHODS = {
+    "sft": 'name = "sft"',
+    "soar": 'name = "soar"\ntrajectory_length = 2',
+    "flow_grpo": 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\nlora_alpha = 8\n'
+                 'ema_every = 1\noptimizer_steps_per_epoch = 1\nrewards = { geneval = 1.0 }',
+}
+
+
+def _write_config(folder: Path, model: Path, data: Path, method: str) -> Path:
+    path = folder / f"{method}.toml"
+    path.write_text(f'[model]\npath = "{model}"\nmax_sequence_length = 0\n[data]\njsonl = "{data}"\n'
+                    f'[method]\n{METHODS[method]}\n[train]\nseed = 3\nbatch_size = 2\nlr = 1e-3\nthreads = 1\n'
+                    'checkpoint_every = 1\n[budget]\nunit = "optimizer_steps"\namount = 4\n'
+                    '[eval]\nbenchmark = "shapes"\npoints = 2\nnum_steps = 2\nbatch_size = 4\n'
+                    'benchmark_options = { n_per_tag = 1 }\n')
+    return path
+
+
+def _soarbench(args, fault: str | None = None) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SOARBENCH_FAULT", None)
+    if fault:
+        env["SOARBENCH_FAULT"] = fault
+    proc = subprocess.run([sys.executable, "-m", "soarbench", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode in (0, -9), proc.stderr[-3000:]
+    return proc.returncode
+
+
+def _outcome(run: Path):
+    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["budget"] = {k: v for k, v in r["budget"].items() if k not in ("wall_s", "device_s")}
+    weights = SD3Adapter.from_pretrained(run / "checkpoints" / "step_000004").transformer.state_dict()
+    evals = {p.parent.parent.name: json.loads(p.read_text())["scores"]
+             for p in sorted((run / "evals").glob("*/shapes/summary.json"))}
+    samples = {p.parent.parent.name: p.read_text() for p in sorted((run / "evals").glob("*/shapes/samples.jsonl"))}
+    return rows, weights, evals, samples
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sigkill_anywhere_then_resume_is_bit_identical(method, tiny_model_dir, shapes_data, tmp_path):
+    cfg = _write_config(tmp_path, tiny_model_dir, shapes_data, method)
+    _soarbench(["train", "--config", cfg, "--out", tmp_path / "straight"])
+    crashed = tmp_path / "crashed"
+    # killed during step 3, during the write of checkpoint 2, and during the step-2 evaluation (Flow-GRPO: with
+    # the EMA weights), resumed after each
+    faults = ["step:3", "checkpoint:2", "eval_batch:2", None]
+    for i, fault in enumerate(faults):
+        args = ["train", "--config", cfg, "--out", crashed] + (["--resume"] if i else [])
+        code = _soarbench(args, fault)
+        assert code == (-9 if fault else 0), fault
+    a, b = _outcome(tmp_path / "straight"), _outcome(crashed)
+    assert a[0] == b[0]  # every log line, every counter
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])  # the weights, bit for bit
+    assert a[2] == b[2] and list(a[2]) == ["step_000002", "step_000004"]  # no evaluation lost or changed
+    assert a[3] == b[3]
+
+
+def _cfg(model, data, **over):
+    cfg = {"model": {"path": str(model), "max_sequence_length": 0}, "data": {"jsonl": str(data)},
+           "method": {"name": "sft"}, "train": {"seed": 1, "batch_size": 2, "lr": 1e-3, "threads": 2},
+           "budget": {"unit": "optimizer_steps", "amount": 3}}
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value}
+    return cfg
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tiny_model_dir, shapes_data, tmp_path):
+    with pytest.raises(UserError, match=r"^step 2: the loss or gradient norm is not finite"):
+        train(_cfg(tiny_model_dir, shapes_data, train={"lr": 1e9}), tmp_path / "r", log=lambda m: None)
+    assert not (tmp_path / "r" / "done.json").exists()
+    # the skip option keeps the weights finite and says which steps it skipped
+    train(_cfg(tiny_model_dir, shapes_data, train={"lr": 1e9, "nonfinite": "skip"}), tmp_path / "s",
+          log=lambda m: None)
+    rows = [json.loads(x) for x in (tmp_path / "s" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, True, True]
+
+
+def test_resume_refuses_a_changed_option(tiny_model_dir, shapes_data, tmp_path):
+    cfg = _cfg(tiny_model_dir, shapes_data, train={"checkpoint_every": 1})
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    with pytest.raises(UserError, match=r"--resume: train.lr was 0.001 in .*config.toml and is 0.01 now"):
+        train(_cfg(tiny_model_dir, shapes_data, train={"checkpoint_every": 1, "lr": 1e-2}), tmp_path / "r",
+              resume=True, log=lambda m: None)
+    # a larger budget continues the same run
+    train(_cfg(tiny_model_dir, shapes_data, train={"checkpoint_every": 1}, budget={"amount": 4}), tmp_path / "r",
+          resume=True, log=lambda m: None)
+    assert json.loads((tmp_path / "r" / "done.json").read_text())["step"] == 4
+
+
+def test_an_eval_folder_refuses_other_settings_and_redoes_a_torn_line(adapter, tmp_path):
+    from soarbench.benchmarks import build_benchmark
+    from soarbench.evaluate import evaluate
+
+    bench = build_benchmark("shapes", n_per_tag=1, images_per_prompt=1)
+    full = evaluate(adapter, bench, tmp_path / "e", num_steps=2)
+    path = tmp_path / "e" / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])  # the last write torn, no newline
+    again = evaluate(adapter, bench, tmp_path / "e", num_steps=2)
+    assert again["n_samples"] == full["n_samples"] == len(lines) and again["scores"] == full["scores"]
+    assert all(json.loads(x) for x in path.read_text().splitlines())
+    with pytest.raises(UserError, match=r"holds an eval with num_steps = 2, asked 3"):
+        evaluate(adapter, bench, tmp_path / "e", num_steps=3)
