@@ -258,3 +258,31 @@ def test_min_detectable_difference_against_hand_values():
                 dict(diffs_std=1.0, n=10, power=0.0)):
         with pytest.raises(ValueError):
             min_detectable_difference(**bad)
+
+
+# ------------------------------------------------------------------------------------------ uncond_check
+
+def _uncond_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes" / "uncond_check.py"
+    spec = importlib.util.spec_from_file_location("uncond_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uncond_check_branches_meet_at_guidance_one_and_zero(adapter, shapes_data):
+    """The CFG combination is the conditional branch at g = 1 and the unconditional one at g = 0; the zero
+    branch is E||z1 - z0||^2; the same seed draws the same samples."""
+    check = _uncond_check()
+    records = read_records(shapes_data)
+    one = check.velocity_errors(adapter, records, n=6, seed=4, guidance=1.0, batch_size=4)
+    zero = check.velocity_errors(adapter, records, n=6, seed=4, guidance=0.0, batch_size=4)
+    torch.testing.assert_close(one["cfg"], one["cond"])
+    torch.testing.assert_close(zero["cfg"], zero["uncond"])
+    torch.testing.assert_close(one["cond"], zero["cond"])
+    assert one["sigma"].min() > 0 and one["sigma"].max() <= 1 and bool((one["zero"] > 0.5).all())
+    text = check.report(one, 1.0)
+    ratio = one["uncond"].mean().item() / one["cond"].mean().item()
+    assert f"uncond/cond = {ratio:.3f}" in text and "cfg/cond = 1.000" in text
