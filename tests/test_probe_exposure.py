@@ -286,3 +286,22 @@ def test_uncond_check_branches_meet_at_guidance_one_and_zero(adapter, shapes_dat
     text = check.report(one, 1.0)
     ratio = one["uncond"].mean().item() / one["cond"].mean().item()
     assert f"uncond/cond = {ratio:.3f}" in text and "cfg/cond = 1.000" in text
+
+
+def test_compare_probes_pairs_the_pairs(solid_data):
+    """Two biased oracle models on the same pairs: every pair's error differs by ((s b2)^2 - (s b1)^2), so the
+    mean difference is that and its standard deviation (and so its MDD) is ~0."""
+    from soarbench.probes.exposure import compare_probes
+
+    records, _ = solid_data
+    kw = dict(n=6, sigmas=[1.0, 0.5], guidance=1.0, seed=5)
+    a = exposure_probe(StubAdapter("oracle", bias=0.1, seed=5), records, **kw)
+    b = exposure_probe(StubAdapter("oracle", bias=0.3, seed=5), records, **kw)
+    rows = {r["sigma"]: r for r in compare_probes(a, b)}
+    for s in (1.0, 0.5):
+        assert rows[s]["diff_mean"] == pytest.approx((s * 0.3) ** 2 - (s * 0.1) ** 2, rel=1e-4)
+        assert rows[s]["diff_std"] < 1e-6 and rows[s]["min_detectable_difference"] < 1e-5
+        assert rows[s]["diff_ci95"][0] <= rows[s]["diff_mean"] <= rows[s]["diff_ci95"][1]
+    c = exposure_probe(StubAdapter("oracle", bias=0.3, seed=6), records, **{**kw, "seed": 6})
+    with pytest.raises(UserError, match="differ in seed"):
+        compare_probes(a, c)

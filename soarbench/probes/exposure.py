@@ -5,6 +5,7 @@
 
     from soarbench.probes.exposure import run_probe
     summary = run_probe("benchmarks/shapes/base", "data/heldout/train.jsonl", "probes/base", n=64)
+    compare_probes(base_summary, soar_summary)   # per row: paired MSE difference, its 95% interval and MDD
 
 What is measured. A flow model is trained only on on-trajectory states z_s = (1 - s) z0 + s z1 (SD3 convention:
 z0 a clean latent, z1 ~ N(0, I) noise, s = 1 is pure noise). At sampling time it is fed its own states instead,
@@ -256,3 +257,34 @@ def run_probe(model: str | Path, data: str | Path, out_dir: str | Path, device: 
     model_info = {"path": str(model), "label": Path(model).name, "checkpoint": adapter.checkpoint}
     data_info = {"jsonl": str(Path(data).resolve()), "sha256": sha256_file(data), "n_records": len(records)}
     return exposure_probe(adapter, records, out_dir=out_dir, model_info=model_info, data_info=data_info, **options)
+
+
+def compare_probes(a: dict[str, Any], b: dict[str, Any], alpha: float = 0.05, power: float = 0.8) -> list[dict]:
+    """Pair by pair, model b minus model a, per (guidance, sigma) row of two probe.json objects.
+
+    Both must come from the same pairs and noise (data file, pairs, seed, steps); each row gives the mean and the
+    standard deviation of the per-pair MSE differences, a normal-approximation 95% interval of the mean, and the
+    minimum detectable difference of that many pairs (soarbench.probes.power)."""
+    from soarbench.probes.power import min_detectable_difference
+
+    for key in ("seed", "num_steps"):
+        if a[key] != b[key]:
+            raise UserError(f"probes differ in {key} ({a[key]} vs {b[key]}): pairs can only be compared on the "
+                            "same data and noise")
+    if (a["data"].get("sha256"), a["data"]["pairs"]) != (b["data"].get("sha256"), b["data"]["pairs"]):
+        raise UserError("probes were run on different data (sha256 or pairs differ): pairs cannot be compared")
+    rows_b = {(r["guidance"], r["sigma"]): r for r in b["rows"]}
+    out = []
+    for ra in a["rows"]:
+        rb = rows_b.get((ra["guidance"], ra["sigma"]))
+        if rb is None:
+            continue
+        diff = np.asarray(rb["per_pair_mse"]) - np.asarray(ra["per_pair_mse"])
+        sd, n = _std(diff), len(diff)
+        half = 1.959963984540054 * sd / math.sqrt(n)
+        out.append({"guidance": ra["guidance"], "sigma": ra["sigma"], "n_pairs": n,
+                    "mse_a": ra["mse_mean"], "mse_b": rb["mse_mean"], "diff_mean": float(diff.mean()),
+                    "diff_std": sd, "diff_ci95": [float(diff.mean() - half), float(diff.mean() + half)],
+                    "min_detectable_difference": min_detectable_difference(sd, n, alpha, power),
+                    "geneval_a": ra["geneval"], "geneval_b": rb["geneval"]})
+    return out
