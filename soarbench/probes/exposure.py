@@ -154,8 +154,8 @@ def exposure_probe(adapter, records: Sequence[Record], n: int = DEFAULT_N, sigma
                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run the probe on the first `n` records; returns the probe.json object (written to out_dir when given).
 
-    `adapter` needs: posterior, to_model_latents, encode_prompts, null_embeddings, velocity, decode,
-    scheduler_config, device, transformer, source, checkpoint, max_sequence_length (SD3Adapter has them all).
+    `adapter` needs: posterior, to_model_latents, encode_prompts, null_embeddings, velocity, scheduler_config,
+    transformer, source, checkpoint, max_sequence_length, and decode for GenEval data (SD3Adapter has them all).
     """
     sigmas = check_sigmas(sigmas)
     guidances = guidance_rows(guidance)
