@@ -314,6 +314,47 @@ def run(
                    progress_factory=lambda name: Progress(name, every=10, unit=f"[{name}] step"))
 
 
+@app.command()
+def probe(
+    model: Path = typer.Option(..., "--model", help="A diffusers SD3 folder or a soarbench checkpoint folder."),
+    data: Path = typer.Option(..., "--data", help="Held-out HY-SOAR JSONL (images in its images/ folder)."),
+    out: Path = typer.Option(..., "--out", help="Folder for probe.json."),
+    n: int = typer.Option(64, "--n", help="Pairs: the first N usable lines of --data."),
+    sigmas: str = typer.Option("1,0.8,0.6,0.4,0.2", "--sigmas", help="Starting sigmas in (0, 1], comma-separated."),
+    guidance: float = typer.Option(4.5, "--guidance", help="CFG scale of the first rows; g = 1 rows always follow."),
+    steps: int = typer.Option(40, "--steps", help="Euler steps of the full eval grid (restricted per start)."),
+    seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same numbers."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    geneval_backend: str = typer.Option("shapes", "--geneval-backend",
+                                        help="GenEval detector for data lines with GenEval rows."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+):
+    """Exposure bias: start the model's sampler ON the data's path at each sigma and measure where it lands.
+
+    Per starting sigma and guidance: MSE to the clean latent (mean, std over pairs) and, for GenEval-style
+    data, the GenEval accuracy of the decoded results (soarbench/probes/exposure.py explains why).
+
+    Examples:
+
+      soarbench data shapes --out data/heldout --seed 2 --n-images 256
+
+      soarbench probe --model benchmarks/shapes/base --data data/heldout/train.jsonl --out probes/base
+
+      soarbench probe --model runs/soar/checkpoints/step_000095 --data data/heldout/train.jsonl --n 128 --out probes/soar
+    """
+    from soarbench.probes.exposure import parse_sigmas, run_probe
+
+    summary = run_probe(model, data, out, device=device, n=n, sigmas=parse_sigmas(sigmas), guidance=guidance,
+                        num_steps=steps, seed=seed, batch_size=batch_size, geneval_backend=geneval_backend,
+                        on_progress=_Bar("probe"))
+    typer.echo("guidance\tsigma\tsteps\tmse_mean\tmse_std\tgeneval")
+    for row in summary["rows"]:
+        acc = "" if row["geneval"] is None else f"{row['geneval']:.4f}"
+        typer.echo(f"{row['guidance']:g}\t{row['sigma']:g}\t{row['euler_steps']}\t{row['mse_mean']:.5f}\t"
+                   f"{row['mse_std']:.5f}\t{acc}")
+    typer.echo(f"probe.json\t{Path(out) / 'probe.json'}")
+
+
 @metrics_app.command("list")
 def metrics_list():
     """Each metric, what it needs and whether that is present.
