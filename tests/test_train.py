@@ -67,10 +67,10 @@ def test_resume_continues_exactly(tiny_model_dir, shapes_data, tmp_path):
     a = SD3Adapter.from_pretrained(tmp_path / "straight" / "checkpoints" / "step_000004", max_sequence_length=0)
     b = SD3Adapter.from_pretrained(tmp_path / "resumed" / "checkpoints" / "step_000004", max_sequence_length=0)
     for (name, p), q in zip(a.transformer.named_parameters(), b.transformer.parameters()):
-        assert torch.allclose(p, q, atol=1e-6), name
+        assert torch.equal(p, q), name  # bit for bit: every draw is keyed, the text cache is batching-free
     la, lb = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
     assert [r["step"] for r in lb] == [1, 2, 3, 4]  # step 3 was redone, and logged once
-    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
     assert la[-1]["budget"]["fwd_bwd"] == lb[-1]["budget"]["fwd_bwd"]
 
 
