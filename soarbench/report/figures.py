@@ -49,6 +49,8 @@ BASE_COLOR = "#6b6b6b"
 DPI = 100
 GRID_PROMPTS = 6  # prompts (columns) in an image grid
 GRID_MAX_ROWS = 8
+LOSS_SMOOTHING_POINTS_PER_SPAN = 20  # EMA span = points / 20: light smoothing, none below 40 points
+LOSS_MAX_SPAN = 50
 SIGNAL_ORDER = ("loss", "loss_main", "loss_aux", "reward_mean", "kl", "clipfrac", "grad_norm")
 HIDDEN_SIGNALS = ("lr", "aux_points")  # schedules and counts, not training signals
 
@@ -408,12 +410,39 @@ def signal_figures(logs: Sequence[TrainLog], colors: Mapping[str, str]) -> list[
                 values = log.losses if name == "loss" and name not in log.signals else log.signals.get(name)
                 if values is None:
                     continue
-                ax.plot(log.steps, values, color=color, alpha=1.0 if i == 0 else 0.55, linewidth=1.2,
-                        linestyle="-" if i == 0 else ":", label=log.run_name)
+                style = dict(color=color, linestyle="-" if i == 0 else ":", label=log.run_name)
+                span = smoothing_span(len(values))
+                if span == 1:
+                    ax.plot(log.steps, values, linewidth=1.2, alpha=1.0 if i == 0 else 0.6, **style)
+                else:  # the raw signal faint, an EMA over it: noisy per-step values stay readable
+                    ax.plot(log.steps, values, linewidth=0.8, alpha=0.25, color=color)
+                    ax.plot(log.steps, ema(np.asarray(values, dtype=float), span), linewidth=1.4, **style)
             ax.set(xlabel="optimizer step", title=name)
             ax.grid(True, alpha=0.3)
         axes[0].legend(fontsize=7)
         out.append(ReportFigure(f"signals_{_slug(group)}", f"{group}: training signals",
-                                f"What {group}'s training logged at every optimizer step (one line per seed).",
-                                fig, "signals"))
+                                f"What {group}'s training logged at every optimizer step (one line per seed; from "
+                                f"{2 * LOSS_SMOOTHING_POINTS_PER_SPAN} steps on, faint raw values under an "
+                                "exponential moving average).", fig, "signals"))
+    return out
+
+
+def smoothing_span(n_points: int) -> int:
+    return max(1, min(LOSS_MAX_SPAN, n_points // LOSS_SMOOTHING_POINTS_PER_SPAN))
+
+
+def ema(values: np.ndarray, span: int) -> np.ndarray:
+    """Exponential moving average with weight 2 / (span + 1), bias-corrected so that it starts at the data.
+
+    A NaN (a step whose value was not finite) stays NaN in the output and leaves the average untouched.
+    """
+    alpha = 2.0 / (span + 1)
+    out = np.full(values.shape, math.nan)
+    average = weight = 0.0
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            continue
+        average = (1 - alpha) * average + alpha * value
+        weight = (1 - alpha) * weight + alpha
+        out[i] = average / weight
     return out

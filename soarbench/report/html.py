@@ -153,6 +153,9 @@ table.paper tr.block th { text-align: left; background: #e8eef6; font-style: ita
 table.paper tr.block-published th { background: #f6efe4; }
 table.paper tr.row-published td { color: #5a4a32; }
 table.comparisons tr.not-compared td { color: #888; }
+table.comparisons td:nth-child(-n+3), table.comparisons td:last-child { text-align: left; }
+table.paper th { vertical-align: bottom; }
+.proto { font-weight: 400; font-size: 11px; color: #555; }
 .ci { color: #777; font-size: 12px; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 16px; }
 figure { margin: 0; padding: 8px; background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; }

@@ -187,7 +187,12 @@ def paper_latex(table: PaperTable) -> str:
 
 
 def paper_html(table: PaperTable) -> str:
-    headers = "".join(f"<th>{escape(h)}</th>" for h in display_headers(table))
+    """One table: a header row per block (the published one says its protocol), metric headers on two lines."""
+    first = display_headers(table)
+    metric_heads = [f'{escape(f"{c.title} {c.arrow}")}<br><span class="proto">{escape(" · ".join(c.qualifiers))}'
+                    "</span>" for c in table.columns]
+    headers = "".join(f"<th>{h}</th>" for h in [escape(first[0]), escape(first[1]), escape(first[2]), *metric_heads,
+                                                 escape(first[-1])])
     rows = display_rows(table, bold=("\x00b", "\x00/b"), ci=("\x00ci", "\x00/ci"))
     body, current = [], None
     width = len(display_headers(table))
