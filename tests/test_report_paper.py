@@ -191,6 +191,11 @@ def test_published_row_is_compared_only_under_the_same_protocol(paper_report):
     # a row of another method is never paired with soar's published row, nor a model family of its own ("other")
     assert set(published[published["against"] == "SD3.5-M + SOAR"]["label"]) == {f"soar@{STEP}"}
     assert "FLUX.1-Dev" not in set(published["against"])
+    # printed, the metrics not compared for one reason share a line
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert (f"| ocr, pickscore, clipscore, hpsv2, aesthetic, imagereward | soar@{STEP} | SD3.5-M + SOAR |"
+            in md)
+    assert f"| geneval | soar@{STEP} | SD3.5-M + SOAR | -0.060 |" in md
 
 
 def test_all_official_report_compares_no_published_row(tmp_path):

@@ -120,7 +120,7 @@ def _figure(n_panels: int, width: float = 5.2, height: float = 3.4, columns: int
     fig = Figure(figsize=(width * columns, height * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel().tolist()
     for ax in axes[n_panels:]:
-        ax.set_visible(False)
+        ax.remove()
     return fig, axes[:n_panels]
 
 

@@ -155,6 +155,8 @@ table.paper tr.row-published td { color: #5a4a32; }
 table.comparisons tr.not-compared td { color: #888; }
 table.comparisons td:nth-child(-n+3), table.comparisons td:last-child { text-align: left; }
 table.paper th { vertical-align: bottom; }
+table.paper td:last-child { white-space: normal; min-width: 200px; text-align: left; }
+table.paper .ci { display: block; font-size: 11px; }  /* interval under its value: narrower columns */
 .proto { font-weight: 400; font-size: 11px; color: #555; }
 .ci { color: #777; font-size: 12px; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 16px; }

@@ -102,7 +102,13 @@ def display_rows(table: PaperTable, bold: tuple[str, str], ci: tuple[str, str] =
             if value and table.is_best(row, column.metric):
                 value = f"{bold[0]}{value}{bold[1]}"
             cells.append(value + (f" {ci[0]}{text(interval)}{ci[1]}" if interval else ""))
-        cells.append(text(budget_text(row, table)) if row.block == MEASURED else "")
+        budget = budget_text(row, table) if row.block == MEASURED else ""
+        if " (" in budget and ci != ("", ""):  # raw counters in the interval's (smaller) style
+            value, raw = budget.split(" (", 1)
+            budget = f"{text(value)} {ci[0]}{text('(' + raw)}{ci[1]}"
+        else:
+            budget = text(budget)
+        cells.append(budget)
         out.append((row.block, cells))
     return out
 
@@ -135,10 +141,32 @@ def paper_markdown(table: PaperTable) -> str:
     return "\n".join(out)
 
 
+COMPARISON_HEADERS = ["metric", "model", "vs", "Δ", "95% CI", "p", "MDE (prompts)", "MDE (seeds)", "note"]
+
+
+def display_comparisons(table: PaperTable) -> list[Comparison]:
+    """The comparisons as printed: the pairs that were not compared for the same reason share one line, their
+    metrics listed together (comparisons.csv keeps one line per metric)."""
+    out: list[Comparison] = []
+    merged: dict[tuple[str, str, str], int] = {}
+    for c in table.comparisons:
+        if c.compared:
+            out.append(c)
+            continue
+        key = (c.label, c.against, c.reason)
+        if key in merged:
+            first = out[merged[key]]
+            out[merged[key]] = Comparison(f"{first.metric}, {c.metric}", c.label, c.against, c.kind, False,
+                                          reason=c.reason)
+        else:
+            merged[key] = len(out)
+            out.append(c)
+    return out
+
+
 def comparisons_markdown(table: PaperTable) -> str:
-    headers = ["metric", "model", "vs", "Δ", "95% CI", "p", "MDE (prompts)", "MDE (seeds)", "note"]
-    lines = [_md_row(headers), _md_row([":--", ":--", ":--", "--:", "--:", "--:", "--:", "--:", ":--"])]
-    lines += [_md_row(comparison_cells(c)) for c in table.comparisons]
+    lines = [_md_row(COMPARISON_HEADERS), _md_row([":--", ":--", ":--", "--:", "--:", "--:", "--:", "--:", ":--"])]
+    lines += [_md_row(comparison_cells(c)) for c in display_comparisons(table)]
     return "\n".join(lines)
 
 
@@ -216,12 +244,11 @@ def _html_cell(text: str) -> str:
 
 
 def comparisons_html(table: PaperTable) -> str:
-    headers = ["metric", "model", "vs", "Δ", "95% CI", "p", "MDE (prompts)", "MDE (seeds)", "note"]
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    head = "".join(f"<th>{escape(h)}</th>" for h in COMPARISON_HEADERS)
     body = "".join(
         f'<tr class="{"compared" if c.compared else "not-compared"}">'
         + "".join(f"<td>{escape(x)}</td>" for x in comparison_cells(c)) + "</tr>"
-        for c in table.comparisons
+        for c in display_comparisons(table)
     )
     return (f'<div class="table-wrap"><table class="data comparisons" id="comparisons"><thead><tr>{head}</tr>'
             f"</thead><tbody>{body}</tbody></table></div>")
