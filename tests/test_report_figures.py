@@ -150,3 +150,27 @@ def test_distribution_uses_the_per_sample_scores(experiment):
     points = [sorted(c.get_offsets()[:, 1].tolist()) for c in ax.collections]
     assert points == [[0.0, 0.0, 0.5], [0.5, 1.0, 1.0], [0.5, 1.0, 1.0]]  # base, sft@20, grpo@20
     assert [t.get_text() for t in ax.get_xticklabels()] == ["base\n(n=3)", "sft@20\n(n=3)", "grpo@20\n(n=3)"]
+
+
+def test_provenance_lists_prompt_sets_run_configs_and_checkpoint_hashes(experiment):
+    import hashlib
+
+    from soarbench.report.tables import provenance_items
+
+    ckpt = experiment / "grpo-s0" / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "weights.bin").write_bytes(b"\x01\x02\x03")
+    for summary in (experiment / "grpo-s0").rglob("summary.json"):
+        doc = json.loads(summary.read_text())
+        doc["model"]["path"] = str(ckpt)
+        summary.write_text(json.dumps(doc))
+    items = dict(provenance_items(collect([experiment])))
+    assert items["prompt set shapes"] == "sha256 " + "ab" * 32
+    config = experiment / "grpo-s0" / "config.toml"
+    config_sha = hashlib.sha256(config.read_bytes()).hexdigest()
+    assert items["run grpo-s0"] == f"budget 80 fwd_bwd_equiv; config {config} (sha256 {config_sha[:16]}); " \
+                                   "rewards geneval x 1"
+    # the folder hash: sha256 over "relative path NUL file sha256 newline" of each file
+    file_sha = hashlib.sha256(b"\x01\x02\x03").hexdigest()
+    folder_sha = hashlib.sha256(f"weights.bin\0{file_sha}\n".encode()).hexdigest()
+    assert items["checkpoint"] == f"{ckpt}: sha256 {folder_sha}"
