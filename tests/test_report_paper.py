@@ -5,7 +5,6 @@ Every number is chosen by hand: two seeds give a mean and, for the 95% percentil
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -262,3 +261,13 @@ def test_malformed_published_file_names_row_and_field(tmp_path):
                     'scores = { geneval = 0.5 }\n')
     with pytest.raises(UserError, match=re.escape(f"{path}: rows[0]: unknown source 'b'")):
         load_published(path)
+
+
+def test_benchmark_tables_lead_with_the_matched_budget_unit(paper_report):
+    _, paths = paper_report
+    frame = pd.read_csv(paths["final_table_csv"])
+    budget = [c for c in frame.columns if c in ("fwd_bwd_equiv", "fwd_bwd", "images")]
+    assert budget == ["fwd_bwd_equiv", "fwd_bwd", "images"]
+    soar = frame[(frame["benchmark"] == "geneval") & (frame["label"] == f"soar@{STEP}")].iloc[0]
+    assert (soar["fwd_bwd_equiv"], soar["fwd_bwd"]) == (10.0 * STEP, 8 * STEP)
+    assert "budget (fwd_bwd_equiv)" in paths["markdown"].read_text(encoding="utf-8")

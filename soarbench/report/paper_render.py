@@ -227,7 +227,8 @@ def paper_html(table: PaperTable) -> str:
     for block, cells in rows:
         if block != current:
             current = block
-            body.append(f'<tr class="block block-{block}"><th colspan="{width}">{escape(BLOCK_TITLES[block])}</th></tr>')
+            title = escape(BLOCK_TITLES[block])
+            body.append(f'<tr class="block block-{block}"><th colspan="{width}">{title}</th></tr>')
         tds = [f'<td class="label">{escape(cells[0])}</td>'] + [f"<td>{_html_cell(c)}</td>" for c in cells[1:]]
         body.append(f'<tr class="row-{block}">' + "".join(tds) + "</tr>")
     return (f'<div class="table-wrap"><table class="data paper" id="paper-table"><thead><tr>{headers}</tr></thead>'

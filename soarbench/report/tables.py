@@ -241,9 +241,14 @@ def score_columns(evals: Sequence[EvalSummary], main: str) -> list[Column]:
 
 
 def budget_columns(evals: Sequence[EvalSummary]) -> list[Column]:
+    """The experiment's matched budget unit first (the resolved config's budget.unit), then the raw counters."""
     present = {counter for e in evals for counter in e.budget}
     decimals = {COUNT: 0, SECONDS: OTHER_DECIMALS}
-    return [Column(key, title, kind, decimals[kind]) for key, title, kind in BUDGET_COUNTERS if key in present]
+    columns = [Column(key, title, kind, decimals[kind]) for key, title, kind in BUDGET_COUNTERS if key in present]
+    unit = next((u for e in evals if (u := e.budget_unit)), None)
+    if unit in present and unit not in {c.key for c in columns}:
+        columns.insert(0, Column(unit, f"budget ({unit})", COUNT, 0))
+    return columns
 
 
 def _score_keys_in_order(evals: Iterable[EvalSummary]) -> list[str]:
