@@ -137,7 +137,7 @@ def test_published_rows_are_their_own_labelled_block_with_sources(paper_report):
     assert published.loc["SD3.5-M + DiffusionNFT", "geneval"] == 0.98
     md = paths["markdown"].read_text(encoding="utf-8")
     block = md.split("**published (papers' numbers, 'paper' protocol)**", 1)[1].split("\n- ", 1)[0]
-    assert "| SD3.5-M + SOAR | 10k |  | 0.780 | 0.670 | 22.86 | **0.295** | **0.289** | 5.46 | **1.09** |" in block
+    assert "| SD3.5-M + SOAR | 10k |  | 0.780 | 0.670 | 22.86 | **0.295** | **0.289** | 5.46 | **1.09** |\n" in block
     assert f"sft@{STEP}" not in block  # no measured row in the published block
 
 

@@ -134,9 +134,10 @@ def paper_markdown(table: PaperTable) -> str:
         members = [cells for b, cells in rows if b == block]
         if not members:
             continue
-        out += [f"**{BLOCK_TITLES[block]}**", "", _md_row(display_headers(table, block)),
-                _md_row([":--", "--:", "--:", *("--:" for _ in table.columns), "--:"])]
-        out += [_md_row(cells) for cells in members] + [""]
+        keep = slice(None) if block == MEASURED else slice(0, -1)  # published rows have no budget here
+        out += [f"**{BLOCK_TITLES[block]}**", "", _md_row(display_headers(table, block)[keep]),
+                _md_row([":--", "--:", "--:", *("--:" for _ in table.columns), "--:"][keep])]
+        out += [_md_row(cells[keep]) for cells in members] + [""]
     out += [f"- {note}" for note in table.notes]
     return "\n".join(out)
 
