@@ -271,3 +271,20 @@ def test_benchmark_tables_lead_with_the_matched_budget_unit(paper_report):
     soar = frame[(frame["benchmark"] == "geneval") & (frame["label"] == f"soar@{STEP}")].iloc[0]
     assert (soar["fwd_bwd_equiv"], soar["fwd_bwd"]) == (10.0 * STEP, 8 * STEP)
     assert "budget (fwd_bwd_equiv)" in paths["markdown"].read_text(encoding="utf-8")
+
+
+def test_mixed_protocols_are_marked_and_never_compared(tmp_path):
+    exp = write_paper_experiment(tmp_path / "exp")  # GenEval under "paper" ...
+    summary = exp / "sft-s1" / "evals" / f"step_{STEP:06d}" / "geneval" / "summary.json"
+    doc = json.loads(summary.read_text())
+    del doc["metrics"]["geneval"]["protocol"]  # ... except one sft seed: official
+    summary.write_text(json.dumps(doc))
+    table = build_paper_table(collect([exp]))
+    assert table.columns[0].header == "GenEval ↑ (mixed)"
+    rows = {r.label: r for r in table.measured}
+    assert rows[f"sft@{STEP}"].protocols["geneval"] == "mixed"
+    assert rows[f"soar@{STEP}"].protocols["geneval"] == "paper"
+    geneval = {(c.label, c.against): c for c in table.comparisons if c.kind == "published" and c.metric == "geneval"}
+    assert not geneval[(f"sft@{STEP}", "SD3.5-M + SFT")].compared
+    assert geneval[(f"soar@{STEP}", "SD3.5-M + SOAR")].compared
+    assert any("'mixed'" in note for note in table.notes)

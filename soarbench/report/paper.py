@@ -175,18 +175,28 @@ def _column(metric: str, finals: tuple[str | None, list[Checkpoint]]) -> PaperCo
     evals = [e for cp in cps for e in cp.evals]
     if not evals:
         return PaperColumn(metric, TITLES[metric])
-    protocols = {e.protocol(metric) for e in evals}
-    higher = next((bool(h) for e in evals if isinstance(h := e.metrics.get(metric, {}).get("higher_is_better"), bool)),
-                  True)
-    return PaperColumn(metric, TITLES[metric], higher, protocols.pop() if len(protocols) == 1 else MIXED, bench,
+    higher = next((h for e in evals if isinstance(h := _info(e, metric).get("higher_is_better"), bool)), True)
+    return PaperColumn(metric, TITLES[metric], higher, _protocol(evals, metric), bench,
                        _engine(evals) if metric == "ocr" else None)
+
+
+def _info(e: EvalSummary, metric: str) -> Mapping:
+    """The summary's metrics.METRIC block, or {} when it has none (or not an object)."""
+    info = e.metrics.get(metric)
+    return info if isinstance(info, Mapping) else {}
+
+
+def _protocol(evals: Sequence[EvalSummary], metric: str) -> str:
+    """The one protocol of these evaluations, or "mixed"."""
+    protocols = {e.protocol(metric) for e in evals}
+    return protocols.pop() if len(protocols) == 1 else MIXED
 
 
 def _engine(evals: Sequence[EvalSummary]) -> str | None:
     """OCR's engine: the summary's engine and engine_version, else the engine part of the metric's version."""
     names = set()
     for e in evals:
-        info = e.metrics.get("ocr", {})
+        info = _info(e, "ocr")
         if info.get("engine"):
             names.add(f"{info['engine']}-{info['engine_version']}" if info.get("engine_version") else info["engine"])
         elif isinstance(info.get("version"), str) and info["version"].count("/") >= 1:
@@ -207,7 +217,7 @@ def _measured_rows(data: ReportData, finals: Mapping[str, tuple[str | None, list
         rows.append(PaperRow(
             block=MEASURED, label=first.label, group=group, method=first.method,
             cells={c.metric: cps[c.metric].score(c.metric) if c.metric in cps else None for c in columns},
-            protocols={c.metric: c.protocol or "" for c in columns if c.metric in cps},
+            protocols={m: _protocol(cp.evals, m) for m, cp in cps.items()},
             n_seeds=max(cp.n_seeds for cp in cps.values()), step=first.step,
             budget=first.budget(unit) if unit else None,
             counters={name: first.budget(name) for name in RAW_COUNTERS},
