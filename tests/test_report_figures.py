@@ -174,3 +174,13 @@ def test_provenance_lists_prompt_sets_run_configs_and_checkpoint_hashes(experime
     file_sha = hashlib.sha256(b"\x01\x02\x03").hexdigest()
     folder_sha = hashlib.sha256(f"weights.bin\0{file_sha}\n".encode()).hexdigest()
     assert items["checkpoint"] == f"{ckpt}: sha256 {folder_sha}"
+
+
+def test_rewards_come_from_the_summaries_when_only_eval_folders_are_passed(experiment):
+    for summary in (experiment / "grpo-s0").rglob("summary.json"):
+        doc = json.loads(summary.read_text())
+        doc["provenance"]["resolved_config"]["method"] = {"name": "flow_grpo", "rewards": {"geneval": 0.5}}
+        summary.write_text(json.dumps(doc))
+    data = collect([experiment / "grpo-s0" / "evals", experiment / "base"])  # no run.json, no config.toml
+    assert data.rewards_of("grpo") == {"geneval": 0.5} and data.rewards_of("base") == {}
+    assert "reward_hacking_grpo" in {f.name for f in build_figures(data)}

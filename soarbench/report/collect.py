@@ -131,11 +131,17 @@ class ReportData:
         return units[0] if units else None
 
     def rewards_of(self, group: str) -> dict[str, float]:
-        """The metrics a group's method was trained on (config.toml method.rewards of its runs)."""
+        """The metrics a group's method was trained on: config.toml method.rewards of its runs, else the
+        summaries' resolved config (when only eval folders were passed)."""
         out: dict[str, float] = {}
         for log in self.train_logs:
             if log.group == group and log.run is not None:
                 out.update(log.run.rewards)
+        if not out:
+            for e in self.evals:
+                rewards = _Fields(e.provenance, e.path).get("resolved_config.method.rewards")
+                if e.group == group and isinstance(rewards, Mapping):
+                    out.update({str(k): float(v) for k, v in rewards.items() if _is_number(v)})
         return out
 
 
