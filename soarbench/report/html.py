@@ -1,9 +1,9 @@
 """index.html: one self-contained page with every table and figure of the report; nothing is fetched.
 
 Figures (figures.py, drawn with matplotlib) are embedded as PNG data URIs; their PNG and SVG files also sit in the
-report's figures/ folder. Order: provenance, warnings, the paper table (measured and published blocks), the
-comparisons with their minimum detectable differences, then per benchmark its tables and figures, then the
-reward-hacking panels, image grids and training signals, then notes on the statistics.
+report's figures/ folder. Order: warnings, the paper table (measured and published blocks), the comparisons with
+their minimum detectable differences, then per benchmark its tables and figures, then the reward-hacking panels,
+image grids and training signals, then provenance and notes on the statistics.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def render_html(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTabl
                 figures: Sequence[ReportFigure], pngs: dict[str, bytes] | None = None) -> str:
     """The whole page. `pngs` (figure name -> PNG bytes) avoids drawing a figure twice when already saved."""
     pngs = pngs if pngs is not None else {f.name: f.png() for f in figures}
-    sections = [_provenance_section(data)]
+    sections = []
     if data.warnings:  # first, where they cannot be missed: they say what not to trust below
         items = "".join(f"<li>{escape(w)}</li>" for w in data.warnings)
         sections.append(f'<div class="warnings"><strong>Warnings</strong><ul>{items}</ul></div>')
@@ -41,6 +41,7 @@ def render_html(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTabl
             sections.append(_section(heading, kind, [_figure_grid(mine, pngs)]))
     if not benchmarks and not figures:
         sections.append("<p>No evaluations or training logs found.</p>")
+    sections.append(_provenance_section(data))
     sections.append(_notes_section())
     return _PAGE.format(title=escape(title), css=_CSS, body="\n".join(sections))
 
@@ -59,7 +60,7 @@ def _section(title: str, anchor: str, parts: Sequence[str]) -> str:
 
 def _provenance_section(data: ReportData) -> str:
     rows = "".join(f"<dt>{escape(label)}</dt><dd>{escape(text)}</dd>" for label, text in provenance_items(data))
-    return f'<section id="provenance" class="provenance">\n<dl>{rows}</dl>\n</section>'
+    return f'<section id="provenance" class="provenance">\n<h2>Provenance</h2>\n<dl>{rows}</dl>\n</section>'
 
 
 def _paper_section(paper: PaperTable) -> str:
@@ -154,8 +155,11 @@ table.paper tr.block-published th { background: #f6efe4; }
 table.paper tr.row-published td { color: #5a4a32; }
 table.comparisons tr.not-compared td { color: #888; }
 table.comparisons td:nth-child(-n+3), table.comparisons td:last-child { text-align: left; }
-table.paper th { vertical-align: bottom; }
-table.paper td:last-child { white-space: normal; min-width: 200px; text-align: left; }
+table.paper { font-size: 13px; }
+table.paper th, table.paper td { padding: 4px 7px; vertical-align: top; }
+table.paper thead th { vertical-align: bottom; }
+table.paper td.label { white-space: normal; min-width: 130px; }
+table.paper td:last-child { white-space: normal; min-width: 150px; max-width: 190px; text-align: left; }
 table.paper .ci { display: block; font-size: 11px; }  /* interval under its value: narrower columns */
 .proto { font-weight: 400; font-size: 11px; color: #555; }
 .ci { color: #777; font-size: 12px; }

@@ -73,11 +73,15 @@ def format_value(cell: Cell | None, column: PaperColumn) -> tuple[str, str]:
     return f"{cell.value:.{d}f}", interval
 
 
+COUNTER_LABELS = {"optimizer_steps": "steps", "images": "images", "fwd_bwd": "fwd+bwd", "no_grad_fwd": "no-grad fwd",
+                  "reward_calls": "reward calls"}
+
+
 def budget_text(row: PaperRow, table: PaperTable) -> str:
-    """The budget in the matched unit, then the raw counters: "592 (optimizer_steps 37, fwd_bwd 592, ...)"."""
+    """The budget in the matched unit, then the raw counters: "592 (steps 37, images 0, fwd+bwd 592, ...)"."""
     if row.budget is None or not math.isfinite(row.budget.value):
         return ""
-    raw = ", ".join(f"{name} {_count(cell.value)}" for name in table.counters
+    raw = ", ".join(f"{COUNTER_LABELS.get(name, name)} {_count(cell.value)}" for name in table.counters
                     if (cell := row.counters.get(name)) is not None and math.isfinite(cell.value))
     return f"{_count(row.budget.value)}" + (f" ({raw})" if raw else "")
 
