@@ -184,3 +184,19 @@ def test_rewards_come_from_the_summaries_when_only_eval_folders_are_passed(exper
     data = collect([experiment / "grpo-s0" / "evals", experiment / "base"])  # no run.json, no config.toml
     assert data.rewards_of("grpo") == {"geneval": 0.5} and data.rewards_of("base") == {}
     assert "reward_hacking_grpo" in {f.name for f in build_figures(data)}
+
+
+def test_budget_axis_falls_back_to_a_counter_every_evaluation_records(experiment):
+    # the matched unit (fwd_bwd_equiv) is missing from one evaluation: the budget panel uses images instead
+    summary = experiment / "sft-s0" / "evals" / "step_000010" / BENCH / "summary.json"
+    doc = json.loads(summary.read_text())
+    doc["model"]["budget_spent"] = {"images": 160}
+    summary.write_text(json.dumps(doc))
+    for other in experiment.rglob("summary.json"):
+        if other != summary:
+            doc = json.loads(other.read_text())
+            doc["model"]["budget_spent"]["images"] = 16 * doc["model"]["step"]
+            other.write_text(json.dumps(doc))
+    by_budget = _figures(experiment)["curves_shapes_geneval"].figure.axes[1]
+    assert by_budget.get_xlabel() == "budget spent (images)"
+    assert list(by_budget.get_lines()[0].get_xdata()) == [160, 320]

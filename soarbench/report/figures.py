@@ -165,13 +165,21 @@ def plot_metric(ax, cps: Sequence[Checkpoint], key: str, x_of: Callable[[Checkpo
     ax.grid(True, alpha=0.3)
 
 
+def _budget_axis(trained: Sequence[Checkpoint], unit: str | None) -> str:
+    """The matched unit when every trained evaluation records it, else the first counter they all record."""
+    for counter in (unit, "fwd_bwd_equiv", "fwd_bwd", "images"):
+        if counter and all(counter in e.budget for cp in trained for e in cp.evals):
+            return counter
+    return unit or "fwd_bwd"
+
+
 def curve_figures(bench: str, evals: Sequence[EvalSummary], data: ReportData,
                   colors: Mapping[str, str]) -> list[ReportFigure]:
     cps = checkpoints(evals, data.group_methods)
     trained, _ = _split(cps)
     if not trained:
         return []
-    unit = data.budget_unit() or "fwd_bwd"
+    unit = _budget_axis(trained, data.budget_unit())
     out = []
     for key in top_level_keys(evals):
         if all(cp.score(key) is None for cp in trained):
@@ -339,7 +347,8 @@ def image_grid_figures(bench: str, evals: Sequence[EvalSummary], data: ReportDat
     firsts: dict[str, str] = {}  # group -> its first run (lowest seed)
     for run, members in sorted(runs.items(), key=lambda r: (r[1][0].seed is None, r[1][0].seed or 0, r[0])):
         firsts.setdefault(members[0].group, run)
-    for group, run in firsts.items():
+    for group in sorted(firsts, key=lambda g: group_sort_key(g, data.group_methods.get(g, ""))):
+        run = firsts[group]
         steps = sorted(runs[run], key=lambda e: e.step)
         if len(steps) > GRID_MAX_ROWS - 1:  # keep the first and last, thin the middle evenly
             picks = np.linspace(0, len(steps) - 1, GRID_MAX_ROWS - 1).round().astype(int)
