@@ -5,8 +5,6 @@ With one seed a cell is that run's value; with two or more it is the mean over s
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from soarbench import __version__
 from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData
@@ -518,16 +517,15 @@ def tables_csv(tables: Sequence[Table]) -> str:
     """
     columns = list({c.key: c for t in tables for c in t.columns}.values())
     split = any(t.has_seed_intervals for t in tables)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*CSV_LEADING, *(name for c in columns for name in _csv_names(c, split))])
+    header = [*CSV_LEADING, *(name for c in columns for name in _csv_names(c, split))]
+    rows = []
     for table in tables:
         for row in table.rows:
-            step = "" if row.step is None else row.step
-            leading = [table.benchmark, row.label, row.group, row.method, step, row.n_seeds]
-            values = (v for c in columns for v in _csv_values(row.cells.get(c.key), c, split))
-            writer.writerow([*leading, *values])
-    return buffer.getvalue()
+            step = "" if row.step is None else str(row.step)
+            leading = [table.benchmark, row.label, row.group, row.method, step, str(row.n_seeds)]
+            rows.append([*leading, *(v for c in columns for v in _csv_values(row.cells.get(c.key), c, split))])
+    # the cells are already formatted strings (_csv_number): pandas only lays out and quotes them
+    return pd.DataFrame(rows, columns=header, dtype=str).to_csv(index=False, lineterminator="\n")
 
 
 def _csv_names(column: Column, split: bool) -> list[str]:
