@@ -445,3 +445,10 @@ def test_seeds_reaching_budget_points_at_different_steps_are_aligned(tmp_path):
     assert set(rows) == {"grpo@10-11", "grpo@20-23"}
     assert float(rows["grpo@20-23"]["geneval_mean"]) == pytest.approx(0.5)
     assert rows["grpo@10-11"]["n_seeds"] == "2"
+
+
+def test_markdown_links_every_figure(two_seed_report):
+    md = two_seed_report["markdown"].read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", md)
+    pngs = (two_seed_report["html"].parent / "figures").glob("*.png")
+    assert links and sorted(links) == sorted(f"figures/{p.name}" for p in pngs)

@@ -61,6 +61,7 @@ def write_report(run_dirs: Iterable[Path | str], out_dir: Path | str, title: str
     Raises UserError when an argument holds nothing to report or a file in it is malformed; nothing is written
     then. Returns the paths of the files written, keyed as in OUTPUT_FILES (the figures go to out_dir/figures/).
     """
+    from soarbench.report.html import render_html
     from soarbench.report.paper import build_paper_table
     from soarbench.report.paper_render import comparisons_frame, paper_csv, paper_latex
 
@@ -68,32 +69,33 @@ def write_report(run_dirs: Iterable[Path | str], out_dir: Path | str, title: str
     data = collect(run_dirs)
     benchmarks = build_tables(data)
     paper = build_paper_table(data)
+    out = Path(out_dir)
+    figures, pngs = _figures(data, out) if "html" in formats else ([], {})
     makers = {
         "paper_table_csv": lambda: paper_csv(paper),
         "comparisons_csv": lambda: comparisons_frame(paper).to_csv(index=False, float_format="%.12g",
                                                                    lineterminator="\n"),
         "main_table_csv": lambda: tables_csv([b.main for b in benchmarks]),
         "final_table_csv": lambda: tables_csv([b.final for b in benchmarks]),
-        "markdown": lambda: markdown_report(title, data, benchmarks, paper),
+        "markdown": lambda: markdown_report(title, data, benchmarks, paper,
+                                            [(f"{FIGURES_DIR}/{f.name}.png", f.title) for f in figures]),
         "latex": lambda: paper_latex(paper),
-        "html": lambda: _html(title, data, benchmarks, paper, Path(out_dir)),
+        "html": lambda: render_html(title, data, benchmarks, paper, figures, pngs),
     }
     contents = {key: make() for key, make in makers.items() if FORMAT_OF[key] in formats}
-    out = Path(out_dir)
     paths = {key: out / OUTPUT_FILES[key] for key in contents}
     for key, text in contents.items():
         atomic_write_text(paths[key], text)
     return paths
 
 
-def _html(title: str, data: ReportData, benchmarks, paper, out: Path) -> str:
-    """Draw every figure once: its PNG and SVG into out/figures/, its PNG into the page."""
+def _figures(data: ReportData, out: Path) -> tuple[list, dict[str, bytes]]:
+    """Draw every figure once: its PNG and SVG into out/figures/; returns the figures and their PNG bytes."""
     from soarbench.report.figures import build_figures
-    from soarbench.report.html import render_html
 
     figures = build_figures(data)
     pngs = {}
     for figure in figures:
         png, _ = figure.save(out / FIGURES_DIR)
         pngs[figure.name] = png.read_bytes()
-    return render_html(title, data, benchmarks, paper, figures, pngs)
+    return figures, pngs

@@ -567,11 +567,11 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTables], paper=None) -> str:
+def markdown_report(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTables], paper=None,
+                    figures: Sequence[tuple[str, str]] = ()) -> str:
     """report.md: provenance, the paper table (paper.PaperTable) and its comparisons, then each benchmark's tables,
-    then notes on the statistics and any warnings."""
-    out = [f"# {title}", "", *_md_provenance(data), "",
-           "Figures: see index.html and figures/ beside this file.", ""]
+    the figures (relative path, title) as image links, notes on the statistics and any warnings."""
+    out = [f"# {title}", "", *_md_provenance(data), ""]
     if paper is not None:
         from soarbench.report.paper_render import comparisons_markdown, paper_markdown
 
@@ -590,6 +590,8 @@ def markdown_report(title: str, data: ReportData, benchmarks: Sequence[Benchmark
                 continue
             out += [f"### {table.title}", "", table_markdown(table), ""]
             out += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
+    if figures:
+        out += ["## Figures", "", *(f"![{_md_escape(name)}]({path})" for path, name in figures), ""]
     out += ["## Notes", "", *(f"- {note}" for note in STATS_NOTES), ""]
     if data.warnings:
         out += ["## Warnings", "", *(f"- {_md_escape(w)}" for w in data.warnings), ""]
