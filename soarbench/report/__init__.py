@@ -8,7 +8,8 @@ Outputs in `out_dir`, by format:
 - csv: paper_table.csv (the SOAR paper's main table: measured rows, then the published block), comparisons.csv
   (every comparison with its minimum detectable difference), main_table.csv (every checkpoint of every
   benchmark), final_table.csv (each group's last checkpoint, with the paired test against the "sft" group);
-- md: report.md (all tables and notes); tex: paper_table.tex (booktabs; needs booktabs and multirow);
+- md: report.md (all tables and notes, and image links to figures/ when html is written too);
+  tex: paper_table.tex (booktabs; needs booktabs and multirow);
 - html: index.html, one self-contained page with every table and figure (PNG data URIs), and figures/NAME.png
   and figures/NAME.svg for each figure (figures.py lists them).
 Tables are built with pandas and figures with matplotlib (Agg). Every file is written atomically.
