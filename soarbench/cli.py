@@ -274,20 +274,22 @@ def eval_(
 @app.command()
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run, eval or experiment folders."),
-    out: Path = typer.Option(..., "--out", help="Report folder: main_table.csv, report.md, index.html."),
+    out: Path = typer.Option(..., "--out", help="Report folder: paper_table.csv, report.md, index.html, ..."),
     title: str = typer.Option("soarbench report", "--title"),
+    formats: str = typer.Option("html,csv,md,tex", "--format",
+                                help="Comma-separated outputs: html (page + figures/), csv, md, tex."),
 ):
-    """Tables (CSV, Markdown) and one self-contained HTML page with the training-step curves.
+    """The SOAR paper's table beside the published numbers, the per-benchmark tables and the figures.
 
     Examples:
 
       soarbench report runs/shapes --out reports/shapes
 
-      soarbench report runs/sft runs/soar --out reports/mine --title "SFT vs SOAR"
+      soarbench report runs/sft runs/soar --out reports/mine --title "SFT vs SOAR" --format csv,tex
     """
-    from soarbench.report import write_report
+    from soarbench.report import parse_formats, write_report
 
-    paths = write_report(list(run_dirs), out, title=title)
+    paths = write_report(list(run_dirs), out, title=title, formats=parse_formats(formats))
     for kind, path in paths.items():
         typer.echo(f"{kind}\t{path}")
 

@@ -17,9 +17,9 @@ import pytest
 
 from soarbench.errors import UserError
 from soarbench.report import OUTPUT_FILES, write_report
-from soarbench.report.html import ema, smoothing_span
+from soarbench.report.collect import collect
+from soarbench.report.figures import build_figures, ema, smoothing_span
 from soarbench.report.stats import N_RESAMPLES, bootstrap_ci, paired_bootstrap
-from soarbench.report.svg import nice_ticks, tick_labels
 
 # ---------------------------------------------------------------------------------------------------------------
 # stats
@@ -90,16 +90,6 @@ def test_paired_bootstrap_rejects_unpaired_lengths():
 
 # ---------------------------------------------------------------------------------------------------------------
 # chart helpers
-
-
-def test_nice_ticks_and_labels():
-    ticks, step = nice_ticks(0.0, 1.0)
-    assert (ticks, step) == ([0.0, 0.2, 0.4, 0.6, 0.8, 1.0], 0.2)
-    ticks, step = nice_ticks(3.0, 197.0)
-    assert (ticks, step) == ([0.0, 50.0, 100.0, 150.0, 200.0], 50.0)
-    assert tick_labels([0.0, 20000.0, 40000.0], 20000.0) == ["0", "20k", "40k"]
-    assert tick_labels([-0.25, 0.0, 0.25], 0.25) == ["-0.25", "0.00", "0.25"]
-    assert nice_ticks(200.0, 200.0)[0][0] < 200.0 < nice_ticks(200.0, 200.0)[0][-1]
 
 
 def test_ema_is_bias_corrected_and_skips_nan():
@@ -270,20 +260,40 @@ def test_markdown_has_every_table_and_row(two_seed_report):
     assert "git sha: 0123abcd" in md and "torch 2.13.0" in md
 
 
-def test_html_is_self_contained_with_one_svg_per_curve(two_seed_report):
+def test_html_is_self_contained_with_every_figure_embedded(two_seed_report):
     page = two_seed_report["html"].read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, flags=re.IGNORECASE)
     assert "http://" not in page and "https://" not in page
-    assert not re.search(r"<(script|link|img|iframe)\b", page)
-    # 3 keys (geneval, counting, colors) x (vs step, vs compute) + one loss chart per training run (4)
-    assert page.count("<svg") == 3 * 2 + 4
-    assert page.count('class="baseline"') == 3 * 2  # the base model, dashed, in every score chart
-    assert 'stroke-dasharray="6 4"' in page
-    assert page.count('class="band"') == 3 * 2 * 2  # each chart: a seed band for sft and for soar
-    assert "shapes: geneval/counting vs compute" in page and "soar-s1 (soar): training loss" in page
-    assert "soar (2 seeds)" in page  # legend
+    assert not re.search(r"<(script|link|iframe)\b", page)
+    images = re.findall(r'<img src="([^"]*)"', page)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+    figures = sorted(p.stem for p in (two_seed_report["html"].parent / "figures").glob("*.png"))
+    assert sorted(p.stem for p in (two_seed_report["html"].parent / "figures").glob("*.svg")) == figures
+    # one curve figure per top-level metric, the GenEval tasks, one distribution, one signals figure per group
+    assert figures == ["curves_shapes_geneval", "distribution_shapes_geneval", "geneval_tasks_shapes",
+                       "signals_sft", "signals_soar"]
+    assert len(images) == len(figures)
     assert "0.720 <span class=\"ci\">[0.700, 0.740]</span>" in page
     assert "0123abcd" in page
+
+
+def _curve_axes(exp: Path):
+    figures = {f.name: f for f in build_figures(collect([exp]))}
+    return figures["curves_shapes_geneval"].figure.axes
+
+
+def test_curve_figure_has_seed_bands_and_a_dashed_base_line(tmp_path):
+    axes = _curve_axes(write_experiment(tmp_path / "exp"))
+    by_step, by_budget = axes[:2]
+    for ax in (by_step, by_budget):
+        solid = {line.get_label(): line for line in ax.get_lines() if line.get_linestyle() == "-"}
+        assert set(solid) == {"sft (2 seeds)", "soar (2 seeds)"}
+        assert list(solid["soar (2 seeds)"].get_ydata()) == pytest.approx([0.56, 0.72])
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(dashed) == 1 and list(dashed[0].get_ydata()) == pytest.approx([0.40, 0.40])
+        assert len(ax.collections) == 2  # one seed band per trained group
+    assert list(by_step.get_lines()[0].get_xdata()) == [100, 200]
+    assert list(by_budget.get_lines()[0].get_xdata()) == [800, 1600]  # fwd_bwd: step * 8
 
 
 def test_single_seed_report_has_plain_columns(tmp_path):
@@ -292,8 +302,7 @@ def test_single_seed_report_has_plain_columns(tmp_path):
     header, rows = read_csv(paths["main_table_csv"])
     assert header[6:9] == ["geneval", "geneval/counting", "geneval/colors"]
     assert float(rows["soar@200"]["geneval"]) == pytest.approx(0.70)
-    page = paths["html"].read_text(encoding="utf-8")
-    assert 'class="band"' not in page  # no seed bands with one seed
+    assert not any(ax.collections for ax in _curve_axes(exp)[:2])  # no seed bands with one seed
 
 
 def test_report_without_per_prompt_scores_has_no_paired_test(tmp_path):
@@ -333,8 +342,10 @@ def test_model_evaluated_on_its_own_is_a_reference_line(tmp_path):
     _, rows = read_csv(paths["main_table_csv"])
     assert list(rows) == ["base", "sft@100", "sft@200", "sd35m"]
     assert (rows["sd35m"]["step"], rows["sd35m"]["method"]) == ("", "eval")
-    page = paths["html"].read_text(encoding="utf-8")
-    assert page.count('class="baseline"') == 3 * 2 * 2  # base and sd35m, dashed, in every score chart
+    figures = {f.name: f for f in build_figures(collect([exp, tmp_path / "eval"]))}
+    for ax in figures["curves_shapes_geneval"].figure.axes[:2]:  # base and sd35m, dashed, in both panels
+        dashed = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"}
+        assert dashed == {"base": pytest.approx(0.40), "sd35m": pytest.approx(0.55)}
 
 
 def test_different_prompt_sets_are_warned_about_and_not_paired(tmp_path):
@@ -434,3 +445,10 @@ def test_seeds_reaching_budget_points_at_different_steps_are_aligned(tmp_path):
     assert set(rows) == {"grpo@10-11", "grpo@20-23"}
     assert float(rows["grpo@20-23"]["geneval_mean"]) == pytest.approx(0.5)
     assert rows["grpo@10-11"]["n_seeds"] == "2"
+
+
+def test_markdown_links_every_figure(two_seed_report):
+    md = two_seed_report["markdown"].read_text(encoding="utf-8")
+    links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", md)
+    pngs = (two_seed_report["html"].parent / "figures").glob("*.png")
+    assert links and sorted(links) == sorted(f"figures/{p.name}" for p in pngs)

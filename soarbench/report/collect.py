@@ -6,8 +6,10 @@ UserError naming the file and the field, so a report is never silently built fro
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -20,6 +22,7 @@ TRAIN_LOG_FILE = "train_log.jsonl"
 RUN_FILE = "run.json"
 SUMMARY_SCHEMA_PREFIX = "soarbench.eval/"
 BASE_METHOD = "base"
+OFFICIAL_PROTOCOL = "official"
 # Method recorded for a training log whose folder has no run.json; _fallback_warnings reports such logs.
 UNKNOWN_METHOD = "unknown"
 
@@ -47,6 +50,24 @@ class EvalSummary:
     per_prompt: Mapping[str, tuple[float, ...]]
     budget: Mapping[str, float]  # model.budget_spent; empty when the summary has none
     provenance: Mapping[str, Any]
+    model_path: str | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def eval_dir(self) -> Path:
+        """The folder of summary.json, samples.jsonl and images/."""
+        return self.path.parent
+
+    @property
+    def budget_unit(self) -> str | None:
+        """The budget unit of the run's resolved config (budget.unit), when the summary records it."""
+        unit = _Fields(self.provenance, self.path).get("resolved_config.budget.unit")
+        return unit if isinstance(unit, str) and unit else None
+
+    def protocol(self, metric: str) -> str:
+        """The metric's protocol ("official" or "paper"); a summary that does not say ran the official one."""
+        value = self.metrics.get(metric, {}).get("protocol") if isinstance(self.metrics.get(metric), Mapping) else None
+        return value if isinstance(value, str) and value else OFFICIAL_PROTOCOL
 
 
 @dataclass(frozen=True)
@@ -60,6 +81,21 @@ class TrainLog:
     seed: int | None
     steps: tuple[int, ...]
     losses: tuple[float, ...]  # NaN where the log has null or a non-finite loss
+    # every other numeric field of the log lines (loss_main, loss_aux, reward_mean, kl, clipfrac, grad_norm, lr, ...),
+    # aligned with `steps`, NaN where a line lacks it
+    signals: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    run: RunInfo | None = None  # run.json and config.toml beside the log; None without run.json
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a training run's folder says about it beyond its identity: run.json's budget and config.toml."""
+
+    budget_unit: str | None  # the experiment's matched unit (run.json budget.unit)
+    budget_amount: float | None
+    rewards: Mapping[str, float]  # method.rewards of config.toml: the metrics the method was trained on
+    config_path: Path | None
+    config_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -87,6 +123,26 @@ class ReportData:
 
     def evals_for(self, benchmark: str) -> list[EvalSummary]:
         return [e for e in self.evals if e.benchmark == benchmark]
+
+    def budget_unit(self) -> str | None:
+        """The experiment's matched budget unit: run.json's budget.unit, else the summaries' resolved config."""
+        units = [log.run.budget_unit for log in self.train_logs if log.run and log.run.budget_unit]
+        units += [u for e in self.evals if (u := e.budget_unit)]
+        return units[0] if units else None
+
+    def rewards_of(self, group: str) -> dict[str, float]:
+        """The metrics a group's method was trained on: config.toml method.rewards of its runs, else the
+        summaries' resolved config (when only eval folders were passed)."""
+        out: dict[str, float] = {}
+        for log in self.train_logs:
+            if log.group == group and log.run is not None:
+                out.update(log.run.rewards)
+        if not out:
+            for e in self.evals:
+                rewards = _Fields(e.provenance, e.path).get("resolved_config.method.rewards")
+                if e.group == group and isinstance(rewards, Mapping):
+                    out.update({str(k): float(v) for k, v in rewards.items() if _is_number(v)})
+        return out
 
 
 def collect(paths: Iterable[Path | str]) -> ReportData:
@@ -175,6 +231,8 @@ def load_summary(path: Path) -> EvalSummary:
         per_prompt=fields.number_lists("per_prompt", optional=True),
         budget=fields.number_map("model.budget_spent", optional=True),
         provenance=fields.mapping("provenance", optional=True),
+        model_path=fields.string("model.path", optional=True) if fields.get("model.path") is not None else None,
+        sampling=fields.mapping("sampling", optional=True) if fields.get("sampling") is not None else {},
     )
 
 
@@ -294,6 +352,7 @@ def load_train_log(path: Path) -> TrainLog:
     """
     run_name, group, method, seed = _run_identity(path.parent)
     loss_by_step: dict[int, float] = {}
+    signals_by_step: dict[int, dict[str, float]] = {}
     for lineno, record in read_jsonl(path, required=("step", "loss")):
         step, loss = record["step"], record["loss"]
         if not _is_int(step) or step < 0:
@@ -301,7 +360,10 @@ def load_train_log(path: Path) -> TrainLog:
         if loss is not None and not _is_number(loss):
             raise UserError(f"{path}:{lineno}: field 'loss' must be a number or null, got {json.dumps(loss)[:80]}")
         loss_by_step[step] = math.nan if loss is None or not math.isfinite(loss) else float(loss)
+        signals_by_step[step] = {k: float(v) for k, v in record.items()
+                                 if k not in _NOT_SIGNALS and _is_number(v) and math.isfinite(v)}
     steps = tuple(sorted(loss_by_step))
+    names = dict.fromkeys(k for s in steps for k in signals_by_step[s])
     return TrainLog(
         path=path,
         run_name=run_name,
@@ -310,6 +372,44 @@ def load_train_log(path: Path) -> TrainLog:
         seed=seed,
         steps=steps,
         losses=tuple(loss_by_step[s] for s in steps),
+        signals={name: tuple(signals_by_step[s].get(name, math.nan) for s in steps) for name in names},
+        run=load_run_info(path.parent),
+    )
+
+
+_NOT_SIGNALS = ("step", "loss", "budget")  # loss has its own field; budget is a nested counter table
+CONFIG_FILE = "config.toml"
+
+
+def load_run_info(run_dir: Path) -> RunInfo | None:
+    """run.json's budget unit and amount, and the rewards of config.toml's [method] (none for SFT or SOAR)."""
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        return None
+    fields = _Fields(_load_json_object(run_file), run_file)
+    unit = fields.get("budget.unit")
+    amount = fields.get("budget.amount")
+    config_path = run_dir / CONFIG_FILE
+    rewards: dict[str, float] = {}
+    sha = None
+    if config_path.is_file():
+        raw = config_path.read_bytes()
+        sha = hashlib.sha256(raw).hexdigest()
+        try:
+            config = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{config_path}: not valid TOML ({e})") from None
+        method = config.get("method", {})
+        found = method.get("rewards", {}) if isinstance(method, dict) else {}
+        if not isinstance(found, dict):
+            raise UserError(f"{config_path}: field 'method.rewards' must be a table of metric = weight")
+        rewards = {str(k): float(v) for k, v in found.items() if _is_number(v)}
+    return RunInfo(
+        budget_unit=unit if isinstance(unit, str) and unit else None,
+        budget_amount=float(amount) if _is_number(amount) else None,
+        rewards=rewards,
+        config_path=config_path if config_path.is_file() else None,
+        config_sha256=sha,
     )
 
 

@@ -5,19 +5,28 @@ With one seed a cell is that run's value; with two or more it is the mean over s
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from soarbench import __version__
 from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData
-from soarbench.report.stats import DEFAULT_ALPHA, DEFAULT_SEED, N_RESAMPLES, PairedTest, bootstrap_ci, paired_bootstrap
+from soarbench.report.stats import (
+    DEFAULT_ALPHA,
+    DEFAULT_SEED,
+    N_RESAMPLES,
+    PairedTest,
+    bootstrap_ci,
+    mde_paired,
+    mde_two_groups,
+    paired_bootstrap,
+)
 
 REFERENCE_GROUP = "sft"  # the final table tests every other group against this one
 GENEVAL_METRIC = "geneval"
@@ -231,9 +240,14 @@ def score_columns(evals: Sequence[EvalSummary], main: str) -> list[Column]:
 
 
 def budget_columns(evals: Sequence[EvalSummary]) -> list[Column]:
+    """The experiment's matched budget unit first (the resolved config's budget.unit), then the raw counters."""
     present = {counter for e in evals for counter in e.budget}
     decimals = {COUNT: 0, SECONDS: OTHER_DECIMALS}
-    return [Column(key, title, kind, decimals[kind]) for key, title, kind in BUDGET_COUNTERS if key in present]
+    columns = [Column(key, title, kind, decimals[kind]) for key, title, kind in BUDGET_COUNTERS if key in present]
+    unit = next((u for e in evals if (u := e.budget_unit)), None)
+    if unit in present and unit not in {c.key for c in columns}:
+        columns.insert(0, Column(unit, f"budget ({unit})", COUNT, 0))
+    return columns
 
 
 def _score_keys_in_order(evals: Iterable[EvalSummary]) -> list[str]:
@@ -360,7 +374,27 @@ def _final_table(
         group: {diff_col.key: Cell(t.diff, t.lo, t.hi), p_col.key: Cell(t.p_value)} for group, t in tests.items()
     }
     columns = [*score_cols, diff_col, p_col, *budget_cols]
+    notes = [*notes, *_mde_notes(finals, main, reference_group, tests, decimals)]
     return _table(benchmark, "Final checkpoints", finals, columns, extra=extra, notes=notes)
+
+
+def _mde_notes(finals: Sequence[Checkpoint], key: str, reference_group: str, tests: Mapping[str, PairedTest],
+               decimals: int) -> list[str]:
+    """The minimum detectable difference of each paired test the final table prints (see stats.mde_paired)."""
+    by_group = {cp.group: cp for cp in finals}
+    reference = per_prompt_scores(by_group[reference_group], key)
+    notes = []
+    for group in tests:
+        diffs = per_prompt_scores(by_group[group], key).scores - reference.scores
+        prompts = mde_paired(diffs)
+        seeds = mde_two_groups([e.scores.get(key, math.nan) for e in by_group[group].evals],
+                               [e.scores.get(key, math.nan) for e in by_group[reference_group].evals])
+        text = f"MDE of {group} vs {reference_group} on {key} (80% power, two-sided alpha 0.05): "
+        text += f"{prompts:.{decimals}f} from {diffs.size} per-prompt differences"
+        text += f", {seeds:.{decimals}f} from the seeds' spread." if math.isfinite(seeds) else \
+            " (seeds: fewer than 2 per side, no spread)."
+        notes.append(text)
+    return notes
 
 
 def _task_table(benchmark: str, finals: Sequence[Checkpoint], scores: Sequence[Column]) -> Table | None:
@@ -405,7 +439,7 @@ def paired_tests(
 
     Returns the tests by group and notes explaining any that could not run.
     """
-    per_prompt = {cp.group: pp for cp in finals if (pp := _per_prompt(cp, key)) is not None}
+    per_prompt = {cp.group: pp for cp in finals if (pp := per_prompt_scores(cp, key)) is not None}
     if not per_prompt:
         return {}, []
     reference = per_prompt.get(reference_group)
@@ -427,7 +461,7 @@ def paired_tests(
     return tests, notes
 
 
-def _per_prompt(cp: Checkpoint, key: str) -> _PerPrompt | None:
+def per_prompt_scores(cp: Checkpoint, key: str) -> _PerPrompt | None:
     """The checkpoint's per-prompt scores averaged over seeds, or None unless every seed has them, alike."""
     lists = [values for e in cp.evals if (values := e.per_prompt.get(key))]
     prompt_sets = {e.prompt_set_sha256 for e in cp.evals}
@@ -483,16 +517,15 @@ def tables_csv(tables: Sequence[Table]) -> str:
     """
     columns = list({c.key: c for t in tables for c in t.columns}.values())
     split = any(t.has_seed_intervals for t in tables)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*CSV_LEADING, *(name for c in columns for name in _csv_names(c, split))])
+    header = [*CSV_LEADING, *(name for c in columns for name in _csv_names(c, split))]
+    rows = []
     for table in tables:
         for row in table.rows:
-            step = "" if row.step is None else row.step
-            leading = [table.benchmark, row.label, row.group, row.method, step, row.n_seeds]
-            values = (v for c in columns for v in _csv_values(row.cells.get(c.key), c, split))
-            writer.writerow([*leading, *values])
-    return buffer.getvalue()
+            step = "" if row.step is None else str(row.step)
+            leading = [table.benchmark, row.label, row.group, row.method, step, str(row.n_seeds)]
+            rows.append([*leading, *(v for c in columns for v in _csv_values(row.cells.get(c.key), c, split))])
+    # the cells are already formatted strings (_csv_number): pandas only lays out and quotes them
+    return pd.DataFrame(rows, columns=header, dtype=str).to_csv(index=False, lineterminator="\n")
 
 
 def _csv_names(column: Column, split: bool) -> list[str]:
@@ -534,9 +567,18 @@ def table_markdown(table: Table) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTables]) -> str:
-    """report.md: provenance, then each benchmark's tables, then notes on the statistics and any warnings."""
-    out = [f"# {title}", "", *_md_provenance(data), "", "Curves: see index.html beside this file.", ""]
+def markdown_report(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTables], paper=None,
+                    figures: Sequence[tuple[str, str]] = ()) -> str:
+    """report.md: provenance, the paper table (paper.PaperTable) and its comparisons, then each benchmark's tables,
+    the figures (relative path, title) as image links, notes on the statistics and any warnings."""
+    out = [f"# {title}", "", *_md_provenance(data), ""]
+    if paper is not None:
+        from soarbench.report.paper_render import comparisons_markdown, paper_markdown
+
+        out += ["## Main table (as in the SOAR paper)", "", paper_markdown(paper), ""]
+        if paper.comparisons:
+            out += ["### Comparisons (Δ = model − vs; MDE at 80% power, two-sided alpha 0.05)", "",
+                    comparisons_markdown(paper), ""]
     if not benchmarks:
         out += ["No evaluations found (no summary.json).", ""]
     for bench in benchmarks:
@@ -548,6 +590,8 @@ def markdown_report(title: str, data: ReportData, benchmarks: Sequence[Benchmark
                 continue
             out += [f"### {table.title}", "", table_markdown(table), ""]
             out += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
+    if figures:
+        out += ["## Figures", "", *(f"![{_md_escape(name)}]({path})" for path, name in figures), ""]
     out += ["## Notes", "", *(f"- {note}" for note in STATS_NOTES), ""]
     if data.warnings:
         out += ["## Warnings", "", *(f"- {_md_escape(w)}" for w in data.warnings), ""]
@@ -564,7 +608,51 @@ def provenance_items(data: ReportData) -> list[tuple[str, str]]:
     items.append(("dirty tree", dirty))
     if provenance.packages:
         items.append(("packages", ", ".join(f"{name} {' / '.join(v)}" for name, v in provenance.packages.items())))
+    items += _input_items(data)
     return items
+
+
+def _input_items(data: ReportData) -> list[tuple[str, str]]:
+    """Prompt-set hashes, configs, checkpoint hashes and budgets: what a reader needs to redo a number."""
+    items = []
+    for bench in data.benchmarks():
+        shas = sorted({e.prompt_set_sha256 for e in data.evals_for(bench) if e.prompt_set_sha256})
+        if shas:
+            items.append((f"prompt set {bench}", "sha256 " + ", ".join(shas)))
+    for log in sorted(data.train_logs, key=lambda lg: lg.run_name):
+        run = log.run
+        if run is None:
+            continue
+        parts = []
+        if run.budget_unit:
+            amount = f"{run.budget_amount:g} " if run.budget_amount is not None else ""
+            parts.append(f"budget {amount}{run.budget_unit}")
+        if run.config_path is not None:
+            parts.append(f"config {run.config_path} (sha256 {run.config_sha256[:16]})")
+        if run.rewards:
+            parts.append("rewards " + ", ".join(f"{k} x {w:g}" for k, w in run.rewards.items()))
+        if parts:
+            items.append((f"run {log.run_name}", "; ".join(parts)))
+    for path, digest in checkpoint_hashes(data).items():
+        items.append(("checkpoint", f"{path}: sha256 {digest}"))
+    return items
+
+
+def checkpoint_hashes(data: ReportData) -> dict[str, str]:
+    """sha256 over each evaluated model folder still on disk (soarbench.provenance.folder_hash; files over its size
+    limit enter by size): the base model and each group's last checkpoint. Hashed when the report is built."""
+    from soarbench.provenance import folder_hash
+
+    latest: dict[str, EvalSummary] = {}
+    for e in data.evals:
+        if e.model_path and (e.group not in latest or (e.step or 0) > (latest[e.group].step or 0)):
+            latest[e.group] = e
+    out = {}
+    for e in latest.values():
+        folder = Path(e.model_path)
+        if folder.is_dir() and e.model_path not in out:
+            out[e.model_path] = folder_hash(folder)
+    return out
 
 
 def _count(n: int, noun: str) -> str:
