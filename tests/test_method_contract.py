@@ -146,3 +146,12 @@ def _forward(transformer):
     with torch.no_grad():
         return transformer(hidden_states=z, timestep=torch.tensor([500.0, 250.0]), encoder_hidden_states=text,
                            pooled_projections=pooled, return_dict=False)[0]
+
+
+def test_runs_of_one_process_may_differ_in_precision(tiny_model_dir, shapes_data, tmp_path):
+    """`soarbench run` trains its runs in one process; each run's engine takes its own mixed precision."""
+    for i, precision in enumerate(("bf16", "no")):
+        cfg, _ = _cfg(tiny_model_dir, shapes_data, "sft", units=1)
+        cfg["train"]["mixed_precision"] = precision
+        train(cfg, tmp_path / f"r{i}", log=lambda m: None)
+        assert json.loads((tmp_path / f"r{i}" / "run.json").read_text())["mixed_precision"] == precision

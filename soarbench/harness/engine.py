@@ -50,6 +50,12 @@ class Engine:
         if mixed_precision not in ("no", "bf16", "fp16"):
             raise UserError(f"config: train.mixed_precision must be no, bf16 or fp16, got '{mixed_precision}'")
         device = resolve_device(device)
+        from accelerate.state import AcceleratorState, GradientState
+
+        # `soarbench run` trains several runs in one process: each gets its own precision and accumulation
+        # (the process group, in PartialState, stays)
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.acc = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
         self.kind = self.acc.distributed_type
         self._types = DistributedType
