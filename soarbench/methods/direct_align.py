@@ -11,7 +11,8 @@ One unit of work is one optimizer step over the global batch (one image per prom
      ODE on the shift-3 grid shift(linspace(1, 0, N + 1)) with CFG `guidance` -> the clean latent x0;
   2. the training grid g = linspace(s~_5, s~_25, 1000) of the 50-step shift-3 grid s~ (sigma from about 0.964
      down to 0.75); m is drawn uniformly in 5..995 once per step (keyed by (seed, unit)), the gap
-     dj = min(int(0.1 * 1000) + 1, 1000 - m, m);
+     dj = min(int((1 - 0.9) * 1000) + 1, 1000 - m, m)
+     (= 100 in floating point, as the reference computes it);
   3. denoise branch (with gradient): s_hi = g[1000 - m - dj], s_lo = g[1000 - m]; x_hi = s_hi eps + (1 - s_hi) x0;
      v = policy velocity at (x_hi, s_hi) (CFG `train_guidance`); x_lo = x_hi - (s_hi - s_lo) v;
      x0_hat = (x_lo - s_lo eps) / (1 - s_lo); decoded WITH gradient; reward R; loss relu(threshold - R) / 2;
@@ -72,7 +73,10 @@ def training_grid(shift: float = 3.0, size: int = GRID_SIZE) -> torch.Tensor:
 
 
 def gap(m: int, size: int = GRID_SIZE, ratio: float = 0.9) -> int:
-    """dj = min(int((1 - ratio) * size) + 1, size - m, m) (the reference's groundtruth_ratio 0.9)."""
+    """dj = min(int((1 - ratio) * size) + 1, size - m, m), the reference's expression (groundtruth_ratio 0.9).
+
+    In floating point 1 - 0.9 = 0.09999999999999998, so int(...) is 99 and the gap is 100 grid entries (not the
+    101 that int(0.1 * 1000) + 1 suggests): computed here exactly as the reference computes it."""
     return min(int((1 - ratio) * size) + 1, size - m, m)
 
 
