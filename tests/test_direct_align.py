@@ -297,3 +297,31 @@ def test_clip_type_embeddings_reproduce_score_tensor(tmp_path):
         assert torch.allclose(via_embeddings, metric.score_tensor(pixels, prompts), atol=1e-6)
         assert image.requires_grad
     assert clip.relative_scale == pytest.approx(clip.clip.logit_scale / 20) and hps.relative_scale == 1.0
+
+
+def test_lora_run_with_accumulation_spends_its_plan(tiny_model_dir, shapes_data, tmp_path):
+    """A LoRA Direct-Align run over 2 accumulation slots: the meter equals the plan, per step, and the LoRA moved."""
+    import json
+
+    from soarbench.harness.train import train
+
+    options = {"num_steps": 2, "guidance": 1.0, "lora": True, "lora_r": 4, "lora_alpha": 8}
+    cfg = {"model": {"path": str(tiny_model_dir), "max_sequence_length": 0}, "data": {"jsonl": str(shapes_data)},
+           "method": {"name": "direct_align", **options},
+           "train": {"seed": 1, "batch_size": 1, "gradient_accumulation_steps": 2, "lr": 1e-2, "threads": 2},
+           "budget": {"unit": "optimizer_steps", "amount": 2}}
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    log = [json.loads(x) for x in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    plan = build_method("direct_align", options).plan(RunShape(1, 2, 1))
+    assert plan.micro_batches == 2 and plan.images == 2 and plan.no_grad_fwd == 4 and plan.reward_fwd_bwd == 2
+    assert {k: log[-1]["budget"][k] for k in plan.counted()} == {k: 2 * v for k, v in plan.counted().items()}
+    assert all("reward_denoise" in row and "loss_denoise" in row for row in log)
+
+
+def test_cli_refuses_a_non_differentiable_reward_in_one_line(tiny_model_dir, shapes_data, tmp_path, cli):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\npath = "{tiny_model_dir}"\nmax_sequence_length = 0\n[data]\njsonl = "{shapes_data}"\n'
+                      '[method]\nname = "direct_align"\nrewards = { geneval = 1.0 }\n'
+                      '[budget]\nunit = "optimizer_steps"\namount = 1\n')
+    code, _, err = cli("train", "--config", config, "--out", tmp_path / "r")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "'geneval' is not differentiable" in err
