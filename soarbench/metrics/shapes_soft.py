@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from soarbench.errors import UserError
-from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 
 RELATIONS = {"left of": (0, -1.0), "right of": (0, 1.0), "above": (1, -1.0), "below": (1, 1.0)}
 
@@ -44,7 +44,9 @@ def _table(dtype, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 class ShapesSoftMetric(Metric):
     differentiable = True
 
-    def __init__(self, tau: float = 0.15, area0: float = 0.02, position_temperature: float = 0.05):
+    def __init__(self, tau: float = 0.15, area0: float = 0.02, position_temperature: float = 0.05,
+                 protocol: str = "official"):
+        self.protocol = check_protocol("shapes_soft", protocol)  # one definition: both names mean the same
         for name, value in (("tau", tau), ("area0", area0), ("position_temperature", position_temperature)):
             if not float(value) > 0:
                 raise UserError(f"shapes_soft: {name} must be > 0, got {value!r}")
