@@ -27,6 +27,28 @@ class Brightness(Metric):
 
 METRICS.add("contract_brightness", f"{__name__}:Brightness")
 
+
+class Embed(Metric):
+    """A differentiable CLIP-type reward (image and text embeddings) for SRPO's micro run: the image's mean colour
+    against a fixed direction per text, both normalised."""
+
+    info = MetricInfo(name="contract_embed", version="1", scale="cosine")
+    differentiable = True
+    relative_scale = 1.0
+
+    def embed_images_tensor(self, images):
+        return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
+
+    def embed_texts(self, texts):
+        rows = [torch.randn(3, generator=torch.Generator().manual_seed(len(t))) for t in texts]
+        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    def score_tensor(self, images, prompts, metadata=None):
+        return (self.embed_images_tensor(images) * self.embed_texts(prompts).to(images)).sum(-1)
+
+
+METRICS.add("contract_embed", f"{__name__}:Embed")
+
 BATCH = 2
 # the smallest run of each registered method; a new method must add its own line here
 MICRO_RUNS = {
@@ -34,6 +56,8 @@ MICRO_RUNS = {
     "soar": {"trajectory_length": 2},
     "flow_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
                   "lora_r": 4, "lora_alpha": 8, "ema_every": 1},
+    "direct_align": {"num_steps": 2, "guidance": 2.0, "rewards": {"shapes_soft": 1.0}},
+    "srpo": {"num_steps": 2, "train_guidance": 2.0, "rewards": {"contract_embed": 1.0}},
 }
 
 

@@ -9,6 +9,8 @@ METHODS = LazyRegistry("method")
 METHODS.add("sft", "soarbench.methods.sft:SFT")
 METHODS.add("soar", "soarbench.methods.soar:SOAR")
 METHODS.add("flow_grpo", "soarbench.methods.flow_grpo:FlowGRPO")
+METHODS.add("direct_align", "soarbench.methods.direct_align:DirectAlign")
+METHODS.add("srpo", "soarbench.methods.direct_align:SRPO")
 
 
 def build_method(name: str, options: dict[str, Any]):

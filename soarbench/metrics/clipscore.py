@@ -229,6 +229,15 @@ def clip_cosine_tensor(clip: HFClip, images: torch.Tensor, prompts: Sequence[str
     return (torch.cat(out) if out else x.new_zeros(0)).to(images.device)
 
 
+def clip_image_embeddings(clip: HFClip, images: torch.Tensor, batch_size: int,
+                          interpolation: str = "bicubic") -> torch.Tensor:
+    """(B, D) L2-normalised image embeddings of decoded pixels in [-1, 1], on the autograd graph when grad is
+    enabled, on the pixels' device: clip_cosine_tensor's image side."""
+    x = pixels_lib.unit_pixels(images)
+    out = [clip.image_features(clip.tensor_pixels(x[s], interpolation)) for s in batches(len(x), batch_size)]
+    return (torch.cat(out) if out else x.new_zeros(0, clip.projection_dim)).to(images.device)
+
+
 # -------------------------------------------------------------------------------------------------- metric
 
 
@@ -301,6 +310,22 @@ class ClipScoreMetric(Metric):
         check_pairs("ClipScore", images, prompts)
         cosine = clip_cosine_tensor(self.clip, images, list(prompts), self.batch_size, self.interpolation)
         return self._scaled_tensor(cosine)
+
+    # ---- embeddings for SRPO's semantic relative reward (soarbench.methods.direct_align) --------------------
+    def embed_images_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised image embeddings of decoded pixels in [-1, 1], on the autograd graph (the same
+        preprocessing as score_tensor), on the pixels' device."""
+        return clip_image_embeddings(self.clip, images, self.batch_size, self.interpolation)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) L2-normalised text embeddings, without gradient, on the CPU."""
+        return self.clip.embed_texts(list(texts))
+
+    @property
+    def relative_scale(self) -> float:
+        """SRPO's factor on img . [(1 + k) txt+ - txt-] for a transformers CLIP: exp(logit_scale) / 20 (the
+        reference's CLIP reward, scaled to be comparable with HPS)."""
+        return self.clip.logit_scale / 20.0
 
     def summarize(self, records: Sequence[dict[str, Any]]) -> dict[str, float]:
         if not records:

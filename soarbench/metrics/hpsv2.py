@@ -177,5 +177,27 @@ class HPSv2Metric(Metric):
             out.append((image_features * text_features).sum(-1).float())
         return (torch.cat(out) if out else x.new_zeros(0)).to(images.device)
 
+    # ---- embeddings for SRPO's semantic relative reward (soarbench.methods.direct_align) --------------------
+    def embed_images_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised image embeddings of decoded pixels in [-1, 1] (score_tensor's preprocessing), on
+        the autograd graph, on the pixels' device."""
+        x = pixels_lib.unit_pixels(images)
+        out = [self.model.encode_image(hps_preprocess_tensor(x[s], self.image_size).to(self.device),
+                                       normalize=True).float() for s in batches(len(x), self.batch_size)]
+        return torch.cat(out).to(images.device) if out else x.new_zeros(0, 0)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) L2-normalised text embeddings, without gradient, on the CPU."""
+        texts = list(texts)
+        out = [self.model.encode_text(self.tokenizer(texts[s]).to(self.device), normalize=True).float().cpu()
+               for s in batches(len(texts), self.batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
+    @property
+    def relative_scale(self) -> float:
+        """SRPO's factor for HPS v2.1: 1 (normalised features, no logit scale), as the reference."""
+        return 1.0
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights}

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from soarbench.metrics.base import Metric, MetricInfo, check_protocol
-from soarbench.metrics.clipscore import (HFClip, check_pairs, clip_cosine_tensor, positive_int,
-                                         resolve_device)
+from soarbench.metrics.clipscore import (HFClip, check_pairs, clip_cosine_tensor, clip_image_embeddings,
+                                         positive_int, resolve_device)
 from soarbench.metrics.weights import locate
 
 FLOW_GRPO_DIVISOR = 26.0
@@ -64,6 +64,21 @@ class PickScoreMetric(Metric):
         on the float pixels; within exp(logit_scale) * TENSOR_COSINE_ATOL of score() on the 8-bit images."""
         check_pairs("PickScore", images, prompts)
         return self.logit_scale * clip_cosine_tensor(self.clip, images, list(prompts), self.batch_size)
+
+    # ---- embeddings for SRPO's semantic relative reward (soarbench.methods.direct_align) --------------------
+    def embed_images_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D) L2-normalised image embeddings of decoded pixels in [-1, 1] (score_tensor's preprocessing), on
+        the autograd graph, on the pixels' device."""
+        return clip_image_embeddings(self.clip, images, self.batch_size)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N, D) L2-normalised text embeddings, without gradient, on the CPU."""
+        return self.clip.embed_texts(list(texts))
+
+    @property
+    def relative_scale(self) -> float:
+        """SRPO's factor for PickScore: exp(logit_scale) / 20, as the reference (comparable with HPS)."""
+        return self.logit_scale / 20.0
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "weights": self.weights, "logit_scale_exp": self.logit_scale,

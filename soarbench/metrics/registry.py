@@ -30,6 +30,8 @@ METRICS.add("imagereward", "soarbench.metrics.imagereward:ImageRewardMetric",
             needs=["reward_ckpts/ImageReward/ (soarbench ckpts download imagereward-v1)",
                    "reward_ckpts/bert-base-uncased/ (soarbench ckpts download bert-base-uncased-tokenizer)"],
             weights=["imagereward-v1", "bert-base-uncased-tokenizer"], modules=["transformers"])
+METRICS.add("shapes_soft", "soarbench.metrics.shapes_soft:ShapesSoftMetric",
+            needs=["nothing (built in): a differentiable colour / position reward for the shapes world"])
 METRICS.add("ocr", "soarbench.metrics.ocr:OCRMetric",
             needs=["rapidocr + onnxruntime (pip install rapidocr==3.10.* onnxruntime; models ship in the wheel)",
                    "optional reference engine: pip install paddleocr==2.9.1 paddlepaddle"],

@@ -10,6 +10,7 @@ predicts v = z1 - z0 at timestep sigma * 1000, latents are (vae_latent - shift_f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -306,11 +307,13 @@ class SD3Adapter:
         cfg = self.pipe.vae.config
         return (vae_latents - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model latents -> pixels in [-1, 1]."""
+    def decode(self, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        """Model latents -> pixels in [-1, 1]. grad=True keeps the autograd graph from the pixels back to the
+        latents (Direct-Align / SRPO backpropagate a reward through the decoder; the VAE's weights stay frozen).
+        Counted as one VAE decode per image either way."""
         cfg = self.pipe.vae.config
         self.meter.add("vae_decodes", latents.shape[0])
-        with torch.no_grad():
+        with contextlib.nullcontext() if grad else torch.no_grad():
             z = latents.to(self.pipe.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
             return self.pipe.vae.decode(z).sample.clamp(-1, 1)
 
