@@ -323,8 +323,12 @@ class SRPO(DirectAlign):
     name = "srpo"
     relative = True
 
-    def __init__(self, rewards: dict[str, float] | None = None, **options: Any):
-        super().__init__(rewards=rewards or {"hpsv2": 1.0}, **options)
+    def __init__(self, rewards: dict[str, float] | None = None, control_words: list[str] = CONTROL_WORDS,
+                 negative_words: list[str] = NEGATIVE_WORDS, k_range: list[float] = (0.1, 0.25),
+                 k_inversion_range: list[float] = (0.3, 0.01), inversion: bool = True, **options: Any):
+        super().__init__(rewards=rewards or {"hpsv2": 1.0}, control_words=control_words,
+                         negative_words=negative_words, k_range=k_range, k_inversion_range=k_inversion_range,
+                         inversion=inversion, **options)
 
     def _srpo_options(self, control_words: Sequence[str] = CONTROL_WORDS,
                       negative_words: Sequence[str] = NEGATIVE_WORDS, k_range: Sequence[float] = (0.1, 0.25),
