@@ -9,6 +9,7 @@ METHODS = LazyRegistry("method")
 METHODS.add("sft", "soarbench.methods.sft:SFT")
 METHODS.add("soar", "soarbench.methods.soar:SOAR")
 METHODS.add("flow_grpo", "soarbench.methods.flow_grpo:FlowGRPO")
+METHODS.add("diffusion_nft", "soarbench.methods.diffusion_nft:DiffusionNFT")
 
 
 def build_method(name: str, options: dict[str, Any]):
