@@ -304,3 +304,22 @@ def test_full_finetune_without_copies_is_refused(tiny_model_dir, shapes_data, tm
     with pytest.raises(UserError, match="cannot be sharded under the deepspeed_zero3 engine: use lora = true") as e:
         m.setup(ctx)
     assert "\n" not in str(e.value)
+
+
+def test_resume_restores_the_old_policy(tiny_model_dir, shapes_data, tmp_path):
+    """Stopped after 2 epochs and resumed: the old adapter (which samples epoch 3) and the EMA come back, so epoch 3
+    and the final weights equal those of a straight run."""
+    base = _cfg(tiny_model_dir, shapes_data, steps=3)
+    train(base, tmp_path / "straight", log=lambda m: None)
+    train(_cfg(tiny_model_dir, shapes_data, steps=2), tmp_path / "resumed", log=lambda m: None)
+    train(base, tmp_path / "resumed", resume=True, log=lambda m: None)
+    la, lb = _log(tmp_path / "straight"), _log(tmp_path / "resumed")
+    assert [r["step"] for r in lb] == [1, 2, 3]
+    for key in ("loss", "reward_mean", "old_deviate"):
+        assert [r[key] for r in la] == pytest.approx([r[key] for r in lb], rel=1e-5, abs=1e-9), key
+    assert la[2]["old_deviate"] > 0  # epoch 3 samples from an old policy that is neither the init nor the policy
+    from soarbench.models import SD3Adapter
+
+    a, b = (SD3Adapter.from_pretrained(tmp_path / r / "checkpoints" / "step_000003").transformer.state_dict()
+            for r in ("straight", "resumed"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -29,6 +29,12 @@ One unit of work is an epoch:
 Evaluation samples with the [eval] section's guidance; the paper evaluates at CFG 1.0 (the base SD3.5-M scores
 GenEval 0.24 there), so a config meant to reproduce it sets eval.guidance = 1.0 and says so.
 
+Where this differs from the reference, on purpose: rollouts pass the model the timestep sigma * 1000 as a float
+(the reference's rollout truncates it to an integer, its training pass does not), so rollout and training see the
+same timesteps as evaluation; the reference has no full fine-tuning (`lora = false` here keeps frozen copies of
+the transformer for "old" and "ref", refused where they cannot exist: under ZeRO-3 / FSDP, or with text encoders
+in train.components).
+
 Every draw is keyed by the sample's global index in the epoch (rollout noise, timestep permutation, training noise)
 and the shuffle by the epoch, so a step's gradient does not depend on how many processes share the work.
 """
