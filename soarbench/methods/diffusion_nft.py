@@ -159,7 +159,8 @@ class DiffusionNFT(MethodBase):
         if optimizer_steps_per_epoch < 1 or batch_size % optimizer_steps_per_epoch:
             raise UserError(f"[method] the epoch's {batch_size} images do not split into "
                             f"optimizer_steps_per_epoch = {optimizer_steps_per_epoch} steps")
-        self.k, self.m, self.T, self.g = int(group_size), int(batch_size) // int(group_size), int(num_steps), float(guidance)
+        self.k, self.m = int(group_size), int(batch_size) // int(group_size)
+        self.T, self.g = int(num_steps), float(guidance)
         self.solver, self.beta, self.kl_weight, self.adv_clip = solver, float(beta), float(kl_weight), float(adv_clip)
         self.global_std, self.fraction = bool(global_std), float(timestep_fraction)
         self.opt_steps, self.decay_schedule = int(optimizer_steps_per_epoch), decay_schedule

@@ -8,8 +8,8 @@ Notation (rectified flow, SD3): x_s = (1 - s) x0 + s eps, s = 1 is noise, v = ep
 s_0 = 1 > s_1 > ... > s_T = 0 (the scheduler's own sigmas, `ode.sampling_sigmas`), step i maps x_i to x_{i+1}
 with the data prediction D_i = x_i - s_i v_i. With alpha = 1 - s and lambda = log(alpha / s):
 
-  euler (= DDIM with eta 0 = first-order DPM-Solver):   x_{i+1} = x_i + (s_{i+1} - s_i) v_i
-                                                         = (s_{i+1} / s_i) x_i + (alpha_{i+1} - s_{i+1} alpha_i / s_i) D_i
+  euler (= DDIM with eta 0 = first-order DPM-Solver):
+        x_{i+1} = x_i + (s_{i+1} - s_i) v_i = (s_{i+1} / s_i) x_i + (alpha_{i+1} - s_{i+1} alpha_i / s_i) D_i
   dpm2 (DPM-Solver++(2M), Lu et al. 2022, arXiv 2211.01095):
         h = lambda_{i+1} - lambda_i,  h' = lambda_i - lambda_{i-1},  D' = D_i + (h / (2 h')) (D_i - D_{i-1})
         x_{i+1} = (s_{i+1} / s_i) x_i + (alpha_{i+1} - s_{i+1} alpha_i / s_i) D'
