@@ -58,6 +58,8 @@ MICRO_RUNS = {
                   "lora_r": 4, "lora_alpha": 8, "ema_every": 1},
     "direct_align": {"num_steps": 2, "guidance": 2.0, "rewards": {"shapes_soft": 1.0}},
     "srpo": {"num_steps": 2, "train_guidance": 2.0, "rewards": {"contract_embed": 1.0}},
+    "diffusion_nft": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
+                      "lora_r": 4, "lora_alpha": 8},
 }
 
 

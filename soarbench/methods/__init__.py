@@ -11,6 +11,7 @@ METHODS.add("soar", "soarbench.methods.soar:SOAR")
 METHODS.add("flow_grpo", "soarbench.methods.flow_grpo:FlowGRPO")
 METHODS.add("direct_align", "soarbench.methods.direct_align:DirectAlign")
 METHODS.add("srpo", "soarbench.methods.direct_align:SRPO")
+METHODS.add("diffusion_nft", "soarbench.methods.diffusion_nft:DiffusionNFT")
 
 
 def build_method(name: str, options: dict[str, Any]):
