@@ -20,6 +20,8 @@ METHODS = {
     "soar": 'name = "soar"\ntrajectory_length = 2',
     "flow_grpo": 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\nlora_alpha = 8\n'
                  'ema_every = 1\nrewards = { test_dist_brightness = 1.0 }',
+    "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
+                  'rewards = { test_dist_brightness = 1.0 }',
 }
 LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -34,6 +34,8 @@ MICRO_RUNS = {
     "soar": {"trajectory_length": 2},
     "flow_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
                   "lora_r": 4, "lora_alpha": 8, "ema_every": 1},
+    "dance_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 5, "rewards": {"contract_brightness": 1.0},
+                   "lora_r": 4, "lora_alpha": 8, "optimizer_steps_per_epoch": 2, "ema": True},
 }
 
 

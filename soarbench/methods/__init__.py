@@ -9,6 +9,7 @@ METHODS = LazyRegistry("method")
 METHODS.add("sft", "soarbench.methods.sft:SFT")
 METHODS.add("soar", "soarbench.methods.soar:SOAR")
 METHODS.add("flow_grpo", "soarbench.methods.flow_grpo:FlowGRPO")
+METHODS.add("dance_grpo", "soarbench.methods.dance_grpo:DanceGRPO")
 
 
 def build_method(name: str, options: dict[str, Any]):
