@@ -36,6 +36,7 @@ from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator, keyed_randn
 from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
 from soarbench.methods.flow_grpo import _gather
+from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
 from soarbench.rl.rewards import RewardFunction
@@ -60,6 +61,19 @@ def trained_timesteps(seed: int, unit: int, ids, transitions: int, count: int) -
     return torch.stack(rows) if rows else torch.empty((0, count), dtype=torch.long)
 
 
+def _encode_once(adapter, prompts: list[str]) -> dict[str, TextEmbeddings]:
+    """prompt -> its (1, ...) embedding, the epoch's distinct prompts encoded together in sorted order.
+
+    The rollout and the PPO recomputation must see the very same embeddings: re-encoding a micro-batch's prompts
+    in another batch (and outside the rollout's autocast) moves bf16 log-probs by ~1e-4, which a clip range of
+    1e-4 would already count as a policy change. Every process encodes the same list, so the embeddings do not
+    depend on how many processes share the epoch either.
+    """
+    unique = sorted(set(prompts))
+    encoded = adapter.encode_prompts(unique)
+    return {p: encoded[i:i + 1] for i, p in enumerate(unique)}
+
+
 def initial_noise(seed: int, unit: int, ids, groups, shape, same_per_group: bool = True,
                   device=None) -> torch.Tensor:
     """(B, *shape): each sample's initial noise, keyed by its group (shared) or by its own index."""
@@ -74,6 +88,7 @@ class Epoch:
 
     traj: Trajectory
     prompts: list[str]
+    text: dict[str, TextEmbeddings]  # each distinct prompt's embedding, shared by the rollouts and the training
     advantages: torch.Tensor  # (N,)
     parts: list[torch.Tensor]  # the sample indices of each optimizer step
     steps: torch.Tensor  # (N, K) the trained timestep indices of each sample
@@ -162,7 +177,9 @@ class DanceGRPO(MethodBase):
         adapter = ctx.adapter
         if any(m is None for m in share.metadata) and "geneval" in self.reward_fn.names:
             raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
-        text = adapter.encode_prompts(share.prompts)
+        prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
+        table = _encode_once(adapter, prompts)
+        text = TextEmbeddings.cat([table[p] for p in share.prompts])
         shape = adapter.latent_shape(*self._size(adapter))
         noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, shape, self.same_noise, ctx.device)
         was = adapter.transformer.training
@@ -180,7 +197,6 @@ class DanceGRPO(MethodBase):
                           noise_level=traj.noise_level)
         reward_all = _gather(ctx, rewards.to(ctx.device)).cpu()
         groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
-        prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
         adv = group_zscore(reward_all, groups, eps=self.adv_eps, clip=self.adv_clip)
         n = len(prompts)
         order = torch.randperm(n, generator=keyed_generator(ctx.seed, ctx.unit, "order"))
@@ -189,7 +205,7 @@ class DanceGRPO(MethodBase):
         steps = traj.trainable_steps().cpu().gather(1, columns)
         logs = {"reward_mean": float(reward_all.mean()), "reward_std": float(reward_all.std(correction=0))}
         logs.update({f"reward_{k}": float(_gather(ctx, v.to(ctx.device)).mean()) for k, v in parts.items()})
-        return Epoch(traj=traj, prompts=prompts, advantages=adv.to(ctx.device), parts=list(order.chunk(self.opt_steps)),
+        return Epoch(traj=traj, prompts=prompts, text=table, advantages=adv.to(ctx.device), parts=list(order.chunk(self.opt_steps)),
                      steps=steps.to(ctx.device), logs=logs)
 
     def updates(self, ctx: Ctx, epoch: Epoch):
@@ -198,7 +214,7 @@ class DanceGRPO(MethodBase):
             micros = []
             for a in range(ctx.shape.accumulation):
                 idx = part[a * W + r::S].to(ctx.device)
-                text = ctx.adapter.encode_prompts([epoch.prompts[int(i)] for i in idx])
+                text = TextEmbeddings.cat([epoch.text[epoch.prompts[int(i)]] for i in idx])
                 micros += [Micro((epoch, idx, text, column), float(len(idx))) for column in range(self.K)]
             yield micros
 
