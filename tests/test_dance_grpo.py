@@ -231,7 +231,7 @@ def test_full_finetune_with_ema_counts_the_same(tiny_model_dir, shapes_data, tmp
 def test_plan_is_the_reference_arithmetic():
     method = build_method("dance_grpo", {"group_size": 12, "batch_size": 192, "num_steps": 16,
                                          "optimizer_steps_per_epoch": 2, "guidance": 1.0,
-                                         "rewards": {"dance_test_brightness": 1.0}})
+                                         "rewards": {"hpsv2": 1.0}})  # its weights load at setup, not here
     plan = method.plan(RunShape(8, 1, 12))
     assert (plan.images, plan.unique_prompts, plan.no_grad_fwd, plan.fwd_bwd) == (192, 16, 192 * 16, 192 * 9)
     assert (plan.optimizer_steps, plan.micro_batches, plan.samples_per_step) == (2, 9, 96)
@@ -245,6 +245,8 @@ def test_plan_is_the_reference_arithmetic():
     ({"sigma_grid": "linear"}, "did you mean 'linspace'?"),
     ({"num_steps": 2}, "train int((num_steps - 1) x fraction) = 0 timesteps"),
     ({"batch_size": 5}, "not a whole number of groups of 2"),
+    ({"rewards": {"genevall": 1.0}}, "did you mean 'geneval'?"),
+    ({"optimizer_steps_per_epoch": 3}, "do not split into optimizer_steps_per_epoch = 3"),
 ])
 def test_bad_options_are_one_clear_line(options, message):
     with pytest.raises(UserError) as err:

@@ -39,7 +39,7 @@ from soarbench.methods.flow_grpo import _gather
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
-from soarbench.rl.rewards import RewardFunction
+from soarbench.rl.rewards import RewardFunction, parse_weights
 from soarbench.rl.rollout import Trajectory, sde_rollout, step_log_prob_under
 from soarbench.sampling.ode import sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS
@@ -127,15 +127,19 @@ class DanceGRPO(MethodBase):
         if optimizer_steps_per_epoch < 1 or batch_size % optimizer_steps_per_epoch:
             raise UserError(f"[method] the epoch's {batch_size} images do not split into "
                             f"optimizer_steps_per_epoch = {optimizer_steps_per_epoch} optimizer steps")
-        self.k, self.m, self.T, self.g = int(group_size), int(batch_size) // int(group_size), int(num_steps), float(guidance)
-        self.variant, self.eta, self.grid, self.shift = sde_type, float(eta), sigma_grid, float(shift)
-        self.same_noise, self.clip, self.adv_clip, self.adv_eps = bool(init_same_noise), float(clip_range), float(adv_clip), float(adv_eps)
+        self.k, self.m, self.T = int(group_size), int(batch_size) // int(group_size), int(num_steps)
+        self.g, self.variant, self.eta, self.grid, self.shift = float(guidance), sde_type, float(eta), sigma_grid, float(shift)
+        self.same_noise, self.clip = bool(init_same_noise), float(clip_range)
+        self.adv_clip, self.adv_eps = float(adv_clip), float(adv_eps)
         self.fraction, self.K, self.opt_steps = float(timestep_fraction), trained, int(optimizer_steps_per_epoch)
-        self.cfg_train = bool(cfg_train)
+        self.cfg_train = bool(cfg_train)  # false: train the conditional velocity alone (ratios then start off 1)
         self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
         self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
         self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
-        self.reward_fn = RewardFunction.from_config(rewards or {"geneval": 1.0}, reward_options or {})
+        # names and weights are checked now; the scorers (and their weights) load when the run starts (setup)
+        self.reward_weights = parse_weights(rewards or {"geneval": 1.0})
+        self.reward_options = dict(reward_options or {})
+        self.reward_fn: RewardFunction | None = None
 
     @property
     def group_size(self) -> int:
@@ -153,7 +157,7 @@ class DanceGRPO(MethodBase):
         cfg = 2 if self.g != 1.0 else 1
         train_cfg = 2 if (self.cfg_train and self.g != 1.0) else 1
         return UnitCost(images=n, unique_prompts=self.m, no_grad_fwd=n * self.T * cfg,
-                        fwd_bwd=n * self.K * train_cfg, reward_calls=n * len(self.reward_fn.names), vae_decodes=n,
+                        fwd_bwd=n * self.K * train_cfg, reward_calls=n * len(self.reward_weights), vae_decodes=n,
                         optimizer_steps=self.opt_steps, micro_batches=shape.accumulation * self.K,
                         samples_per_step=per_step)
 
@@ -163,6 +167,7 @@ class DanceGRPO(MethodBase):
         params = roles.lora(self.lora_r, self.lora_alpha) if self.use_lora else roles.full(("transformer",))
         if self.use_ema:
             roles.add_ema(params, self.ema_decay, self.ema_every)
+        self.reward_fn = RewardFunction.from_config(self.reward_weights, self.reward_options)
         self.reward_fn.meter = ctx.meter  # reward calls are counted where they are made
         return [ParamGroup(params)]
 
@@ -175,7 +180,7 @@ class DanceGRPO(MethodBase):
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
         adapter = ctx.adapter
-        if any(m is None for m in share.metadata) and "geneval" in self.reward_fn.names:
+        if any(m is None for m in share.metadata) and "geneval" in self.reward_weights:
             raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
         prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
         table = _encode_once(adapter, prompts)
@@ -205,8 +210,8 @@ class DanceGRPO(MethodBase):
         steps = traj.trainable_steps().cpu().gather(1, columns)
         logs = {"reward_mean": float(reward_all.mean()), "reward_std": float(reward_all.std(correction=0))}
         logs.update({f"reward_{k}": float(_gather(ctx, v.to(ctx.device)).mean()) for k, v in parts.items()})
-        return Epoch(traj=traj, prompts=prompts, text=table, advantages=adv.to(ctx.device), parts=list(order.chunk(self.opt_steps)),
-                     steps=steps.to(ctx.device), logs=logs)
+        return Epoch(traj=traj, prompts=prompts, text=table, advantages=adv.to(ctx.device),
+                     parts=list(order.chunk(self.opt_steps)), steps=steps.to(ctx.device), logs=logs)
 
     def updates(self, ctx: Ctx, epoch: Epoch):
         S, W, r = ctx.shape.slots, ctx.world_size, ctx.rank
