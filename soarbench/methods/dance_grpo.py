@@ -128,7 +128,8 @@ class DanceGRPO(MethodBase):
             raise UserError(f"[method] the epoch's {batch_size} images do not split into "
                             f"optimizer_steps_per_epoch = {optimizer_steps_per_epoch} optimizer steps")
         self.k, self.m, self.T = int(group_size), int(batch_size) // int(group_size), int(num_steps)
-        self.g, self.variant, self.eta, self.grid, self.shift = float(guidance), sde_type, float(eta), sigma_grid, float(shift)
+        self.g, self.variant, self.eta = float(guidance), sde_type, float(eta)
+        self.grid, self.shift = sigma_grid, float(shift)
         self.same_noise, self.clip = bool(init_same_noise), float(clip_range)
         self.adv_clip, self.adv_eps = float(adv_clip), float(adv_eps)
         self.fraction, self.K, self.opt_steps = float(timestep_fraction), trained, int(optimizer_steps_per_epoch)

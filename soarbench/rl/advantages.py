@@ -11,6 +11,8 @@ rewards of every rank before calling.
 A group whose rewards are all equal has advantage 0 everywhere and gives no policy gradient; `nonzero_groups`
 masks such groups out, and `refill_to_multiple` adds dropped samples back until the kept count divides into the
 training batches, as the reference does.
+
+DanceGRPO (`group_zscore`) normalises by each group's own UNBIASED std (ddof 1) plus 1e-8, and drops nothing.
 """
 from __future__ import annotations
 
