@@ -221,6 +221,17 @@ def test_first_step_of_each_epoch_is_exactly_on_policy(tiny_model_dir, shapes_da
     assert log[1]["ratio_dev"] > 0 and log[3]["ratio_dev"] > 0
 
 
+def test_rollouts_one_image_at_a_time_are_the_same_rollouts(tiny_model_dir, shapes_data, tmp_path, epochs):
+    """rollout_batch_size = 1 (the reference's sampling) changes how the share is batched, not what is drawn."""
+    train(_cfg(tiny_model_dir, shapes_data, units=1), tmp_path / "a", log=lambda m: None)
+    train(_cfg(tiny_model_dir, shapes_data, units=1, rollout_batch_size=1), tmp_path / "b", log=lambda m: None)
+    a, b = epochs
+    assert torch.allclose(a.traj.latents, b.traj.latents, atol=1e-5)
+    assert torch.allclose(a.traj.log_probs, b.traj.log_probs, atol=1e-5)
+    assert torch.equal(a.steps, b.steps) and a.logs["reward_mean"] == pytest.approx(b.logs["reward_mean"], abs=1e-5)
+    assert _log(tmp_path / "a")[-1]["budget"]["no_grad_fwd"] == _log(tmp_path / "b")[-1]["budget"]["no_grad_fwd"]
+
+
 def test_full_finetune_with_ema_counts_the_same(tiny_model_dir, shapes_data, tmp_path):
     train(_cfg(tiny_model_dir, shapes_data, units=1, lora=False, ema=True, ema_every=1), tmp_path / "r",
           log=lambda m: None)
@@ -247,6 +258,7 @@ def test_plan_is_the_reference_arithmetic():
     ({"batch_size": 5}, "not a whole number of groups of 2"),
     ({"rewards": {"genevall": 1.0}}, "did you mean 'geneval'?"),
     ({"optimizer_steps_per_epoch": 3}, "do not split into optimizer_steps_per_epoch = 3"),
+    ({"rollout_batch_size": -1}, "rollout_batch_size must be >= 0"),
 ])
 def test_bad_options_are_one_clear_line(options, message):
     with pytest.raises(UserError) as err:

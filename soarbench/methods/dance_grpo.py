@@ -106,7 +106,7 @@ class DanceGRPO(MethodBase):
                  cfg_train: bool = True, rewards: dict[str, float] | None = None,
                  reward_options: dict[str, dict] | None = None, lora: bool = True, lora_r: int = 32,
                  lora_alpha: float = 64, ema: bool = False, ema_decay: float = 0.995, ema_every: int = 1,
-                 resolution: int = 0):
+                 resolution: int = 0, rollout_batch_size: int = 0):
         # batch_size = images per epoch over all processes = (unique prompts per epoch) x group_size
         if group_size < 2:
             raise UserError(f"[method] group_size must be >= 2 (the unbiased std of a group of one is undefined), "
@@ -124,6 +124,9 @@ class DanceGRPO(MethodBase):
         if num_steps < 2 or not 0 < timestep_fraction <= 1 or trained < 1:
             raise UserError(f"[method] num_steps = {num_steps} and timestep_fraction = {timestep_fraction} train "
                             f"int((num_steps - 1) x fraction) = {trained} timesteps; need at least 1")
+        if rollout_batch_size < 0:
+            raise UserError(f"[method] rollout_batch_size must be >= 0 (0: a process's whole share), "
+                            f"got {rollout_batch_size}")
         if optimizer_steps_per_epoch < 1 or batch_size % optimizer_steps_per_epoch:
             raise UserError(f"[method] the epoch's {batch_size} images do not split into "
                             f"optimizer_steps_per_epoch = {optimizer_steps_per_epoch} optimizer steps")
@@ -137,6 +140,9 @@ class DanceGRPO(MethodBase):
         self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
         self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
         self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
+        # images per sampling call; 0: this process's whole share at once. The reference samples one at a time and
+        # trains one at a time; equal batch sizes keep bf16 ratios at exactly 1 where kernels depend on the batch.
+        self.rollout_batch = int(rollout_batch_size)
         # names and weights are checked now; the scorers (and their weights) load when the run starts (setup)
         self.reward_weights = parse_weights(rewards or {"geneval": 1.0})
         self.reward_options = dict(reward_options or {})
@@ -190,11 +196,17 @@ class DanceGRPO(MethodBase):
         noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, shape, self.same_noise, ctx.device)
         was = adapter.transformer.training
         adapter.transformer.eval()
+        chunk, count = self.rollout_batch or len(share.ids), len(share.ids)
+        parts = []
         with ctx.roles.use("policy") as net:
-            # steps 0 .. N-2 stochastic (trainable); the last one is the Euler step to sigma 0 (see the docstring)
-            traj = sde_rollout(adapter, text, noise, num_steps=self.T, guidance=self.g, variant=self.variant,
-                               noise_level=self.eta, sde_window=(0, self.T - 1), transformer=net,
-                               noise_fn=lambda i: ctx.randn(shape, share.ids, f"sde_{i}"), sigmas=self.sigmas(adapter))
+            for lo in range(0, count, chunk):
+                ids = share.ids[lo:lo + chunk]
+                # steps 0 .. N-2 stochastic (trainable); the last is the Euler step to sigma 0 (see the docstring)
+                parts.append(sde_rollout(adapter, text[lo:lo + chunk], noise[lo:lo + chunk], num_steps=self.T,
+                                         guidance=self.g, variant=self.variant, noise_level=self.eta,
+                                         sde_window=(0, self.T - 1), transformer=net, sigmas=self.sigmas(adapter),
+                                         noise_fn=lambda i, ids=ids: ctx.randn(shape, ids, f"sde_{i}")))
+        traj = Trajectory.cat(parts)
         adapter.transformer.train(was)
         rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
         # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
