@@ -24,6 +24,12 @@ One unit of work is an epoch:
      timesteps (the reference's division by accumulation x trained timesteps). There is no KL term and no
      reference forward. Only the first step of an epoch is strictly on-policy (ratio exactly 1).
 LoRA (default, r 32) or full fine-tuning (`lora = false`, the reference's FLUX recipe); optional EMA for evaluation.
+
+Each epoch's distinct prompts are encoded once and the same embeddings serve the rollouts and the recomputation,
+and `rollout_batch_size` (0: a process's whole share per sampling call; the reference uses 1) lets the rollouts run
+in the training micro-batch's size: with kernels whose rounding depends on the batch, that keeps the ratio of an
+epoch's first step at exactly 1 under bf16. Logged per step: policy_loss, approx_kl (0.5 mean log-ratio^2),
+clipfrac, ratio_dev (mean |ratio - 1|, 0 on-policy), reward_mean, reward_std and reward_<metric>.
 """
 from __future__ import annotations
 
