@@ -23,6 +23,8 @@ METHODS = {
     "direct_align": 'name = "direct_align"\nnum_steps = 2\nguidance = 2.0\nrewards = { shapes_soft = 1.0 }',
     "diffusion_nft": 'name = "diffusion_nft"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
                      'lora_alpha = 8\nrewards = { test_dist_brightness = 1.0 }',
+    "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
+                  'rewards = { test_dist_brightness = 1.0 }',
 }
 LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

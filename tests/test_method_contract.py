@@ -60,6 +60,8 @@ MICRO_RUNS = {
     "srpo": {"num_steps": 2, "train_guidance": 2.0, "rewards": {"contract_embed": 1.0}},
     "diffusion_nft": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
                       "lora_r": 4, "lora_alpha": 8},
+    "dance_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 5, "rewards": {"contract_brightness": 1.0},
+                   "lora_r": 4, "lora_alpha": 8, "optimizer_steps_per_epoch": 2, "ema": True},
 }
 
 

@@ -12,6 +12,7 @@ METHODS.add("flow_grpo", "soarbench.methods.flow_grpo:FlowGRPO")
 METHODS.add("direct_align", "soarbench.methods.direct_align:DirectAlign")
 METHODS.add("srpo", "soarbench.methods.direct_align:SRPO")
 METHODS.add("diffusion_nft", "soarbench.methods.diffusion_nft:DiffusionNFT")
+METHODS.add("dance_grpo", "soarbench.methods.dance_grpo:DanceGRPO")
 
 
 def build_method(name: str, options: dict[str, Any]):

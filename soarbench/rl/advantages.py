@@ -11,6 +11,8 @@ rewards of every rank before calling.
 A group whose rewards are all equal has advantage 0 everywhere and gives no policy gradient; `nonzero_groups`
 masks such groups out, and `refill_to_multiple` adds dropped samples back until the kept count divides into the
 training batches, as the reference does.
+
+DanceGRPO (`group_zscore`) normalises by each group's own UNBIASED std (ddof 1) plus 1e-8, and drops nothing.
 """
 from __future__ import annotations
 
@@ -89,3 +91,27 @@ def refill_to_multiple(keep: torch.Tensor, multiple: int, generator: torch.Gener
     chosen = torch.randperm(dropped.numel(), generator=generator, device=device)[:missing].to(dropped.device)
     keep[dropped[chosen]] = True
     return keep
+
+
+def group_zscore(rewards: torch.Tensor | Sequence[float], group_ids: Sequence[Hashable] | torch.Tensor,
+                 eps: float = 1e-8, clip: float = 5.0) -> torch.Tensor:
+    """(N,) fp32 DanceGRPO advantages: A_n = clip((r_n - mean_g) / (std_g + eps), -clip, clip) per group g, with
+    the UNBIASED std of the group (ddof 1, as torch's Tensor.std in the reference), computed in float64.
+
+    Every group needs at least two samples (the unbiased std of one value is undefined). A constant group gets
+    A = 0 exactly.
+    """
+    r = torch.as_tensor(rewards).detach().to(torch.float64).reshape(-1)
+    index, groups = group_index(group_ids)
+    index = index.to(r.device)
+    if index.numel() != r.numel():
+        raise ValueError(f"{r.numel()} rewards but {index.numel()} group ids")
+    counts = _group_sum(torch.ones_like(r), index, groups)
+    if groups and int(counts.min()) < 2:
+        raise ValueError("every group needs at least 2 samples for an unbiased std")
+    centred = r - (_group_sum(r, index, groups) / counts)[index]
+    low = torch.full((groups,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, index, r, "amin")
+    high = torch.full((groups,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, index, r, "amax")
+    centred = torch.where((low == high)[index], torch.zeros_like(centred), centred)  # see group_advantages
+    std = (_group_sum(centred**2, index, groups) / (counts - 1)).sqrt()[index]
+    return (centred / (std + eps)).clamp(-clip, clip).to(torch.float32)

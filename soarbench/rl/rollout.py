@@ -30,7 +30,7 @@ from soarbench.sampling.ode import cfg_velocity, sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS, sde_step, step_log_prob
 
 # Variants whose noise term is s sqrt(|dt|); the other two (sde, cps) scale their noise by sigma alone.
-_SQRT_DT_NOISE = ("simple", "flow_sde")
+_SQRT_DT_NOISE = ("simple", "flow_sde", "dance")
 
 
 @dataclass
@@ -171,18 +171,23 @@ def _check_batch(text: TextEmbeddings, batch_size: int) -> None:
 def sde_rollout(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, num_steps: int = 10,
                 guidance: float = 4.5, variant: str = "flow_sde", noise_level: float = 0.7,
                 sde_window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
-                transformer=None, noise_fn=None) -> Trajectory:
+                transformer=None, noise_fn=None, sigmas: torch.Tensor | None = None) -> Trajectory:
     """Sample B images from `noise` (B, C, H, W), recording every state and each stochastic step's log-prob.
 
     sde_window=(start, size) makes only steps start..start+size-1 stochastic; None makes all of them stochastic.
     `generator` draws the SDE noise (on the latents' device); `noise_fn(i)`, when given, returns step i's noise
     (B, C, H, W) instead (the harness keys it by sample, so a sample's rollout does not depend on its batch);
-    `transformer` overrides the adapter's module.
+    `transformer` overrides the adapter's module. `sigmas` (num_steps + 1 values from 1 down to 0) replaces the
+    scheduler's grid (DanceGRPO samples on shift(linspace(1, 0, N + 1))).
     """
     check_variant(variant)
     batch = noise.shape[0]
     _check_batch(text, batch)
-    sigmas = sampling_sigmas(adapter.scheduler_config, num_steps).to(noise.device)
+    if sigmas is None:
+        sigmas = sampling_sigmas(adapter.scheduler_config, num_steps)
+    elif sigmas.shape != (num_steps + 1,):
+        raise ValueError(f"a grid of {num_steps} steps needs {num_steps + 1} sigmas, got shape {tuple(sigmas.shape)}")
+    sigmas = sigmas.float().to(noise.device)
     stochastic = stochastic_steps(num_steps, sde_window, noise_level)
     sigma_next_at_one = float(sigmas[1])  # flow_sde's stand-in for sigma at sigma = 1 (see sampling.sde)
     null = adapter.null_embeddings()

@@ -1,4 +1,4 @@
-"""One SDE step function with four variants, shared by SOAR's stochastic rollout paths and Flow-GRPO.
+"""One SDE step function with five variants, shared by SOAR's stochastic rollout paths, Flow-GRPO and DanceGRPO.
 
 x is the state at sigma0, v the (CFG) velocity there, sigma1 < sigma0 the next sigma, dt = sigma1 - sigma0 < 0,
 a the noise level, eps ~ N(0, I). Everything is computed in fp32. Formulas (the SOAR and Flow-GRPO
@@ -9,6 +9,9 @@ reference code: github.com/Tencent-Hunyuan/HY-SOAR, github.com/yifan123/flow_grp
             mean = x (1 + s^2 dt / (2 sigma0)) + v (1 + s^2 (1 - sigma0) / (2 sigma0)) dt;  x' = mean + s sqrt(-dt) eps
   cps:      s = sigma1 sin(a pi / 2); x0_hat = x - sigma0 v; x1_hat = x + (1 - sigma0) v;
             x' = (1 - sigma1) x0_hat + sqrt(sigma1^2 - s^2) x1_hat + s eps
+  dance:    (DanceGRPO, arXiv 2505.07818, `flux_step` of XueZeyue/DanceGRPO; a = eta) D = sigma0 - sigma1 = -dt;
+            x0_hat = x - sigma0 v;  score = -(x - (1 - sigma0) x0_hat) / sigma0^2;
+            mean = x - D v + a^2 D score / 2;  x' = mean + a sqrt(D) eps
 At sigma0 = 1 flow_sde's denominator 1 - sigma0 is replaced by 1 - `sigma_next_at_one` (the grid's second
 sigma), as Flow-GRPO does. The log-probability is the Gaussian log-density of x' under N(mean, std^2), averaged
 over all non-batch elements (Flow-GRPO's form); for cps it is -||x' - mean||^2 averaged likewise.
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-SDE_VARIANTS = ("simple", "sde", "flow_sde", "cps")
+SDE_VARIANTS = ("simple", "sde", "flow_sde", "cps", "dance")
 
 
 @dataclass
@@ -62,6 +65,12 @@ def sde_step(variant: str, x: torch.Tensor, v: torch.Tensor, sigma0, sigma1, noi
         s = a * torch.sqrt(s0 / denom)
         mean = x * (1 + s**2 * dt / (2 * s0)) + v * (1 + s**2 * (1 - s0) / (2 * s0)) * dt
         std = s * torch.sqrt(-dt)
+    elif variant == "dance":
+        drop = -dt  # D > 0
+        x0_hat = x - s0 * v
+        score = -(x - (1 - s0) * x0_hat) / s0**2
+        mean = x - drop * v + 0.5 * a**2 * drop * score
+        std = a * drop.sqrt()
     else:  # cps
         s = s1 * math.sin(a * math.pi / 2)
         x0_hat = x - s0 * v
