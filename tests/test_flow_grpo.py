@@ -80,3 +80,16 @@ def test_full_finetune_and_fast_window_counters(tiny_model_dir, shapes_data, tmp
     train_cfg = 1 if method.get("cfg_train") is False else 2
     assert b["fwd_bwd"] == 2 * 4 * K * train_cfg
     assert b["no_grad_fwd"] == 2 * (4 * T * 2 + 4 * K * train_cfg)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_first_step_of_an_epoch_is_exactly_on_policy(tiny_model_dir, shapes_data, tmp_path, precision):
+    """Before the epoch's first update the recomputed log-probs equal the rollout's: ratio exactly 1, also under
+    bf16 autocast (rollout and training share the epoch's prompt embeddings and precision)."""
+    cfg = _cfg(tiny_model_dir, shapes_data)
+    cfg["train"]["mixed_precision"] = precision
+    cfg["budget"] = {"unit": "optimizer_steps", "amount": 2}
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    first, second = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert first["approx_kl"] == 0.0 and first["clipfrac"] == 0.0
+    assert second["approx_kl"] > 0.0  # the second step sees the updated policy

@@ -46,7 +46,7 @@ from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
 from soarbench.rl.rewards import RewardFunction, parse_weights
-from soarbench.rl.rollout import Trajectory, sde_rollout, step_log_prob_under
+from soarbench.rl.rollout import encode_once, Trajectory, sde_rollout, step_log_prob_under
 from soarbench.sampling.ode import sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS
 
@@ -65,19 +65,6 @@ def trained_timesteps(seed: int, unit: int, ids, transitions: int, count: int) -
     rows = [torch.randperm(transitions, generator=keyed_generator(seed, unit, "timesteps", int(i)))[:count]
             for i in ids]
     return torch.stack(rows) if rows else torch.empty((0, count), dtype=torch.long)
-
-
-def _encode_once(adapter, prompts: list[str]) -> dict[str, TextEmbeddings]:
-    """prompt -> its (1, ...) embedding, the epoch's distinct prompts encoded together in sorted order.
-
-    The rollout and the PPO recomputation must see the very same embeddings: re-encoding a micro-batch's prompts
-    in another batch (and outside the rollout's autocast) moves bf16 log-probs by ~1e-4, which a clip range of
-    1e-4 would already count as a policy change. Every process encodes the same list, so the embeddings do not
-    depend on how many processes share the epoch either.
-    """
-    unique = sorted(set(prompts))
-    encoded = adapter.encode_prompts(unique)
-    return {p: encoded[i:i + 1] for i, p in enumerate(unique)}
 
 
 def initial_noise(seed: int, unit: int, ids, groups, shape, same_per_group: bool = True,
@@ -196,7 +183,7 @@ class DanceGRPO(MethodBase):
         if any(m is None for m in share.metadata) and "geneval" in self.reward_weights:
             raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
         prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
-        table = _encode_once(adapter, prompts)
+        table = encode_once(adapter, prompts)
         text = TextEmbeddings.cat([table[p] for p in share.prompts])
         shape = adapter.latent_shape(*self._size(adapter))
         noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, shape, self.same_noise, ctx.device)

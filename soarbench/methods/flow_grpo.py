@@ -31,7 +31,8 @@ from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGrou
 from soarbench.rl.advantages import group_advantages, nonzero_groups, refill_to_multiple
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
-from soarbench.rl.rollout import Trajectory, random_window, sde_rollout, step_log_prob_under
+from soarbench.models.sd3 import TextEmbeddings
+from soarbench.rl.rollout import Trajectory, encode_once, random_window, sde_rollout, step_log_prob_under
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Epoch:
 
     traj: Trajectory
     prompts: list[str]
+    embeddings: dict  # prompt -> its embedding, shared by the rollout and the training passes
     advantages: torch.Tensor  # (N,)
     parts: list[torch.Tensor]  # the sample indices of each optimizer step
     steps: torch.Tensor  # (N, K) the trained timestep indices of each sample
@@ -122,7 +124,11 @@ class FlowGRPO(MethodBase):
         adapter = ctx.adapter
         if any(m is None for m in share.metadata) and "geneval" in self.reward_fn.names:
             raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
-        text = adapter.encode_prompts(share.prompts)
+        # every process encodes the epoch's distinct prompts once, the same way: rollout and training see the very
+        # same embeddings (a ratio of exactly 1 before the first update, also under bf16)
+        prompts_all = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
+        embeddings = encode_once(adapter, prompts_all)
+        text = TextEmbeddings.cat([embeddings[p] for p in share.prompts])
         shape = adapter.latent_shape(*self._size(adapter))
         noise = ctx.randn(shape, share.ids, "rollout_noise")
         window = random_window(self.T, self.window, keyed_generator(ctx.seed, ctx.unit, "window")) \
@@ -141,7 +147,7 @@ class FlowGRPO(MethodBase):
                           noise_level=traj.noise_level)
         reward_all = _gather(ctx, rewards.to(ctx.device)).cpu()
         groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
-        prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
+        prompts = prompts_all
         adv = group_advantages(reward_all, groups, global_std=self.global_std, clip=self.adv_clip)
         keep = nonzero_groups(adv, groups)
         multiple = self.opt_steps * ctx.shape.slots
@@ -150,7 +156,7 @@ class FlowGRPO(MethodBase):
         order = index[torch.randperm(len(index), generator=keyed_generator(ctx.seed, ctx.unit, "order"))]
         logs = {"reward_mean": float(reward_all.mean()), "kept_fraction": float(keep.float().mean())}
         logs.update({f"reward_{n}": float(_gather(ctx, v.to(ctx.device)).mean()) for n, v in parts.items()})
-        return Epoch(traj=traj, prompts=prompts, advantages=adv.to(ctx.device),
+        return Epoch(traj=traj, prompts=prompts, embeddings=embeddings, advantages=adv.to(ctx.device),
                      parts=list(order.chunk(self.opt_steps)), steps=traj.trainable_steps()[:, : self.trained_steps()],
                      logs=logs)
 
@@ -161,7 +167,7 @@ class FlowGRPO(MethodBase):
             micros = []
             for a in range(ctx.shape.accumulation):
                 idx = part[a * W + r::S].to(ctx.device)
-                text = ctx.adapter.encode_prompts([epoch.prompts[int(i)] for i in idx])
+                text = TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
                 micros += [Micro((epoch, idx, text, column), float(len(idx))) for column in range(K)]
             yield micros
 

@@ -248,3 +248,16 @@ def step_log_prob_under(adapter: SD3Adapter, traj: Trajectory, step_index: int |
     step = replace(step, sample=x_next)
     return StepLogProb(step_log_prob(traj.variant, step), step.mean, step.std,
                        kl_std(traj.variant, step.std, sigma0, sigma1))
+
+
+def encode_once(adapter, prompts: list[str]) -> dict[str, TextEmbeddings]:
+    """prompt -> its (1, ...) embedding, the epoch's distinct prompts encoded together in sorted order.
+
+    The rollout and the PPO recomputation must see the very same embeddings: re-encoding a micro-batch's prompts
+    in another batch (and outside the rollout's autocast) moves bf16 log-probs by ~1e-4, which a clip range of
+    1e-4 would already count as a policy change. Every process encodes the same list, so the embeddings do not
+    depend on how many processes share the epoch either.
+    """
+    unique = sorted(set(prompts))
+    encoded = adapter.encode_prompts(unique)
+    return {p: encoded[i:i + 1] for i, p in enumerate(unique)}
