@@ -114,6 +114,14 @@ class Engine:
         dist.all_gather_object(out, obj)
         return out
 
+    def all_gather_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's equal-sized share, concatenated along dim 0 in rank order."""
+        if not self.distributed:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
     def broadcast_object(self, obj):
         if not self.distributed:
             return obj

@@ -20,7 +20,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -37,7 +36,7 @@ from soarbench.io import append_jsonl, atomic_write_json, atomic_write_text
 from soarbench.methods import build_method
 from soarbench.methods.base import Ctx, RunShape
 from soarbench.models.roles import Roles
-from soarbench.models.sd3 import SD3Adapter, TRAINABLE_COMPONENTS
+from soarbench.models.sd3 import SD3Adapter
 
 
 

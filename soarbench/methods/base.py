@@ -122,6 +122,10 @@ class Ctx:
     def all_gather_objects(self, obj) -> list:
         return self.engine.all_gather_objects(obj) if self.engine is not None else [obj]
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's equal-sized share of a tensor, concatenated along dim 0 in rank order."""
+        return self.engine.all_gather_tensor(x) if self.engine is not None else x
+
 
 class MethodBase:
     """Defaults for the contract: full fine-tuning of train.components, one micro-batch per slot, no state."""
@@ -166,6 +170,26 @@ class MethodBase:
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version}
+
+
+def samples_per_step(n: int, optimizer_steps: int, shape: RunShape) -> int:
+    """The samples of one optimizer step of an online method's epoch; they are dealt evenly over the slots."""
+    from soarbench.errors import UserError
+
+    per_step = n // optimizer_steps
+    if per_step % shape.slots:
+        raise UserError(f"[method] each optimizer step trains {per_step} images, which do not deal evenly over "
+                        f"{shape.slots} slots ({shape.world_size} processes x {shape.accumulation} "
+                        f"accumulation): choose batch_size / optimizer_steps_per_epoch divisible by it")
+    return per_step
+
+
+def require_geneval_rows(metadata, reward_names) -> None:
+    """The GenEval reward scores against each prompt's GenEval row (tag, include)."""
+    from soarbench.errors import UserError
+
+    if "geneval" in reward_names and any(m is None for m in metadata):
+        raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
 
 
 def log_pair(total: torch.Tensor, count: float) -> tuple[float, float]:

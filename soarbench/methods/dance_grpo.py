@@ -40,8 +40,8 @@ import torch
 from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator, keyed_randn
-from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
-from soarbench.methods.flow_grpo import _gather
+from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
+                                    require_geneval_rows, samples_per_step)
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
@@ -149,11 +149,7 @@ class DanceGRPO(MethodBase):
     def plan(self, shape: RunShape) -> UnitCost:
         """One epoch (all processes): N-step rollouts, rewards, and K trained timesteps per sample. No reference."""
         n = self.m * self.k
-        per_step = n // self.opt_steps
-        if per_step % shape.slots:
-            raise UserError(f"[method] each optimizer step trains {per_step} images, which do not deal evenly over "
-                            f"{shape.slots} slots ({shape.world_size} processes x {shape.accumulation} "
-                            f"accumulation): choose batch_size / optimizer_steps_per_epoch divisible by it")
+        per_step = samples_per_step(n, self.opt_steps, shape)
         cfg = 2 if self.g != 1.0 else 1
         train_cfg = 2 if (self.cfg_train and self.g != 1.0) else 1
         return UnitCost(images=n, unique_prompts=self.m, no_grad_fwd=n * self.T * cfg,
@@ -180,8 +176,7 @@ class DanceGRPO(MethodBase):
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
         adapter = ctx.adapter
-        if any(m is None for m in share.metadata) and "geneval" in self.reward_weights:
-            raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
+        require_geneval_rows(share.metadata, self.reward_weights)
         prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
         table = encode_once(adapter, prompts)
         text = TextEmbeddings.cat([table[p] for p in share.prompts])
@@ -203,10 +198,10 @@ class DanceGRPO(MethodBase):
         adapter.transformer.train(was)
         rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
         # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
-        traj = Trajectory(latents=_gather(ctx, traj.latents), log_probs=_gather(ctx, traj.log_probs),
-                          sigmas=traj.sigmas, trainable=_gather(ctx, traj.trainable), variant=traj.variant,
+        traj = Trajectory(latents=ctx.all_gather(traj.latents), log_probs=ctx.all_gather(traj.log_probs),
+                          sigmas=traj.sigmas, trainable=ctx.all_gather(traj.trainable), variant=traj.variant,
                           noise_level=traj.noise_level)
-        reward_all = _gather(ctx, rewards.to(ctx.device)).cpu()
+        reward_all = ctx.all_gather(rewards.to(ctx.device)).cpu()
         groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
         adv = group_zscore(reward_all, groups, eps=self.adv_eps, clip=self.adv_clip)
         n = len(prompts)
@@ -215,7 +210,7 @@ class DanceGRPO(MethodBase):
         columns = trained_timesteps(ctx.seed, ctx.unit, range(n), self.T - 1, self.K)
         steps = traj.trainable_steps().cpu().gather(1, columns)
         logs = {"reward_mean": float(reward_all.mean()), "reward_std": float(reward_all.std(correction=0))}
-        logs.update({f"reward_{k}": float(_gather(ctx, v.to(ctx.device)).mean()) for k, v in parts.items()})
+        logs.update({f"reward_{k}": float(ctx.all_gather(v.to(ctx.device)).mean()) for k, v in parts.items()})
         return Epoch(traj=traj, prompts=prompts, text=table, advantages=adv.to(ctx.device),
                      parts=list(order.chunk(self.opt_steps)), steps=steps.to(ctx.device), logs=logs)
 

@@ -47,7 +47,8 @@ import torch
 from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
+from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
+                                    require_geneval_rows, samples_per_step)
 from soarbench.rl.advantages import group_advantages
 from soarbench.rl.rewards import RewardFunction
 from soarbench.sampling.dpm import SOLVERS, dpm_rollout
@@ -181,11 +182,7 @@ class DiffusionNFT(MethodBase):
         """One epoch (all processes): old-policy rollouts, rewards, and per trained (sample, timestep) one policy
         forward+backward, one old-policy forward and (kl_weight > 0) one reference forward."""
         n = self.m * self.k
-        per_step = n // self.opt_steps
-        if per_step % shape.slots:
-            raise UserError(f"[method] each optimizer step trains {per_step} images, which do not deal evenly over "
-                            f"{shape.slots} slots ({shape.world_size} processes x {shape.accumulation} "
-                            f"accumulation): choose batch_size / optimizer_steps_per_epoch divisible by it")
+        per_step = samples_per_step(n, self.opt_steps, shape)
         K = self.trained_steps()
         cfg = 2 if self.g != 1.0 else 1
         return UnitCost(images=n, unique_prompts=self.m,
@@ -214,8 +211,7 @@ class DiffusionNFT(MethodBase):
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
         adapter = ctx.adapter
-        if any(m is None for m in share.metadata) and "geneval" in self.reward_fn.names:
-            raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
+        require_geneval_rows(share.metadata, self.reward_fn.names)
         text = adapter.encode_prompts(share.prompts)
         size = self.resolution or int(adapter.vae.config.sample_size)
         noise = ctx.randn(adapter.latent_shape(size, size), share.ids, "rollout_noise")
@@ -227,8 +223,8 @@ class DiffusionNFT(MethodBase):
         adapter.transformer.train(was)
         rewards, parts = self.reward_fn(adapter.decode(x0), share.prompts, share.metadata)
         # every process needs every sample (advantages; the steps deal samples over slots)
-        latents = _gather(ctx, x0.float())
-        reward_all = _gather(ctx, rewards.to(ctx.device).float()).cpu()
+        latents = ctx.all_gather(x0.float())
+        reward_all = ctx.all_gather(rewards.to(ctx.device).float()).cpu()
         groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
         prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
         adv = group_advantages(reward_all, groups, global_std=self.global_std, clip=self.adv_clip)
@@ -239,7 +235,7 @@ class DiffusionNFT(MethodBase):
         sigmas = sampling_sigmas(adapter.scheduler_config, self.T)[: self.T]
         r = optimality_probability(adv, self.adv_clip)
         logs = {"reward_mean": float(reward_all.mean()), "advantage_abs_mean": float(adv.abs().mean())}
-        logs.update({f"reward_{k}": float(_gather(ctx, v.to(ctx.device).float()).mean()) for k, v in parts.items()})
+        logs.update({f"reward_{k}": float(ctx.all_gather(v.to(ctx.device).float()).mean()) for k, v in parts.items()})
         return Epoch(latents=latents, prompts=prompts, advantages=adv.to(ctx.device), r=r.to(ctx.device),
                      sigmas=sigmas.to(ctx.device), steps=steps.to(ctx.device), parts=list(order.chunk(self.opt_steps)),
                      logs=logs)
@@ -298,13 +294,3 @@ def _check_full_finetune(ctx: Ctx) -> None:
                         f"the reference are copies of the transformer, so train.components = {list(ctx.components)} "
                         f"cannot have them (set train.components = [\"transformer\"])")
 
-
-def _gather(ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's equal-sized share along dim 0, in rank order."""
-    if ctx.world_size == 1:
-        return x
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)

@@ -27,7 +27,8 @@ import torch
 from soarbench.errors import UserError
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
+from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
+                                    require_geneval_rows, samples_per_step)
 from soarbench.rl.advantages import group_advantages, nonzero_groups, refill_to_multiple
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
@@ -93,11 +94,7 @@ class FlowGRPO(MethodBase):
     def plan(self, shape: RunShape) -> UnitCost:
         """One epoch (all processes): rollouts, rewards, and the gradient passes of its optimizer steps."""
         n = self.m * self.k
-        per_step = n // self.opt_steps
-        if per_step % shape.slots:
-            raise UserError(f"[method] each optimizer step trains {per_step} images, which do not deal evenly over "
-                            f"{shape.slots} slots ({shape.world_size} processes x {shape.accumulation} "
-                            f"accumulation): choose batch_size / optimizer_steps_per_epoch divisible by it")
+        per_step = samples_per_step(n, self.opt_steps, shape)
         cfg = 2 if self.g != 1.0 else 1
         train_cfg = 2 if (self.cfg_train and self.g != 1.0) else 1
         K = self.trained_steps()
@@ -122,8 +119,7 @@ class FlowGRPO(MethodBase):
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
         adapter = ctx.adapter
-        if any(m is None for m in share.metadata) and "geneval" in self.reward_fn.names:
-            raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
+        require_geneval_rows(share.metadata, self.reward_fn.names)
         # every process encodes the epoch's distinct prompts once, the same way: rollout and training see the very
         # same embeddings (a ratio of exactly 1 before the first update, also under bf16)
         prompts_all = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
@@ -142,10 +138,10 @@ class FlowGRPO(MethodBase):
         adapter.transformer.train(was)
         rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
         # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
-        traj = Trajectory(latents=_gather(ctx, traj.latents), log_probs=_gather(ctx, traj.log_probs),
-                          sigmas=traj.sigmas, trainable=_gather(ctx, traj.trainable), variant=traj.variant,
+        traj = Trajectory(latents=ctx.all_gather(traj.latents), log_probs=ctx.all_gather(traj.log_probs),
+                          sigmas=traj.sigmas, trainable=ctx.all_gather(traj.trainable), variant=traj.variant,
                           noise_level=traj.noise_level)
-        reward_all = _gather(ctx, rewards.to(ctx.device)).cpu()
+        reward_all = ctx.all_gather(rewards.to(ctx.device)).cpu()
         groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
         prompts = prompts_all
         adv = group_advantages(reward_all, groups, global_std=self.global_std, clip=self.adv_clip)
@@ -155,7 +151,7 @@ class FlowGRPO(MethodBase):
         index = torch.nonzero(kept).flatten()
         order = index[torch.randperm(len(index), generator=keyed_generator(ctx.seed, ctx.unit, "order"))]
         logs = {"reward_mean": float(reward_all.mean()), "kept_fraction": float(keep.float().mean())}
-        logs.update({f"reward_{n}": float(_gather(ctx, v.to(ctx.device)).mean()) for n, v in parts.items()})
+        logs.update({f"reward_{n}": float(ctx.all_gather(v.to(ctx.device)).mean()) for n, v in parts.items()})
         return Epoch(traj=traj, prompts=prompts, embeddings=embeddings, advantages=adv.to(ctx.device),
                      parts=list(order.chunk(self.opt_steps)), steps=traj.trainable_steps()[:, : self.trained_steps()],
                      logs=logs)
@@ -201,13 +197,3 @@ class FlowGRPO(MethodBase):
         size = self.resolution or int(adapter.vae.config.sample_size)
         return size, size
 
-
-def _gather(ctx: Ctx, x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's equal-sized share along dim 0, in rank order."""
-    if ctx.world_size == 1:
-        return x
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
