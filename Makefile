@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test base clean perf
+.PHONY: install demo test base clean perf perf-train
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ base: $(STAMP)
 perf: $(STAMP)
 	$(BIN)/python benchmarks/perf/scorers.py --scale real --images 16 --batch-sizes 1,8 --device $(DEVICE) \
 		--json runs/perf/scorers.json
+
+# the harness's SFT step over a bare diffusers loop, and SOAR's step over SFT's beside the budget's ratio
+perf-train: $(STAMP)
+	$(BIN)/python benchmarks/perf/train_step.py --device $(DEVICE) --json runs/perf/train_step.json
 
 clean:
 	rm -rf runs .cache reports/shapes

@@ -78,3 +78,18 @@ def test_interrupted_eval_resumes_without_loss_or_double_count(adapter, bench, t
 def test_unknown_metric_suggests_the_nearest(adapter, bench, tmp_path):
     with pytest.raises(UserError, match="did you mean 'geneval'"):
         evaluate(adapter, bench, tmp_path / "x", metric_names=["genevel"])
+
+
+def test_bf16_sampling_is_recorded_and_close_to_fp32(adapter, bench, tmp_path):
+    """Evaluation in the training precision: bf16 autocast samples the same images up to bf16 rounding."""
+    fp32 = evaluate(adapter, bench, tmp_path / "fp32", seed=3, precision="fp32")
+    bf16 = evaluate(adapter, bench, tmp_path / "bf16", seed=3, precision="bf16")
+    assert (fp32["sampling"]["precision"], bf16["sampling"]["precision"]) == ("fp32", "bf16")
+    diffs = []
+    for sa, sb in zip(_samples(tmp_path / "fp32"), _samples(tmp_path / "bf16")):
+        pa = np.asarray(Image.open(tmp_path / "fp32" / sa["file"]), dtype=int)
+        pb = np.asarray(Image.open(tmp_path / "bf16" / sb["file"]), dtype=int)
+        diffs.append(np.abs(pa - pb).mean())
+    assert 0 < max(diffs) < 8  # bf16 moved some pixels, by a few levels of 255 on average at most
+    with pytest.raises(UserError, match="precision must be fp32, bf16 or fp16"):
+        evaluate(adapter, bench, tmp_path / "x", precision="int8")

@@ -1,4 +1,4 @@
-"""Building blocks of reward-based post-training (Flow-GRPO, shared/specs/flow_grpo.md).
+"""Building blocks of reward-based post-training (Flow-GRPO, arXiv 2505.05470; reference code yifan123/flow_grpo).
 
 Each module is pure and separately tested; the method (soarbench.methods) composes them:
 

@@ -1,4 +1,4 @@
-"""Group-relative advantages (Flow-GRPO; shared/specs/flow_grpo.md).
+"""Group-relative advantages (Flow-GRPO, arXiv 2505.05470; yifan123/flow_grpo).
 
 Each prompt is sampled k times (a group). Sample n of group g with reward r_n gets
 

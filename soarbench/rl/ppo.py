@@ -1,4 +1,4 @@
-"""Flow-GRPO's per-step objective: the PPO-clip policy loss and the KL penalty (shared/specs/flow_grpo.md).
+"""Flow-GRPO's per-step objective: the PPO-clip policy loss and the KL penalty (arXiv 2505.05470, yifan123/flow_grpo).
 
 For one trained step of each of B trajectories, with log p_old recorded at rollout and r = exp(log p - log p_old):
 
