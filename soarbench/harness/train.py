@@ -109,6 +109,9 @@ class Run:
         _seed_global_rngs(int(tcfg["seed"]))  # fresh weights (LoRA's init) depend on the seed alone
         groups = self.method.setup(self.ctx)
         self.params = [p for g in groups for p in g.params]
+        if engine.shards_parameters and (self.roles.use_lora or self.roles.ema is not None or self.roles.copies):
+            raise UserError(f"config: {self.method_name} with LoRA, an EMA or frozen reference copies needs DDP or "
+                            f"ZeRO-2 ({engine.name} shards the weights; it supports full fine-tuning without them)")
         engine.broadcast_parameters(self.params)  # fresh weights (LoRA, heads) start equal on every process
         lr = float(tcfg["lr"])
         self.optimizer = torch.optim.AdamW(
@@ -275,10 +278,12 @@ class Run:
     def save(self) -> Path:
         engine = self.engine
         state = self.trainer_state()
-        modules = self.method.export(self.ctx)
         final = checkpoint_dir(self.out_dir, self.step)
-        if engine.shards_parameters:  # ZeRO-3 / FSDP: the optimizer's shards are saved by accelerate
+        if engine.shards_parameters:  # ZeRO-3 / FSDP: accelerate saves the model and optimizer shards for resume,
             engine.acc.save_state(str(final.with_name(final.name + ".engine")))
+            modules = {"transformer": self._gathered_transformer()}  # and the whole weights are gathered to export
+        else:
+            modules = self.method.export(self.ctx)
         if engine.is_main:
             record = {"step": self.step, "method": self.method_name, "method_version": self.method.version,
                       "run_name": self.cfg.get("run", {}).get("name")}
@@ -294,13 +299,23 @@ class Run:
         engine.barrier()
         return final
 
+    def _gathered_transformer(self):
+        """The whole transformer of a sharded run, on the main process (a collective: every process calls it)."""
+        full = self.engine.full_state_dict(self.roles.net)
+        if not self.engine.is_main:
+            return None
+        t = self.adapter.transformer
+        whole = type(t).from_config(t.config)
+        whole.load_state_dict(full)
+        return whole
+
     def restore(self, ckpt: Path) -> None:
         state = load_trainer_state(ckpt)
         if (state["world_size"] * state.get("accumulation", 1)) != self.shape.slots:
             raise UserError(f"{ckpt}: saved with {state['world_size']} process(es) x {state.get('accumulation', 1)} "
                             f"accumulation slots, resumed with {self.shape.slots} slots (keep the global batch's "
                             f"layout, or set train.global_batch_size)")
-        if not self.roles.use_lora:
+        if not self.roles.use_lora and not self.engine.shards_parameters:  # sharded: accelerate's load_state below
             for name in self.ctx.components:  # the trained weights, from the checkpoint's own components
                 module = getattr(self.adapter.pipe, name)
                 loaded = type(module).from_pretrained(ckpt / name, dtype=torch.float32, local_files_only=True)
