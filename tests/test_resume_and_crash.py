@@ -21,6 +21,10 @@ METHODS = {
     "soar": 'name = "soar"\ntrajectory_length = 2',
     "flow_grpo": 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\nlora_alpha = 8\n'
                  'ema_every = 1\noptimizer_steps_per_epoch = 1\nrewards = { geneval = 1.0 }',
+    "diffusion_nft": 'name = "diffusion_nft"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
+                     'lora_alpha = 8\nrewards = { geneval = 1.0 }',
+    "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
+                  'optimizer_steps_per_epoch = 1\nrewards = { geneval = 1.0 }',
 }
 
 
