@@ -95,7 +95,8 @@ class Run:
             raise UserError("config: training text encoders (train.components) is supported in single-process runs "
                             "only (the shapes base recipe); multi-process runs train the transformer")
         self.adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=engine.device, dtype=torch.float32,
-                                                  max_sequence_length=cfg["model"].get("max_sequence_length"))
+                                                  max_sequence_length=cfg["model"].get("max_sequence_length"),
+                                                  load_t5=bool(cfg["model"].get("load_t5", True)))
         _set_text_encoder_precision(self.adapter, cfg["model"].get("text_encoder_precision", "auto"), engine,
                                     tcfg["mixed_precision"], components)
         if tcfg["gradient_checkpointing"]:
