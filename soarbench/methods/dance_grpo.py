@@ -33,7 +33,6 @@ clipfrac, ratio_dev (mean |ratio - 1|, 0 on-policy), reward_mean, reward_std and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +45,7 @@ from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
 from soarbench.rl.rewards import RewardFunction, parse_weights
+from soarbench.methods.flow_grpo import Epoch  # the same epoch of gathered rollouts
 from soarbench.rl.rollout import encode_once, Trajectory, sde_rollout, step_log_prob_under
 from soarbench.sampling.ode import sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS
@@ -73,19 +73,6 @@ def initial_noise(seed: int, unit: int, ids, groups, shape, same_per_group: bool
     keys = [(seed, unit, "init_noise_group", int(g)) for g in groups] if same_per_group \
         else [(seed, unit, "rollout_noise", int(i)) for i in ids]
     return keyed_randn(shape, keys, device=device)
-
-
-@dataclass
-class Epoch:
-    """One epoch's rollouts of ALL processes (gathered), ready for training."""
-
-    traj: Trajectory
-    prompts: list[str]
-    text: dict[str, TextEmbeddings]  # each distinct prompt's embedding, shared by the rollouts and the training
-    advantages: torch.Tensor  # (N,)
-    parts: list[torch.Tensor]  # the sample indices of each optimizer step
-    steps: torch.Tensor  # (N, K) the trained timestep indices of each sample
-    logs: dict[str, float] = field(default_factory=dict)
 
 
 class DanceGRPO(MethodBase):
@@ -211,7 +198,7 @@ class DanceGRPO(MethodBase):
         steps = traj.trainable_steps().cpu().gather(1, columns)
         logs = {"reward_mean": float(reward_all.mean()), "reward_std": float(reward_all.std(correction=0))}
         logs.update({f"reward_{k}": float(ctx.all_gather(v.to(ctx.device)).mean()) for k, v in parts.items()})
-        return Epoch(traj=traj, prompts=prompts, text=table, advantages=adv.to(ctx.device),
+        return Epoch(traj=traj, prompts=prompts, embeddings=table, advantages=adv.to(ctx.device),
                      parts=list(order.chunk(self.opt_steps)), steps=steps.to(ctx.device), logs=logs)
 
     def updates(self, ctx: Ctx, epoch: Epoch):
@@ -220,7 +207,7 @@ class DanceGRPO(MethodBase):
             micros = []
             for a in range(ctx.shape.accumulation):
                 idx = part[a * W + r::S].to(ctx.device)
-                text = TextEmbeddings.cat([epoch.text[epoch.prompts[int(i)]] for i in idx])
+                text = TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
                 micros += [Micro((epoch, idx, text, column), float(len(idx))) for column in range(self.K)]
             yield micros
 

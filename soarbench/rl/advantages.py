@@ -31,6 +31,16 @@ def group_index(group_ids: Sequence[Hashable] | torch.Tensor) -> tuple[torch.Ten
     return torch.tensor(index, dtype=torch.long), len(numbers)
 
 
+def _grouped(rewards, group_ids) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """(rewards as float64 (N,), dense group index (N,), number of groups, each group's size)."""
+    r = torch.as_tensor(rewards).detach().to(torch.float64).reshape(-1)
+    index, groups = group_index(group_ids)
+    index = index.to(r.device)
+    if index.numel() != r.numel():
+        raise ValueError(f"{r.numel()} rewards but {index.numel()} group ids")
+    return r, index, groups, _group_sum(torch.ones_like(r), index, groups)
+
+
 def _group_sum(values: torch.Tensor, index: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.zeros(groups, dtype=values.dtype, device=values.device).index_add_(0, index, values)
 
@@ -41,12 +51,7 @@ def group_advantages(rewards: torch.Tensor | Sequence[float], group_ids: Sequenc
 
     Computed in float64 (as the reference's numpy tracker does) and then rounded once.
     """
-    r = torch.as_tensor(rewards).detach().to(torch.float64).reshape(-1)
-    index, groups = group_index(group_ids)
-    index = index.to(r.device)
-    if index.numel() != r.numel():
-        raise ValueError(f"{r.numel()} rewards but {index.numel()} group ids")
-    counts = _group_sum(torch.ones_like(r), index, groups)
+    r, index, groups, counts = _grouped(rewards, group_ids)
     centred = r - (_group_sum(r, index, groups) / counts)[index]
     # A summed-and-divided mean of equal values need not round back to that value (0.1 * 3 / 3 != 0.1), and a
     # constant group must come out exactly 0 so that `nonzero_groups` drops it.
@@ -101,12 +106,7 @@ def group_zscore(rewards: torch.Tensor | Sequence[float], group_ids: Sequence[Ha
     Every group needs at least two samples (the unbiased std of one value is undefined). A constant group gets
     A = 0 exactly.
     """
-    r = torch.as_tensor(rewards).detach().to(torch.float64).reshape(-1)
-    index, groups = group_index(group_ids)
-    index = index.to(r.device)
-    if index.numel() != r.numel():
-        raise ValueError(f"{r.numel()} rewards but {index.numel()} group ids")
-    counts = _group_sum(torch.ones_like(r), index, groups)
+    r, index, groups, counts = _grouped(rewards, group_ids)
     if groups and int(counts.min()) < 2:
         raise ValueError("every group needs at least 2 samples for an unbiased std")
     centred = r - (_group_sum(r, index, groups) / counts)[index]
