@@ -33,7 +33,6 @@ clipfrac, ratio_dev (mean |ratio - 1|, 0 on-policy), reward_mean, reward_std and
 """
 from __future__ import annotations
 
-
 import torch
 
 from soarbench.errors import UserError, did_you_mean
