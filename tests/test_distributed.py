@@ -15,16 +15,19 @@ import torch
 from soarbench.harness.train import train
 from soarbench.models import SD3Adapter
 
+import reward_plugins  # registers the test rewards in this process too
+
 METHODS = {
     "sft": 'name = "sft"',
     "soar": 'name = "soar"\ntrajectory_length = 2',
     "flow_grpo": 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\nlora_alpha = 8\n'
-                 'ema_every = 1\nrewards = { test_dist_brightness = 1.0 }',
+                 'ema_every = 1\nrewards = { test_brightness = 1.0 }',
     "direct_align": 'name = "direct_align"\nnum_steps = 2\nguidance = 2.0\nrewards = { shapes_soft = 1.0 }',
+    "srpo": 'name = "srpo"\nnum_steps = 2\ntrain_guidance = 2.0\nrewards = { test_embed = 1.0 }',
     "diffusion_nft": 'name = "diffusion_nft"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
-                     'lora_alpha = 8\nrewards = { test_dist_brightness = 1.0 }',
+                     'lora_alpha = 8\nrewards = { test_brightness = 1.0 }',
     "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
-                  'rewards = { test_dist_brightness = 1.0 }',
+                  'rewards = { test_brightness = 1.0 }',
 }
 LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -35,19 +38,11 @@ LAUNCHERS = {
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, tiny_model_dir, shapes_data):
-    """A folder with links to the micro model and data, and a reward plugin the subprocesses can import."""
+    """A folder with links to the micro model and data (the test rewards come from tests/reward_plugins.py)."""
     root = tmp_path_factory.mktemp("dist")
     (root / "model").symlink_to(tiny_model_dir)
     (root / "train.jsonl").symlink_to(shapes_data)
     (root / "images").symlink_to(shapes_data.parent / "images")
-    (root / "dist_plugin.py").write_text(
-        "import numpy as np\nfrom soarbench.metrics.base import Metric, MetricInfo\n"
-        "from soarbench.metrics.registry import METRICS\n"
-        "class Brightness(Metric):\n"
-        "    info = MetricInfo(name='test_dist_brightness', version='1', scale='mean pixel value')\n"
-        "    def score(self, images, prompts, metadata=None):\n"
-        "        return [{'score': float(np.asarray(im, dtype=np.float32).mean() / 255)} for im in images]\n"
-        "METRICS.add('test_dist_brightness', 'dist_plugin:Brightness')\n")
     return root
 
 
@@ -62,22 +57,17 @@ def _config(job: Path, method: str, batch: int, accumulation: int) -> Path:
 
 
 def _launch(job: Path, launcher: str, port: int, *args) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{job}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "SOARBENCH_PLUGINS": "dist_plugin"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **reward_plugins.ENV,
+           "PYTHONPATH": f"{reward_plugins.FOLDER}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = LAUNCHERS[launcher] + [str(port), "-m", "soarbench", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=job)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _in_process(job: Path, method: str, batch: int, accumulation: int, out: Path) -> Path:
-    sys.path.insert(0, str(job))
-    try:
-        import dist_plugin  # noqa: F401  (registers the reward)
-        from soarbench import config as C
+    from soarbench import config as C
 
-        train(C.load_toml(_config(job, method, batch, accumulation)), out, log=lambda m: None)
-    finally:
-        sys.path.remove(str(job))
+    train(C.load_toml(_config(job, method, batch, accumulation)), out, log=lambda m: None)
     return out
 
 
@@ -95,7 +85,7 @@ def _close(a: dict, b: dict, initial: dict) -> None:
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_processes_equal_one_process(job, method, tmp_path):
-    _launch(job, "accelerate", 29611 + len(method), "train", "--config", _config(job, method, 2, 1),
+    _launch(job, "accelerate", 29611 + sorted(METHODS).index(method), "train", "--config", _config(job, method, 2, 1),
             "--out", tmp_path / "two")
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["world_size"] == 2 and run["engine"] == "multi_cpu"

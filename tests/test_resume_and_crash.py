@@ -16,6 +16,8 @@ from soarbench.errors import UserError
 from soarbench.harness.train import train
 from soarbench.models import SD3Adapter
 
+import reward_plugins  # noqa: F401  (the test rewards)
+
 METHODS = {
     "sft": 'name = "sft"',
     "soar": 'name = "soar"\ntrajectory_length = 2',
@@ -25,6 +27,8 @@ METHODS = {
                      'lora_alpha = 8\nrewards = { geneval = 1.0 }',
     "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
                   'optimizer_steps_per_epoch = 1\nrewards = { geneval = 1.0 }',
+    "direct_align": 'name = "direct_align"\nnum_steps = 2\nguidance = 2.0\nrewards = { shapes_soft = 1.0 }',
+    "srpo": 'name = "srpo"\nnum_steps = 2\ntrain_guidance = 2.0\nrewards = { test_embed = 1.0 }',
 }
 
 
@@ -39,7 +43,8 @@ def _write_config(folder: Path, model: Path, data: Path, method: str) -> Path:
 
 
 def _soarbench(args, fault: str | None = None) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **reward_plugins.ENV,
+           "PYTHONPATH": f"{reward_plugins.FOLDER}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("SOARBENCH_FAULT", None)
     if fault:
         env["SOARBENCH_FAULT"] = fault
