@@ -452,3 +452,15 @@ def test_markdown_links_every_figure(two_seed_report):
     links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", md)
     pngs = (two_seed_report["html"].parent / "figures").glob("*.png")
     assert links and sorted(links) == sorted(f"figures/{p.name}" for p in pngs)
+
+
+def test_a_reconstructed_method_is_labelled_so_in_every_table(tmp_path):
+    exp = write_experiment(tmp_path / "exp", runs=("sft-s0",))
+    for path in (exp / "sft-s0").glob("evals/*/*/summary.json"):  # the run's method has no public code
+        doc = json.loads(path.read_text())
+        doc["model"]["method_version"] = "1-reconstructed (from the paper)"
+        path.write_text(json.dumps(doc))
+    paths = write_report([exp], tmp_path / "out", title="t")
+    _, rows = read_csv(paths["main_table_csv"])
+    assert set(rows) == {"base", "sft@100 (reconstructed)", "sft@200 (reconstructed)"}
+    assert "| sft@200 (reconstructed) | 1 |" in paths["markdown"].read_text(encoding="utf-8")

@@ -347,7 +347,7 @@ class Run:
         bench = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))
         folder = self.out_dir / "evals" / f"step_{step:06d}" / bench.name
         info = model_info(self.cfg, self.method_name if step else "base", step, self.counters,
-                          self.out_dir / "checkpoints" / f"step_{step:06d}")
+                          self.out_dir / "checkpoints" / f"step_{step:06d}", self.method.version if step else "")
         precision = ecfg.get("precision", "auto")
         if precision == "auto":
             precision = {"no": "fp32"}.get(self.cfg["train"]["mixed_precision"], self.cfg["train"]["mixed_precision"])
@@ -407,10 +407,11 @@ def _set_text_encoder_precision(adapter: SD3Adapter, precision: str, engine: Eng
             module.to(dtype)
 
 
-def model_info(cfg: dict, method: str, step: int, counters: Counters, path: Path) -> dict:
+def model_info(cfg: dict, method: str, step: int, counters: Counters, path: Path, method_version: str = "") -> dict:
+    """The `model` record of an evaluation's summary; `method_version` says e.g. that a method is reconstructed."""
     run = cfg.get("run", {})
     name, group = run.get("name", method), run.get("group", method)
-    return {"path": str(path), "run_name": name, "group": group, "method": method,
+    return {"path": str(path), "run_name": name, "group": group, "method": method, "method_version": method_version,
             "seed": int(cfg["train"]["seed"]), "step": step, "budget_spent": counters.as_dict(),
             "label": "base" if method == "base" else f"{group}@{step}"}
 

@@ -52,6 +52,7 @@ class EvalSummary:
     provenance: Mapping[str, Any]
     model_path: str | None = None
     sampling: Mapping[str, Any] = field(default_factory=dict)
+    method_version: str = ""  # the training method's recorded version ("... reconstructed ..." for some)
 
     @property
     def eval_dir(self) -> Path:
@@ -233,7 +234,17 @@ def load_summary(path: Path) -> EvalSummary:
         provenance=fields.mapping("provenance", optional=True),
         model_path=fields.string("model.path", optional=True) if fields.get("model.path") is not None else None,
         sampling=fields.mapping("sampling", optional=True) if fields.get("sampling") is not None else {},
+        method_version=_method_version(fields),
     )
+
+
+def _method_version(fields: "_Fields") -> str:
+    value = fields.get("model.method_version")
+    if value is _MISSING or value is None:
+        return ""  # summaries written before the field existed
+    if not isinstance(value, str):
+        raise fields.fail("model.method_version", "a string", value)
+    return value
 
 
 _MISSING = object()  # sentinel: a field absent from the document (unlike one present with value null)

@@ -113,12 +113,16 @@ class Checkpoint:
 
     @property
     def label(self) -> str:
-        """"group@step"; a base or stand-alone model is just its group name (step 0 or none says nothing)."""
+        """"group@step"; a base or stand-alone model is just its group name (step 0 or none says nothing). A method
+        reconstructed from its paper (no public code; its recorded version says so) is labelled as such."""
         if self.step is None or (self.method == BASE_METHOD and self.step == 0):
             return self.group
-        if self.first_step is not None and self.first_step != self.step:
-            return f"{self.group}@{self.first_step}-{self.step}"
-        return f"{self.group}@{self.step}"
+        steps = f"{self.first_step}-{self.step}" if self.first_step not in (None, self.step) else f"{self.step}"
+        return f"{self.group}@{steps}" + (" (reconstructed)" if self.reconstructed else "")
+
+    @property
+    def reconstructed(self) -> bool:
+        return any("reconstructed" in e.method_version for e in self.evals)
 
     @property
     def n_seeds(self) -> int:
