@@ -47,6 +47,7 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
     exp = C.apply_overrides(C.load_config(path), overrides)
     meta = C.section(exp, "experiment")
     plan = plan_runs(exp)
+    _check_controls(meta, plan, path)
     for name, cfg in plan:  # every run's config checked before the first one starts
         try:
             C.validate_train_config(cfg)
@@ -71,6 +72,22 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
     paths = write_report([out_dir], report_dir, title=meta.get("title", f"soarbench: {meta.get('name', path.stem)}"))
     log(f"report: {paths.get('html', report_dir / 'index.html')}")
     return report_dir
+
+
+def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:
+    """[experiment] controls must name groups of this experiment (report/controls.py says what each checks)."""
+    from soarbench.errors import did_you_mean
+    from soarbench.report.controls import validate_controls
+
+    groups = sorted({cfg["run"]["group"] for _, cfg in plan})
+    for kind, group in validate_controls(meta.get("controls"), f"{path} [experiment]").items():
+        if group not in groups:
+            raise UserError(f"{path} [experiment]: controls.{kind}: {did_you_mean('group', group, groups)}")
+        if kind == "negative":
+            lr = next(cfg for _, cfg in plan if cfg["run"]["group"] == group).get("train", {}).get("lr")
+            if lr != 0:
+                raise UserError(f"{path} [experiment]: the negative control '{group}' must train with "
+                                f"train.lr = 0, got {lr}")
 
 
 def evaluate_base(cfg: dict, folder: Path, log) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from soarbench import config as C
-from soarbench.experiment import plan_runs
+from soarbench.experiment import _check_controls, plan_runs
 from soarbench.harness.budget import Budget
 from soarbench.harness.train import resolve_config
 from soarbench.methods import build_method
@@ -39,8 +39,13 @@ def test_train_configs_resolve(path):
 def test_experiments_plan_matched_budgets(name):
     exp = C.load_toml(ROOT / "shapes" / name)
     plan = plan_runs(exp)
-    budgets = {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for _, cfg in plan}
-    assert len(budgets) == 1  # one matched budget for every method
+    controls = exp["experiment"].get("controls", {})
+    _check_controls(exp["experiment"], plan, ROOT / "shapes" / name)
+    compared = [cfg for _, cfg in plan if cfg["run"]["group"] != controls.get("negative")]
+    budgets = {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for cfg in compared}
+    assert len(budgets) == 1  # one matched budget for every method (a learning-rate-0 control may spend less)
+    if name == "compare.toml":  # the comparison carries both controls
+        assert set(controls) == {"negative", "positive"}
     expected = {"sft", "soar", "flow_grpo"} | ({"diffusion_nft", "dance_grpo", "direct_align"}
                                              if name == "compare.toml" else set())
     assert {cfg["method"]["name"] for _, cfg in plan} == expected
@@ -76,5 +81,8 @@ def test_train_configs_pass_typed_validation(path):
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_experiment_runs_pass_typed_validation(name):
-    for _, cfg in plan_runs(C.load_config(ROOT / "shapes" / name)):
-        assert C.validate_train_config(cfg)["budget"]["amount"] == 11200
+    exp = C.load_config(ROOT / "shapes" / name)
+    control = exp["experiment"].get("controls", {}).get("negative")
+    for _, cfg in plan_runs(exp):
+        amount = C.validate_train_config(cfg)["budget"]["amount"]
+        assert amount == (2800 if cfg["run"]["group"] == control else 11200)

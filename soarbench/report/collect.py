@@ -117,6 +117,7 @@ class ReportData:
     group_methods: Mapping[str, str]  # group -> its training method, or "base" for a group of base models only
     provenance: Provenance
     warnings: tuple[str, ...] = ()
+    controls: Mapping[str, str] = field(default_factory=dict)  # control kind -> group (report/controls.py)
 
     def benchmarks(self) -> list[str]:
         """Benchmark names in order of first appearance."""
@@ -148,6 +149,9 @@ class ReportData:
 
 def collect(paths: Iterable[Path | str]) -> ReportData:
     """Discover, load and cross-check every summary.json and train_log.jsonl under `paths`."""
+    from soarbench.report.controls import read_controls
+
+    paths = list(paths)
     summary_paths, log_paths = discover(paths)
     evals = tuple(load_summary(p) for p in summary_paths)
     logs = tuple(load_train_log(p) for p in log_paths)
@@ -159,6 +163,7 @@ def collect(paths: Iterable[Path | str]) -> ReportData:
         group_methods=resolve_group_methods(evals, logs),
         provenance=merge_provenance(evals),
         warnings=tuple(warnings),
+        controls=read_controls(paths),
     )
 
 

@@ -76,6 +76,8 @@ def _benchmark_section(bench: BenchmarkTables, figures: Sequence[ReportFigure], 
     parts = []
     if bench.description:
         parts.append(f'<p class="muted">{escape(bench.description)}; main metric: {escape(bench.main_metric)}.</p>')
+    if bench.controls:
+        parts.append(_controls_block(bench.controls))
     parts.append(_table_block(bench.final))
     if bench.tasks is not None:
         parts.append(_table_block(bench.tasks))
@@ -84,6 +86,16 @@ def _benchmark_section(bench: BenchmarkTables, figures: Sequence[ReportFigure], 
         parts.append(_figure_grid(figures, pngs))
     parts.append(_table_block(bench.main))
     return _section(f"Benchmark: {bench.benchmark}", anchor, parts)
+
+
+def _controls_block(results) -> str:
+    """The experiment's controls (report/controls.py): a failed one is shown in red, first in the section."""
+    head = "".join(f"<th>{t}</th>" for t in ("control", "group", "check", "finding", "verdict"))
+    rows = "".join(
+        f'<tr><td class="label">{escape(r.kind)}</td><td>{escape(r.group)}</td><td>{escape(r.check)}</td>'
+        f'<td>{escape(r.finding)}</td><td class="verdict-{escape(r.verdict.split()[0].lower())}">{escape(r.verdict)}'
+        "</td></tr>" for r in results)
+    return f'<h3>Controls</h3><table class="data"><tr>{head}</tr>{rows}</table>'
 
 
 def _table_block(table: Table) -> str:
@@ -150,6 +162,8 @@ table.data th, table.data td { padding: 4px 10px; border-bottom: 1px solid #e6e6
                                white-space: nowrap; }
 table.data th { background: #f0f0f0; font-weight: 600; }
 table.data th:first-child, table.data td.label { text-align: left; }
+td.verdict-failed { color: #b00020; font-weight: bold; }
+td.verdict-passed { color: #1b5e20; }
 table.paper tr.block th { text-align: left; background: #e8eef6; font-style: italic; }
 table.paper tr.block-published th { background: #f6efe4; }
 table.paper tr.row-published td { color: #5a4a32; }

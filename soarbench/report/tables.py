@@ -312,15 +312,20 @@ class BenchmarkTables:
     main: Table
     final: Table
     tasks: Table | None
+    controls: tuple = ()  # controls.ControlResult, one per control the experiment names
 
 
 def build_tables(data: ReportData) -> list[BenchmarkTables]:
-    return [build_benchmark_tables(name, data.evals_for(name), data.group_methods) for name in data.benchmarks()]
+    return [build_benchmark_tables(name, data.evals_for(name), data.group_methods, data.controls)
+            for name in data.benchmarks()]
 
 
 def build_benchmark_tables(
-    benchmark: str, evals: Sequence[EvalSummary], group_methods: Mapping[str, str]
+    benchmark: str, evals: Sequence[EvalSummary], group_methods: Mapping[str, str],
+    controls: Mapping[str, str] | None = None,
 ) -> BenchmarkTables:
+    from soarbench.report.controls import check_controls
+
     main = main_metric(evals)
     scores = score_columns(evals, main)
     budget = budget_columns(evals)
@@ -334,7 +339,14 @@ def build_benchmark_tables(
         main=_table(benchmark, "All checkpoints", cps, scores + budget),
         final=_final_table(benchmark, finals, main, top_level, budget),
         tasks=_task_table(benchmark, finals, scores),
+        controls=tuple(check_controls(controls, finals, _base_checkpoint(finals), main, benchmark)) if controls else (),
     )
+
+
+def _base_checkpoint(finals: Sequence[Checkpoint]) -> Checkpoint | None:
+    """The base model's evaluation: the group named "base" if there is one, else the first base-model group."""
+    bases = [cp for cp in finals if cp.method == BASE_METHOD]
+    return next((cp for cp in bases if cp.group == BASE_METHOD), bases[0] if bases else None)
 
 
 def _table(
@@ -589,6 +601,10 @@ def markdown_report(title: str, data: ReportData, benchmarks: Sequence[Benchmark
         out += [f"## Benchmark: {bench.benchmark}", ""]
         if bench.description:
             out += [f"{bench.description}; main metric: {bench.main_metric}.", ""]
+        if bench.controls:
+            from soarbench.report.controls import controls_markdown
+
+            out += ["### Controls", "", *controls_markdown(bench.controls), ""]
         for table in (bench.final, bench.tasks, bench.main):
             if table is None:
                 continue

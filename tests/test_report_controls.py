@@ -1,0 +1,139 @@
+"""The comparison's controls (soarbench/report/controls.py): a learning-rate-0 run must reproduce the base's images
+byte for byte, and a run trained on the reported metric must beat the base with a paired interval above 0."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soarbench.errors import UserError
+from soarbench.experiment import plan_runs, _check_controls
+from soarbench.report import write_report
+from soarbench.report.stats import mde_paired, paired_bootstrap
+
+N_PROMPTS = 6
+
+
+def _summary(folder: Path, run: str, group: str, method: str, seed: int, step: int, per_prompt: list[float],
+             images: dict[str, bytes]) -> None:
+    """One evaluation folder: summary.json with per-prompt GenEval scores, samples.jsonl and the image files."""
+    folder.mkdir(parents=True)
+    (folder / "images").mkdir()
+    rows = []
+    for sample_id, data in images.items():
+        (folder / "images" / f"{sample_id}.png").write_bytes(data)
+        rows.append(json.dumps({"id": sample_id, "file": f"images/{sample_id}.png"}))
+    (folder / "samples.jsonl").write_text("\n".join(rows) + "\n")
+    (folder / "summary.json").write_text(json.dumps({
+        "schema": "soarbench.eval/1", "label": f"{group}@{step}",
+        "model": {"path": "x", "run_name": run, "group": group, "method": method, "seed": seed, "step": step},
+        "benchmark": {"name": "shapes", "n_prompts": N_PROMPTS, "images_per_prompt": 1, "prompt_set_sha256": "ab" * 32},
+        "scores": {"geneval": float(np.mean(per_prompt))}, "per_prompt": {"geneval": per_prompt},
+        "metrics": {"geneval": {"scale": "accuracy in [0, 1]", "higher_is_better": True}}}))
+
+
+BASE_SCORES = [0.0, 0.5, 1.0, 0.5, 0.0, 1.0]
+
+
+def _png(value: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (value, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BASE_IMAGES = {f"{i:05d}_0": _png(10 * i) for i in range(N_PROMPTS)}
+
+
+def _experiment(root: Path, negative_images: dict[str, bytes], positive_scores: list[list[float]]) -> Path:
+    _summary(root / "base" / "evals" / "step_000000" / "shapes", "base", "base", "base", 0, 0, BASE_SCORES,
+             BASE_IMAGES)
+    _summary(root / "sft_lr0-s0" / "evals" / "step_000010" / "shapes", "sft_lr0-s0", "sft_lr0", "sft", 0, 10,
+             BASE_SCORES, negative_images)
+    for seed, scores in enumerate(positive_scores):
+        _summary(root / f"grpo-s{seed}" / "evals" / "step_000010" / "shapes", f"grpo-s{seed}", "grpo", "flow_grpo",
+                 seed, 10, scores, BASE_IMAGES)
+    (root / "experiment.toml").write_text('[experiment]\ncontrols = { negative = "sft_lr0", positive = "grpo" }\n')
+    return root
+
+
+def _controls_section(report_md: str) -> list[str]:
+    section = report_md.split("### Controls", 1)[1].split("###", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| negative") or line.startswith("| positive")]
+
+
+def test_controls_pass_when_the_images_match_and_the_gain_is_clear(tmp_path):
+    gain = [[s + 0.2 + 0.01 * i for i, s in enumerate(BASE_SCORES)], [s + 0.3 for s in BASE_SCORES]]
+    exp = _experiment(tmp_path / "exp", dict(BASE_IMAGES), gain)
+    md = write_report([exp], tmp_path / "out", formats=["md", "html"])["markdown"].read_text()
+    negative, positive = _controls_section(md)
+    assert "6/6 images byte-identical" in negative and negative.endswith("| passed |")
+    # the positive control's numbers are the paired bootstrap of the seed-mean per-prompt scores vs the base
+    diffs = np.mean(gain, axis=0) - np.asarray(BASE_SCORES)
+    test = paired_bootstrap(np.mean(gain, axis=0), np.asarray(BASE_SCORES))
+    assert f"{diffs.mean():+.3f} [{test.lo:+.3f}, {test.hi:+.3f}]" in positive
+    assert f"minimum detectable difference {mde_paired(diffs):.3f}" in positive
+    assert test.lo > 0 and positive.endswith("| passed |")
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "<h3>Controls</h3>" in html and html.count('class="verdict-passed"') == 2
+    assert 'class="verdict-failed"' not in html
+
+
+def test_controls_fail_on_one_changed_byte_and_on_no_gain(tmp_path):
+    images = dict(BASE_IMAGES)
+    images["00003_0"] = _png(31)  # one image differs
+    exp = _experiment(tmp_path / "exp", images, [list(BASE_SCORES), [s + 0.0 for s in BASE_SCORES]])
+    md = write_report([exp], tmp_path / "out", formats=["md"])["markdown"].read_text()
+    negative, positive = _controls_section(md)
+    assert "5/6 images byte-identical" in negative and negative.endswith("| FAILED |")
+    assert "+0.000 [+0.000, +0.000]" in positive and positive.endswith("| FAILED |")
+
+
+def test_a_missing_control_group_is_reported_as_not_run(tmp_path):
+    exp = _experiment(tmp_path / "exp", dict(BASE_IMAGES), [list(BASE_SCORES)])
+    (exp / "experiment.toml").write_text('[experiment]\ncontrols = { positive = "nope" }\n')
+    md = write_report([exp], tmp_path / "out", formats=["md"])["markdown"].read_text()
+    (positive,) = _controls_section(md)
+    assert "no evaluation of group 'nope' found" in positive and positive.endswith("| not run |")
+
+
+@pytest.mark.parametrize("controls, message", [
+    ('{ negativ = "ctl" }', r"unknown control 'negativ' .*did you mean 'negative'"),
+    ('{ positive = "grop" }', r"controls.positive: unknown group 'grop' .*did you mean 'grpo'"),
+    ('{ negative = "grpo" }', r"negative control 'grpo' must train with train.lr = 0, got 0.001"),
+    ('"ctl"', r"'controls' must be a table"),
+])
+def test_an_experiment_naming_bad_controls_is_refused_in_one_line(controls, message, tmp_path):
+    import tomllib
+
+    exp = tomllib.loads(f'[experiment]\ncontrols = {controls}\n[common.train]\nlr = 0.001\n'
+                        '[runs.ctl]\ntrain = { lr = 0.0 }\n[runs.grpo]\nseeds = [0, 1]\n')
+    with pytest.raises(UserError, match=message):
+        _check_controls(exp["experiment"], plan_runs(exp), Path("compare.toml"))
+
+
+def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model_dir, shapes_data, tmp_path):
+    """The real harness: an experiment with a base evaluation and an SFT run at lr 0; the run's final evaluation
+    (after training steps, a checkpoint write and the in-process evaluation) must equal the base's byte for byte."""
+    from soarbench.experiment import run_experiment
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        f'[experiment]\nname = "t"\nreport = "{tmp_path / "report"}"\ncontrols = {{ negative = "sft_lr0" }}\n'
+        f'[common.model]\npath = "{tiny_model_dir}"\nmax_sequence_length = 0\n'
+        f'[common.data]\njsonl = "{shapes_data}"\n'
+        '[common.train]\nbatch_size = 2\nlr = 0.0\nthreads = 2\n'
+        '[common.budget]\nunit = "optimizer_steps"\namount = 3\n'
+        '[common.eval]\nbenchmark = "shapes"\npoints = 1\nnum_steps = 3\nbatch_size = 4\n'
+        'benchmark_options = { n_per_tag = 1 }\n'
+        '[runs.sft_lr0]\nmethod = { name = "sft" }\n')
+    run_experiment(exp, tmp_path / "out", [], log=lambda m: None)
+    md = (tmp_path / "report" / "report.md").read_text()
+    (negative,) = _controls_section(md)
+    assert negative.endswith("| passed |"), negative
+    assert "sft_lr0@3" in negative
