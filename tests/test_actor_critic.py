@@ -220,7 +220,7 @@ def test_phase_one_leaves_the_policy_alone(tiny_model_dir, shapes_data, tmp_path
     from soarbench.models import SD3Adapter
 
     out = tmp_path / "p1"
-    cfg = _cfg(tiny_model_dir, shapes_data, 1, value_pretrain_units=1)
+    cfg = _cfg(tiny_model_dir, shapes_data, 1, value_pretrain_units=1, ema=False)  # the live weights are saved
     del cfg["eval"]
     train(cfg, out, log=lambda m: None)
     base = SD3Adapter.from_pretrained(tiny_model_dir).transformer.state_dict()

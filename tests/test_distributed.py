@@ -27,7 +27,7 @@ METHODS = {
                   'rewards = { test_dist_brightness = 1.0 }',
     # one value pre-training epoch, then one PPO epoch: both phases, and the value head compared too
     "actor_critic": 'name = "actor_critic"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
-                    'lora_alpha = 8\noptimizer_steps_per_epoch = 1\nvalue_pretrain_units = 1\n'
+                    'lora_alpha = 8\nema_every = 1\noptimizer_steps_per_epoch = 1\nvalue_pretrain_units = 1\n'
                     'rewards = { test_dist_brightness = 1.0 }',
 }
 LAUNCHERS = {
