@@ -21,6 +21,7 @@ the heads; the default weights are the training reward weights).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -158,8 +159,8 @@ def parse_steer(text: str) -> tuple[float, dict[str, float]]:
         try:
             number = float(value)
         except ValueError:
-            number = float("nan")
-        if not sep or number != number or number in (float("inf"), float("-inf")):
+            number = math.nan
+        if not sep or not math.isfinite(number):
             raise UserError(f"--steer: expected value=SCALE[,REWARD=WEIGHT...] with finite numbers, got '{part}'")
         pairs[key.strip()] = number
     if "value" not in pairs:
