@@ -48,7 +48,9 @@ Inferred choices (not in the paper):
     (CHECKPOINT/value_head/) for steering.
 Budget: plan(shape) is a phase-2 epoch; `phase_plan(shape, unit)` is the cost of a given epoch (phase 1 makes no
 fwd_bwd and no KL forwards). The loop prices every epoch at plan(shape) when it decides whether one more fits, so
-it never overspends; the meter counts what each epoch actually spent.
+it never overspends; the meter counts what each epoch actually spent. The budget arithmetic printed at the start
+and the progress bar's step total price every epoch as phase 2, so a run with pre-training takes more steps than
+they announce (shapes config: "8 optimizer steps" announced at 2200 fwd_bwd_equiv, 12 taken, 2080 spent).
 """
 from __future__ import annotations
 
