@@ -190,6 +190,9 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     precision: str = typer.Option("auto", "--precision",
                                   help="Sampling precision: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."),
+    steer: Optional[str] = typer.Option(
+        None, "--steer", help="value=SCALE[,REWARD=WEIGHT...]: add SCALE x the gradient of the checkpoint's value "
+                              "head (actor_critic) to every sampling step; 0 samples as without it."),
 ):
     """Generate a benchmark's images with fixed seeds and score them, or score existing images (--images).
 
@@ -205,6 +208,8 @@ def eval_(
       soarbench eval --images geneval_outputs --benchmark geneval --out evals/theirs
 
       soarbench eval --images ocr_images --prompts ocr_prompts.txt --benchmark ocr --out evals/ocr
+
+      soarbench eval --model runs/ac/checkpoints/step_000040 --benchmark shapes --steer value=2.0 --out evals/ac-steer
     """
     from soarbench.benchmarks import BENCHMARKS, build_benchmark
     from soarbench.metrics.registry import METRICS
@@ -218,7 +223,7 @@ def eval_(
         generation_only = {"--prompts": prompts}
     else:
         generation_only = {"--seed": seed, "--steps": steps, "--guidance": guidance,
-                           "--max-sequence-length": max_sequence_length}
+                           "--max-sequence-length": max_sequence_length, "--steer": steer}
     given = [flag for flag, value in generation_only.items() if value is not None]
     if given:
         raise UserError(f"{', '.join(given)} cannot be used with {'--images' if images is not None else '--model'}")
@@ -229,6 +234,10 @@ def eval_(
     _check_range("--max-sequence-length", max_sequence_length, low=0)
     if images is None:
         _check_device(device)
+    if steer is not None:
+        from soarbench.models.value_head import parse_steer
+
+        steer_setting = parse_steer(steer)
     BENCHMARKS.check(benchmark)
     _check_out(out)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
@@ -260,11 +269,16 @@ def eval_(
         adapter = SD3Adapter.from_pretrained(model, device=engine.device if engine else dev,
                                              max_sequence_length=max_sequence_length)
         bench = build_benchmark(benchmark)
+        steering = None
+        if steer is not None:
+            from soarbench.models.value_head import load_steering
+
+            steering = load_steering(model, adapter, *steer_setting)
         summary = evaluate(adapter, bench, out, seed=0 if seed is None else seed, metric_names=names,
                            batch_size=batch_size,
                            model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
                            num_steps=steps, guidance=guidance, on_progress=Progress(f"eval {benchmark}", every=0),
-                           precision=precision, engine=engine)
+                           precision=precision, engine=engine, steering=steering)
         if summary is None:
             return  # not the main process: the main one writes and prints the summary
     for key, value in summary["scores"].items():

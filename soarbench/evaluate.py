@@ -125,13 +125,17 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
              metric_names: list[str] | None = None, batch_size: int = 64, model_info: dict | None = None,
              config: dict | None = None, on_progress: Callable[[int, int], None] | None = None,
              num_steps: int | None = None, guidance: float | None = None, precision: str = "fp32",
-             engine=None) -> dict[str, Any] | None:
+             engine=None, steering=None) -> dict[str, Any] | None:
     """Generate and score the benchmark; with an engine, every process takes its share of the batches.
 
     Batches are fixed chunks of the benchmark's samples in order and batch j goes to process j mod W, so each batch
     is computed exactly as a one-process run computes it: the images and scores equal a one-process run's. After an
     interruption only the samples not yet done are generated. The main process merges the shards and writes the
     summary (other processes return None).
+
+    `steering` (soarbench.models.value_head.load_steering: an actor-critic checkpoint's value head) adds value
+    guidance to every ODE step; its scale and head weights are recorded in the folder's settings and in the
+    summary's `sampling.steer`. Scale 0 samples exactly as without it.
     """
     out_dir = Path(out_dir)
     rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
@@ -143,13 +147,16 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     if batch_size < 1:
         raise UserError(f"eval: batch_size must be >= 1, got {batch_size}")
     names, metrics = _build_metrics(bench, metric_names)
-    info = model_info or {"path": str(adapter.source)}
+    info = _with_method_version(model_info or {"path": str(adapter.source)}, adapter)
     settings = {"model": str(info.get("path")), "benchmark": bench.name, "n_prompts": len(bench.prompts),
                 "images_per_prompt": bench.images_per_prompt,
                 "prompt_set_sha256": provenance.prompt_set_hash(bench.prompts, bench.metadata),
                 "num_steps": int(num_steps), "guidance": float(guidance), "seed": int(seed), "height": bench.height,
                 "width": bench.width, "max_sequence_length": adapter.max_sequence_length, "metrics": names,
                 "precision": precision}
+    if steering is not None:  # value guidance (soarbench.models.value_head.ValueSteering): part of the settings
+        settings["steer"] = steering.describe()
+    steer = steering if steering is not None and steering.scale != 0 else None  # scale 0: the plain sampler
     if is_main:
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         _check_settings(out_dir, settings, True)
@@ -179,7 +186,7 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
             noise = torch.stack([initial_noise(s, shape) for s in seeds]).to(adapter.device)
             with torch.no_grad(), _precision_context(precision, adapter.device):
                 text = adapter.encode_prompts(prompts)
-                latents = euler_sample(adapter, text, noise, num_steps=num_steps, guidance=guidance)
+                latents = euler_sample(adapter, text, noise, num_steps=num_steps, guidance=guidance, steer=steer)
                 images = to_pil(adapter.decode(latents.float()).float())
             meta = [bench.metadata[p] for p, _ in chunk] if bench.metadata is not None else None
             records = {n: m.score(images, prompts, meta) for n, m in metrics.items()}
@@ -215,9 +222,26 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
                    "prompt_set_sha256": settings["prompt_set_sha256"], "source": bench.source},
         sampling={"sampler": "euler_ode", "num_steps": num_steps, "guidance": guidance, "height": bench.height,
                   "width": bench.width, "seed": seed, "max_sequence_length": adapter.max_sequence_length,
-                  "precision": precision, "processes": world},
+                  "precision": precision, "processes": world,
+                  **({"steer": steering.describe()} if steering is not None else {})},
         extra={}, metrics=metrics, scores=scores, per_prompt=per_prompt, n_samples=len(rows), seconds=seconds,
         config=config)
+
+
+def _with_method_version(info: dict, adapter: SD3Adapter) -> dict:
+    """The model info with the training method's recorded version (e.g. "1-reconstructed (...)"), read from the
+    checkpoint's record: the loaded checkpoint's, or the one at info["path"] (an eval during training)."""
+    from soarbench.models.sd3 import CHECKPOINT_FILE
+
+    record = adapter.checkpoint
+    path = Path(str(info.get("path"))) / CHECKPOINT_FILE
+    if record is None and info.get("path") and path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            record = None
+    version = (record or {}).get("method_version") if isinstance(record, dict) else None
+    return {**info, "method_version": version} if version is not None and "method_version" not in info else info
 
 
 def _read_all_done(out_dir: Path) -> dict[str, dict]:

@@ -28,6 +28,10 @@ METHODS = {
                      'lora_alpha = 8\nrewards = { test_brightness = 1.0 }',
     "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
                   'rewards = { test_brightness = 1.0 }',
+    # one value pre-training epoch, then one PPO epoch: both phases, and the value head compared too
+    "actor_critic": 'name = "actor_critic"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
+                    'lora_alpha = 8\nema_every = 1\noptimizer_steps_per_epoch = 1\nvalue_pretrain_units = 1\n'
+                    'rewards = { test_brightness = 1.0 }',
 }
 LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -96,6 +100,13 @@ def test_two_processes_equal_one_process(job, method, tmp_path):
     two = _weights(tmp_path / "two")
     _close(_weights(one_big), two, initial)
     _close(_weights(one_acc), two, initial)
+    if method == "actor_critic":  # the value head, outside the engine's wrapper, follows the same trajectory
+        from safetensors.torch import load_file
+
+        heads = [load_file(r / "checkpoints" / "step_000002" / "value_head" / "value_head.safetensors")
+                 for r in (tmp_path / "two", one_big, one_acc)]
+        for other in heads[1:]:
+            assert max(float((heads[0][k] - other[k]).abs().max()) for k in other) <= 1e-5
     logs = [[json.loads(x)["budget"] for x in (r / "train_log.jsonl").read_text().splitlines()]
             for r in (tmp_path / "two", one_acc)]
     assert [{k: v for k, v in b.items() if k not in ("wall_s", "device_s")} for b in logs[0]] == \

@@ -29,6 +29,9 @@ METHODS = {
                   'optimizer_steps_per_epoch = 1\nrewards = { geneval = 1.0 }',
     "direct_align": 'name = "direct_align"\nnum_steps = 2\nguidance = 2.0\nrewards = { shapes_soft = 1.0 }',
     "srpo": 'name = "srpo"\nnum_steps = 2\ntrain_guidance = 2.0\nrewards = { test_embed = 1.0 }',
+    "actor_critic": 'name = "actor_critic"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
+                    'lora_alpha = 8\noptimizer_steps_per_epoch = 1\nvalue_pretrain_units = 1\n'
+                    'rewards = { geneval = 1.0 }',
 }
 
 
@@ -59,6 +62,11 @@ def _outcome(run: Path):
     for r in rows:
         r["budget"] = {k: v for k, v in r["budget"].items() if k not in ("wall_s", "device_s")}
     weights = SD3Adapter.from_pretrained(run / "checkpoints" / "step_000004").transformer.state_dict()
+    head = run / "checkpoints" / "step_000004" / "value_head" / "value_head.safetensors"
+    if head.is_file():  # actor_critic: the value head resumes bit for bit too
+        from safetensors.torch import load_file
+
+        weights.update({f"value_head.{k}": v for k, v in load_file(head).items()})
     evals = {p.parent.parent.name: json.loads(p.read_text())["scores"]
              for p in sorted((run / "evals").glob("*/shapes/summary.json"))}
     samples = {p.parent.parent.name: p.read_text() for p in sorted((run / "evals").glob("*/shapes/samples.jsonl"))}

@@ -9,6 +9,8 @@ Counters (all global, summed over ranks, at sample level):
   reward_calls     reward-model forwards without gradient, per image (0 for SFT and SOAR)
   reward_fwd_bwd   reward-model forward+backward passes, per image (differentiable rewards)
   vae_decodes      VAE decodes, per image (with or without gradient)
+  value_passes     critic evaluations, per sample and state (actor-critic: each is one backbone forward, which is
+                   also counted in no_grad_fwd, so fwd_bwd_equiv already prices it; 0 for every other method)
   optimizer_steps
   wall_s           measured seconds of training (evaluation and checkpoints excluded)
   device_s         wall_s times the number of devices: the GPU-seconds a run spent
@@ -25,9 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from soarbench.errors import UserError
 
-COUNTED = ("images", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes")
+COUNTED = ("images", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes", "value_passes")
 UNITS = ("images", "unique_prompts", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes",
-         "optimizer_steps", "wall_s", "device_s", "fwd_bwd_equiv")
+         "value_passes", "optimizer_steps", "wall_s", "device_s", "fwd_bwd_equiv")
 MEASURED = ("wall_s", "device_s")  # decided while running: no unit cost can be planned in these
 
 
@@ -40,6 +42,7 @@ class Counters:
     reward_calls: int = 0
     reward_fwd_bwd: int = 0
     vae_decodes: int = 0
+    value_passes: int = 0
     optimizer_steps: int = 0
     wall_s: float = 0.0
     devices: int = 1
@@ -99,6 +102,7 @@ class UnitCost:
     reward_calls: int = 0
     reward_fwd_bwd: int = 0
     vae_decodes: int = 0
+    value_passes: int = 0  # critic evaluations (each also a no-grad backbone forward in no_grad_fwd)
     optimizer_steps: int = 1
     micro_batches: int = 1
     samples_per_step: int = 0  # the global batch of one optimizer step (recorded in run.json)
@@ -163,7 +167,7 @@ class Budget:
             f"  per {name}: global batch {cost.samples_per_step} per optimizer step = {world_size} process(es) x "
             f"{accumulation} accumulation slot(s); images {cost.images}, fwd+bwd {cost.fwd_bwd}, no-grad fwd "
             f"{cost.no_grad_fwd}, reward calls {cost.reward_calls}, reward fwd+bwd {cost.reward_fwd_bwd}, "
-            f"VAE decodes {cost.vae_decodes}",
+            f"VAE decodes {cost.vae_decodes}" + (f", value passes {cost.value_passes}" if cost.value_passes else ""),
         ]
         if units is None:
             lines.append("  steps: as many as fit in the wall-clock budget")

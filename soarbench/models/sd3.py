@@ -26,6 +26,9 @@ CHECKPOINT_FILE = "soarbench_checkpoint.json"
 MODEL_NOTE_FILE = "soarbench_model.json"  # optional, in a base folder: {"max_sequence_length": N}
 DEFAULT_MAX_SEQUENCE_LENGTH = 77
 TRAINABLE_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")
+# saved beside the pipeline's components but not part of the pipeline: read by their own loaders (the actor-critic's
+# value head: soarbench.models.value_head.load_steering)
+EXTRA_COMPONENTS = ("value_head",)
 
 
 @dataclass
@@ -209,6 +212,8 @@ class SD3Adapter:
     @staticmethod
     def _load_components(pipe, folder: Path, components: Sequence[str], dtype: torch.dtype) -> None:
         for name in components:
+            if name in EXTRA_COMPONENTS:
+                continue
             if name not in TRAINABLE_COMPONENTS:
                 raise UserError(f"{folder / CHECKPOINT_FILE}: unknown component '{name}'")
             module = getattr(pipe, name)

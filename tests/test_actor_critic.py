@@ -1,0 +1,280 @@
+"""The reconstructed actor-critic (soarbench/methods/actor_critic.py): the value loss, critic advantages, the
+per-reward heads, value-gradient steering, meter == plan in both phases, checkpoints and bad input."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from soarbench.errors import UserError
+from soarbench.harness.train import train
+from soarbench.methods import build_method
+from soarbench.methods.actor_critic import ActorCritic, Epoch, critic_advantages
+from soarbench.methods.base import Micro, RunShape
+from soarbench.metrics.base import Metric, MetricInfo
+from soarbench.metrics.registry import METRICS
+from soarbench.models.value_head import ValueHead, ValueSteering, backbone_features, feature_dim, load_steering
+from soarbench.sampling.ode import euler_sample, sampling_sigmas
+
+class Brightness(Metric):
+    """A second reward for the multi-head tests."""
+
+    info = MetricInfo(name="ac_brightness", version="1", scale="mean pixel value in [0, 1]")
+
+    def score(self, images, prompts, metadata=None):
+        return [{"score": float(np.asarray(im, dtype=np.float32).mean() / 255)} for im in images]
+
+
+METRICS.add("ac_brightness", f"{__name__}:Brightness")
+
+OPTIONS = {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"shapes_soft": 1.0}, "lora_r": 4,
+           "lora_alpha": 8, "ema_every": 1, "optimizer_steps_per_epoch": 1}
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------------------
+def test_advantages_from_a_hand_made_value_table():
+    # 2 samples, 2 steps, 2 rewards with weights 1 and 0.5
+    rewards = torch.tensor([[1.0, 4.0], [0.0, 2.0]])
+    values = torch.tensor([[[0.5, 2.0], [1.0, 4.0]],
+                           [[0.5, 0.0], [-1.0, 2.0]]])
+    weights = torch.tensor([1.0, 0.5])
+    # raw A[n, t] = (R_1 - V_1) + 0.5 (R_2 - V_2), by hand
+    raw = np.array([[0.5 + 1.0, 0.0 + 0.0], [-0.5 + 1.0, 1.0 + 0.0]])
+    expected = raw / (raw.std() + 1e-4)  # population std over all 4 entries, no mean removed
+    got = critic_advantages(rewards, values, weights, clip=5.0)
+    assert got.shape == (2, 2)
+    assert np.allclose(got.numpy(), expected, atol=1e-5)
+    # the clip
+    clipped = critic_advantages(rewards, values, weights, clip=0.5)
+    assert np.allclose(clipped.numpy(), np.clip(expected, -0.5, 0.5), atol=1e-6)
+
+
+def _constant_head(biases):
+    """A hand-made head: every output layer's weight 0, so V_k = biases[k] for any input."""
+    head = ValueHead(list(biases), feature_dim=6, width=4)
+    with torch.no_grad():
+        for name, b in biases.items():
+            head.heads[name].weight.zero_()
+            head.heads[name].bias.fill_(b)
+    return head
+
+
+def test_value_loss_on_a_hand_made_batch():
+    method = ActorCritic(**{**OPTIONS, "rewards": {"shapes_soft": 1.0, "ac_brightness": 0.5},
+                            "value_loss_weight": 2.0})
+    method.head = _constant_head({"shapes_soft": 0.25, "ac_brightness": -1.0})
+    targets = torch.tensor([[1.0, 0.0], [0.5, 2.0], [0.0, -1.0]])  # 3 samples x 2 rewards
+    epoch = Epoch(traj=None, prompts=[], embeddings={}, steps=torch.zeros(3, 2, dtype=torch.long),
+                  features=torch.randn(3, 2, 6), targets=targets, advantages=torch.zeros(3, 2), parts=[],
+                  policy=False)
+    row = torch.tensor([0, 2])
+    for world in (1, 2):
+        out = method.loss(SimpleNamespace(world_size=world), Micro((epoch, row[:1], row, None, 1), 1.0))
+        # by hand: rows 0 and 2, (0.25 - R_1)^2 + (-1 - R_2)^2
+        sq = [(0.25 - 1.0) ** 2 + (-1.0 - 0.0) ** 2, (0.25 - 0.0) ** 2 + (-1.0 + 1.0) ** 2]
+        assert math.isclose(float(out.loss.detach()), 2.0 * sum(sq) / world, rel_tol=1e-6)
+        total, count = out.logs["value_loss"]
+        assert math.isclose(total * world, sum(sq), rel_tol=1e-6) and count * world == 2
+        assert math.isclose(out.logs["value_loss_shapes_soft"][0] * world, 0.75**2 + 0.25**2, rel_tol=1e-6)
+        assert "policy_loss" not in out.logs  # phase 1: no policy term
+
+
+def test_one_output_per_reward_and_heads_train_independently():
+    torch.manual_seed(0)
+    head = ValueHead(["shapes_soft", "ac_brightness"], feature_dim=6, width=8)
+    x = torch.randn(5, 6)
+    assert head(x).shape == (5, 2)
+    loss = (head(x)[:, 0] - 1.0).pow(2).sum()  # the first reward's head only
+    loss.backward()
+    assert head.heads["shapes_soft"].weight.grad.abs().sum() > 0
+    other = head.heads["ac_brightness"]
+    # no gradient reaches another head's output layer (exact zeros through the concatenation)
+    assert all(g is None or not g.any() for g in (other.weight.grad, other.bias.grad))
+    # and a head's output does not depend on another head's output layer
+    before = head(x)[:, 0].detach().clone()
+    with torch.no_grad():
+        other.weight.add_(1.0)
+    assert torch.equal(head(x)[:, 0], before)
+
+
+def test_unknown_reward_for_a_head_is_one_line():
+    with pytest.raises(UserError, match=r"^unknown reward for a value head 'shapes_sofft'.*did you mean 'shapes_soft'"):
+        ValueHead(["shapes_sofft"], feature_dim=4)
+
+
+def test_version_says_reconstructed():
+    method = build_method("actor_critic", dict(OPTIONS))
+    assert "reconstructed" in method.version and method.describe()["version"] == method.version
+
+
+# ---- features and steering -----------------------------------------------------------------------------------
+def _hand_head(adapter, seed=0):
+    torch.manual_seed(seed)
+    return ValueHead(["shapes_soft"], feature_dim(adapter.transformer.config), width=8).eval()
+
+
+def test_features_come_from_norm_out_and_are_counted(adapter):
+    from soarbench.harness.meter import Meter
+
+    adapter.meter = Meter()
+    text = adapter.encode_prompts(["a red circle", "a blue square"])
+    z = torch.randn(2, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
+    f = backbone_features(adapter, adapter.transformer, z, torch.tensor([0.7]), text)
+    assert f.shape == (2, feature_dim(adapter.transformer.config))
+    # independently: norm_out's inputs via a hook-free recomputation of the transformer's temb
+    t = adapter.transformer
+    temb = t.time_text_embed(torch.full((2,), 700.0), text.pooled)
+    assert torch.allclose(f[:, f.shape[1] // 2:], temb, atol=1e-5)
+    assert adapter.meter.counts["value_passes"] == 2 and adapter.meter.counts["no_grad_fwd"] == 0  # grad enabled
+    assert adapter.meter.counts["fwd_bwd"] == 2
+
+
+def test_steering_gradient_matches_a_finite_difference(adapter):
+    steering = ValueSteering(adapter, adapter.transformer, _hand_head(adapter), scale=1.0)
+    text = adapter.encode_prompts(["a red circle"])
+    z = torch.randn(1, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.6])
+    g = steering.gradient(z, sigma, text)
+    d = g / g.norm()
+    h = 1e-2
+
+    def value(x):
+        with torch.no_grad():
+            return float(steering.head.weighted(backbone_features(adapter, adapter.transformer, x, sigma, text)))
+
+    slope = (value(z + h * d) - value(z - h * d)) / (2 * h)
+    assert slope > 0 and math.isclose(slope, float(g.norm()), rel_tol=5e-2)  # the value grows along it
+
+
+def test_steering_moves_the_first_step_along_the_value_gradient(adapter):
+    scale = 3.0
+    steering = ValueSteering(adapter, adapter.transformer, _hand_head(adapter), scale=scale)
+    text = adapter.encode_prompts(["a red circle", "two green triangles"])
+    noise = torch.randn(2, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    def recorder(name, push):
+        def steer(z, sigma, text_):
+            seen.setdefault(name, []).append(z.clone())
+            return push(z, sigma, text_) if len(seen[name]) == 1 else torch.zeros_like(z)
+        return steer
+
+    with torch.no_grad():
+        euler_sample(adapter, text, noise, num_steps=3, guidance=2.0,
+                     steer=recorder("plain", lambda z, s, t: torch.zeros_like(z)))
+        euler_sample(adapter, text, noise, num_steps=3, guidance=2.0, steer=recorder("steered", steering))
+        plain = euler_sample(adapter, text, noise, num_steps=3, guidance=2.0)
+    sig = sampling_sigmas(adapter.scheduler_config, 3)
+    dt = float(sig[1] - sig[0])
+    expected = scale * abs(dt) * steering.gradient(noise, sig[:1], text)
+    assert expected.abs().max() > 1e-4
+    assert torch.allclose(seen["steered"][1] - seen["plain"][1], expected, atol=1e-5, rtol=1e-4)
+    # a steer that adds zeros is the plain sampler exactly
+    with torch.no_grad():
+        zeros = euler_sample(adapter, text, noise, num_steps=3, guidance=2.0,
+                             steer=lambda z, s, t: torch.zeros_like(z))
+    assert torch.equal(zeros, plain)
+
+
+# ---- training runs -------------------------------------------------------------------------------------------
+def _cfg(model, data, units, **method):
+    return {"model": {"path": str(model), "max_sequence_length": 0}, "data": {"jsonl": str(data)},
+            "method": {"name": "actor_critic", **OPTIONS, **method},
+            "train": {"seed": 4, "batch_size": 2, "lr": 1e-3, "threads": 2},
+            "budget": {"unit": "optimizer_steps", "amount": units},
+            "eval": {"benchmark": "shapes", "points": 1, "num_steps": 2, "batch_size": 4,
+                     "benchmark_options": {"n_per_tag": 1}}}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, shapes_data, tmp_path_factory):
+    """One value pre-training epoch, then two PPO epochs (one optimizer step each), evaluated at the end."""
+    out = tmp_path_factory.mktemp("ac") / "run"
+    train(_cfg(tiny_model_dir, shapes_data, 3, value_pretrain_units=1), out, log=lambda m: None)
+    return out
+
+
+def test_meter_equals_plan_in_both_phases(run):
+    rows = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == [1.0, 2.0, 2.0]
+    method = build_method("actor_critic", {**OPTIONS, "value_pretrain_units": 1})
+    shape = RunShape(1, 1, 2)
+    spent = {k: 0 for k in method.plan(shape).counted()}
+    for unit, row in enumerate(rows):
+        for k, v in method.phase_plan(shape, unit).counted().items():
+            spent[k] += v
+        assert {k: row["budget"][k] for k in spent} == spent, unit
+    one, two = method.phase_plan(shape, 0), method.phase_plan(shape, 1)
+    assert one.fwd_bwd == 0 and two.fwd_bwd > 0 and one.value_passes == two.value_passes == 4 * 2
+    assert two == method.plan(shape)
+    # by hand, phase 2: 4 images x 3 steps x CFG 2 rollout + 4 x 2 critic states + 4 x 2 x 2 KL forwards
+    assert two.no_grad_fwd == 4 * 3 * 2 + 8 + 16 and two.fwd_bwd == 16
+    assert "policy_loss" not in rows[0] and "policy_loss" in rows[1] and "value_loss" in rows[0]
+
+
+def test_phase_one_leaves_the_policy_alone(tiny_model_dir, shapes_data, tmp_path):
+    from soarbench.models import SD3Adapter
+
+    out = tmp_path / "p1"
+    cfg = _cfg(tiny_model_dir, shapes_data, 1, value_pretrain_units=1, ema=False)  # the live weights are saved
+    del cfg["eval"]
+    train(cfg, out, log=lambda m: None)
+    base = SD3Adapter.from_pretrained(tiny_model_dir).transformer.state_dict()
+    after = SD3Adapter.from_pretrained(out / "checkpoints" / "step_000001").transformer.state_dict()
+    assert all(torch.equal(base[k], after[k]) for k in base)
+    head = json.loads((out / "checkpoints" / "step_000001" / "value_head" / "value_head.json").read_text())
+    assert head["rewards"] == ["shapes_soft"]
+
+
+def test_version_and_value_head_reach_the_records(run):
+    assert "reconstructed" in json.loads((run / "run.json").read_text())["method_version"]
+    ckpt = run / "checkpoints" / "step_000003"
+    record = json.loads((ckpt / "soarbench_checkpoint.json").read_text())
+    assert "reconstructed" in record["method_version"] and "value_head" in record["components"]
+    assert (ckpt / "value_head" / "value_head.safetensors").is_file()
+    summary = json.loads((run / "evals" / "step_000003" / "shapes" / "summary.json").read_text())
+    assert "reconstructed" in summary["model"]["method_version"]
+
+
+def test_steer_zero_is_plain_sampling_and_is_recorded(run, tmp_path):
+    from soarbench.benchmarks import build_benchmark
+    from soarbench.evaluate import evaluate
+    from soarbench.models import SD3Adapter
+
+    ckpt = run / "checkpoints" / "step_000003"
+    adapter = SD3Adapter.from_pretrained(ckpt, max_sequence_length=0)
+    bench = build_benchmark("shapes", n_per_tag=1)
+    kw = dict(num_steps=2, batch_size=4, metric_names=["shapes_soft"])
+    plain = evaluate(adapter, bench, tmp_path / "plain", **kw)
+    zero = evaluate(adapter, bench, tmp_path / "zero", steering=load_steering(ckpt, adapter, 0.0), **kw)
+    images = sorted(p.name for p in (tmp_path / "plain" / "images").iterdir())
+    assert images and all((tmp_path / "plain" / "images" / n).read_bytes() == (tmp_path / "zero" / "images" / n)
+                          .read_bytes() for n in images)
+    assert plain["scores"] == zero["scores"] and zero["sampling"]["steer"] == {"value": 0.0,
+                                                                             "weights": {"shapes_soft": 1.0}}
+    assert "steer" not in plain["sampling"]
+    settings = json.loads((tmp_path / "zero" / "settings.json").read_text())
+    assert settings["steer"]["value"] == 0.0
+    with pytest.raises(UserError, match=r"holds an eval with steer = .*choose another --out"):
+        evaluate(adapter, bench, tmp_path / "zero", steering=load_steering(ckpt, adapter, 2.0), **kw)
+    steered = evaluate(adapter, bench, tmp_path / "two", steering=load_steering(ckpt, adapter, 50.0), **kw)
+    assert any((tmp_path / "plain" / "images" / n).read_bytes() != (tmp_path / "two" / "images" / n).read_bytes()
+               for n in images)
+    assert steered["sampling"]["steer"]["value"] == 50.0
+
+
+def test_bad_steering_input_is_one_line(run, tiny_model_dir, cli, tmp_path):
+    code, _, err = cli("eval", "--model", tiny_model_dir, "--benchmark", "shapes", "--steps", "1",
+                       "--steer", "value=1.0", "--out", tmp_path / "a")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(tiny_model_dir) in err and "has no value head" in err
+    ckpt = run / "checkpoints" / "step_000003"
+    code, _, err = cli("eval", "--model", ckpt, "--benchmark", "shapes", "--steps", "1",
+                       "--steer", "value=1.0,geneval=2", "--out", tmp_path / "b")
+    assert code == 2 and len(err.splitlines()) == 1 and "no head for reward 'geneval'" in err
+    code, _, err = cli("eval", "--model", ckpt, "--benchmark", "shapes", "--steer", "scale=1", "--out", tmp_path / "c")
+    assert code == 2 and len(err.splitlines()) == 1 and "value=SCALE" in err
