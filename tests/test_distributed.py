@@ -25,6 +25,8 @@ METHODS = {
                      'lora_alpha = 8\nrewards = { test_dist_brightness = 1.0 }',
     "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
                   'rewards = { test_dist_brightness = 1.0 }',
+    "seppo": 'name = "seppo"\nnum_steps = 2\nguidance = 2.0\npool_every = 1\npool_size = 2\nlora_r = 4\n'
+             'lora_alpha = 8',
 }
 LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -62,6 +62,7 @@ MICRO_RUNS = {
                       "lora_r": 4, "lora_alpha": 8},
     "dance_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 5, "rewards": {"contract_brightness": 1.0},
                    "lora_r": 4, "lora_alpha": 8, "optimizer_steps_per_epoch": 2, "ema": True},
+    "seppo": {"num_steps": 2, "guidance": 2.0, "pool_every": 1, "lora_r": 4, "lora_alpha": 8},
 }
 
 

@@ -13,6 +13,7 @@ METHODS.add("direct_align", "soarbench.methods.direct_align:DirectAlign")
 METHODS.add("srpo", "soarbench.methods.direct_align:SRPO")
 METHODS.add("diffusion_nft", "soarbench.methods.diffusion_nft:DiffusionNFT")
 METHODS.add("dance_grpo", "soarbench.methods.dance_grpo:DanceGRPO")
+METHODS.add("seppo", "soarbench.methods.seppo:SePPO")
 
 
 def build_method(name: str, options: dict[str, Any]):

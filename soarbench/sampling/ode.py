@@ -42,14 +42,16 @@ def cfg_velocity(adapter: SD3Adapter, z: torch.Tensor, sigma: torch.Tensor, text
 
 @torch.no_grad()
 def euler_sample(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, num_steps: int = 40,
-                 guidance: float = 4.5, on_step: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Integrate dz/dsigma = v from sigma = 1 to 0; returns clean model latents."""
+                 guidance: float = 4.5, on_step: Callable[[int], None] | None = None,
+                 transformer=None) -> torch.Tensor:
+    """Integrate dz/dsigma = v from sigma = 1 to 0; returns clean model latents. `transformer` overrides the
+    module (a role's, from `roles.use(role)`)."""
     sigmas = sampling_sigmas(adapter.scheduler_config, num_steps).to(noise.device)
     null = adapter.null_embeddings()
     z = noise.float()
     for i in range(num_steps):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance)
+        v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance, transformer)
         z = z + (s1 - s0) * v
         if on_step is not None:
             on_step(i)
