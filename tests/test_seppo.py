@@ -41,7 +41,7 @@ def test_loss_and_flipper_match_the_formula_in_value_and_gradient(flipper):
     assert terms.s.tolist() == [expected[0][0], expected[1][0]]
     assert terms.s.tolist() == ([-1.0, 1.0] if flipper else [1.0, 1.0])
     for i, (_, value, g_w, g_r) in enumerate(expected):
-        assert float(terms.loss[i]) == pytest.approx(value, rel=1e-6)
+        assert float(terms.loss[i].detach()) == pytest.approx(value, rel=1e-6)
         assert float(e_tw.grad[i]) == pytest.approx(g_w, rel=1e-6)
         assert float(e_tr.grad[i]) == pytest.approx(g_r, rel=1e-6)
     # flipped: the reference sample's error is pushed DOWN like the winner's (same-signed gradients)
@@ -222,3 +222,22 @@ def test_data_without_an_image_is_one_line_naming_file_and_line(tiny_model_dir, 
         train(_cfg(tiny_model_dir, data), tmp_path / "r", log=lambda m: None)
     message = str(e.value)
     assert str(data) in message and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.999999])
+def test_caption_dropout_reaches_the_pairs(tiny_model_dir, shapes_data, tmp_path, monkeypatch, dropout):
+    """data.caption_dropout (SFT's option) drops the caption of the whole pair: the reference samples for, and the
+    losses see, the empty prompt."""
+    seen = []
+    original = SePPO.reference_samples
+
+    def recording(self, ctx, batch):
+        seen.extend(batch.prompts)
+        return original(self, ctx, batch)
+
+    monkeypatch.setattr(SePPO, "reference_samples", recording)
+    cfg = _cfg(tiny_model_dir, shapes_data, steps=2)
+    cfg["data"]["caption_dropout"] = dropout
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    assert len(seen) == 4
+    assert all(p == "" for p in seen) if dropout else all(p for p in seen)

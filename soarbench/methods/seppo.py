@@ -14,7 +14,9 @@ dropout and the rest of the [data] options apply as for SFT). One unit of work i
      "initial" (theta_0) or "latest" (the newest snapshot). The uniform draw is keyed by (seed, unit), so every
      process and a resumed run pick the same one. The chosen snapshot is loaded into the "old" role (a second LoRA
      adapter, or a frozen copy of the transformer): under LoRA the "ref" role means the adapter-free base network,
-     which other methods rely on, so the pool's reference lives in the "old" slot.
+     which other methods rely on, so the pool's reference lives in the "old" slot. Every process holds the pool:
+     under full fine-tuning that is pool_size whole transformers of CPU memory per process (SD3.5-M: ~10 GB each
+     in fp32), so the shipped configs train a LoRA (a few MB per snapshot).
   3. For every winner (prompt p, latent x_w) the reference generates x_r for the same prompt: a no-grad Euler ODE
      at CFG `guidance` with `num_steps` steps from noise keyed by the sample's global index.
   4. One shared noisy state per pair, as Diffusion-DPO shares noise and timestep across its pair: sigma drawn as SFT
