@@ -36,6 +36,8 @@ What was inferred (not stated in a form we could port directly), each our choice
     errors averaged over latent elements, with a factor 1/2 inside the sigmoid (2500 in this formula). An epsilon
     error is (1 - sigma)^2 times the velocity error at the same point (eps_hat = x_s + (1 - sigma) v_hat), and
     E[(1 - sigma)^2] = 0.11 under SD3's shifted logit-normal sigmas, so the default is beta = 2500 x 0.11 ~ 280.
+    The weighting scheme only draws sigma: its loss weight w(sigma) (cosmap, sigma_sqrt) is part of that constant
+    and not applied per pair, as Diffusion-DPO applies none.
   - The flipper's direction (reference better on the anchor -> its sample is a winner) and that it is decided per
     sample from the detached errors at the pair's shared noisy state.
   - The pool when full: the oldest snapshot AFTER theta_0 is dropped; theta_0 is never dropped, so
@@ -43,7 +45,8 @@ What was inferred (not stated in a form we could port directly), each our choice
     With pool_size = 1 the pool is theta_0 alone.
   - A snapshot "after step k" holds the weights after k optimizer steps; with pool_every = 1 the latest snapshot
     is the current policy.
-The method's recorded version says "reconstructed" (run.json, checkpoint records, evaluation summaries).
+The method's recorded version says "reconstructed" (run.json's method_version and every checkpoint's
+soarbench_checkpoint.json).
 
 Every random draw is keyed by (seed, unit, purpose, global sample index) and the reference draw by (seed, unit),
 so an optimizer step's gradient does not depend on how many processes share the work.
