@@ -32,6 +32,8 @@ METHODS = {
     "actor_critic": 'name = "actor_critic"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
                     'lora_alpha = 8\nema_every = 1\noptimizer_steps_per_epoch = 1\nvalue_pretrain_units = 1\n'
                     'rewards = { test_brightness = 1.0 }',
+    "seppo": 'name = "seppo"\nnum_steps = 2\nguidance = 2.0\npool_every = 1\npool_size = 2\nlora_r = 4\n'
+             'lora_alpha = 8',
 }
 LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -65,6 +65,7 @@ MICRO_RUNS = {
     # phase 2 only: plan() is a phase-2 epoch (tests/test_actor_critic.py checks phase 1 against phase_plan)
     "actor_critic": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
                      "lora_r": 4, "lora_alpha": 8, "ema_every": 1, "value_pretrain_units": 0},
+    "seppo": {"num_steps": 2, "guidance": 2.0, "pool_every": 1, "lora_r": 4, "lora_alpha": 8},
 }
 
 

@@ -14,6 +14,7 @@ METHODS.add("srpo", "soarbench.methods.direct_align:SRPO")
 METHODS.add("diffusion_nft", "soarbench.methods.diffusion_nft:DiffusionNFT")
 METHODS.add("dance_grpo", "soarbench.methods.dance_grpo:DanceGRPO")
 METHODS.add("actor_critic", "soarbench.methods.actor_critic:ActorCritic")
+METHODS.add("seppo", "soarbench.methods.seppo:SePPO")
 
 
 def build_method(name: str, options: dict[str, Any]):

@@ -137,6 +137,28 @@ class Roles:
                     q = named[name.replace(f".{source}.", f".{target}.")]
                     q.lerp_(p.detach(), 1.0 - decay)
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The policy's trained weights as detached CPU copies: the LoRA adapter "default" (peft names) under LoRA,
+        the whole transformer's state dict under full fine-tuning. `load_role` puts one back into a role."""
+        if self.use_lora:
+            return {n: p.detach().to("cpu", copy=True) for n, p in L.peft_model(self.base).named_parameters()
+                    if "lora_" in n and ".default." in n}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.adapter.transformer.state_dict().items()}
+
+    @torch.no_grad()
+    def load_role(self, role: str, state: dict[str, torch.Tensor]) -> None:
+        """Make `role` ("old": a second adapter, or a frozen copy) compute with a `snapshot()` of the policy."""
+        if self.use_lora:
+            if role not in self.adapters:
+                raise ValueError(f"role '{role}' is not a LoRA adapter of this run (have: {sorted(self.adapters)})")
+            named = dict(L.peft_model(self.base).named_parameters())
+            for name, value in state.items():
+                named[name.replace(".default.", f".{role}.")].copy_(value)
+            return
+        if role not in self.copies:
+            raise ValueError(f"role '{role}' has no frozen copy in this run (have: {sorted(self.copies)})")
+        self.copies[role].load_state_dict(state)
+
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
         """Evaluate (and export) with the EMA weights inside the block, when the method keeps an EMA."""

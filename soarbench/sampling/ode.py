@@ -43,19 +43,20 @@ def cfg_velocity(adapter: SD3Adapter, z: torch.Tensor, sigma: torch.Tensor, text
 @torch.no_grad()
 def euler_sample(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, num_steps: int = 40,
                  guidance: float = 4.5, on_step: Callable[[int], None] | None = None,
-                 steer: Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor] | None = None
-                 ) -> torch.Tensor:
+                 steer: Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor] | None = None,
+                 transformer=None) -> torch.Tensor:
     """Integrate dz/dsigma = v from sigma = 1 to 0; returns clean model latents.
 
     `steer(z, sigma, text)` (value guidance, soarbench.models.value_head.ValueSteering) is added to each step as
     z' = z + (s' - s) v + |s' - s| steer(z, s, text): sigma decreases, so the latent moves along what steer returns
-    (scale x the value gradient). Without it the update is exactly the plain Euler step."""
+    (scale x the value gradient). Without it the update is exactly the plain Euler step. `transformer` overrides the
+    module (a role's, from `roles.use(role)`)."""
     sigmas = sampling_sigmas(adapter.scheduler_config, num_steps).to(noise.device)
     null = adapter.null_embeddings()
     z = noise.float()
     for i in range(num_steps):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance)
+        v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance, transformer)
         if steer is not None:
             push = steer(z, s0.reshape(1), text)  # at z_t, before the step
             z = z + (s1 - s0) * v
