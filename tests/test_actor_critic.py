@@ -205,10 +205,10 @@ def test_meter_equals_plan_in_both_phases(run):
     shape = RunShape(1, 1, 2)
     spent = {k: 0 for k in method.plan(shape).counted()}
     for unit, row in enumerate(rows):
-        for k, v in method.phase_plan(shape, unit).counted().items():
+        for k, v in method.unit_plan(shape, unit).counted().items():
             spent[k] += v
         assert {k: row["budget"][k] for k in spent} == spent, unit
-    one, two = method.phase_plan(shape, 0), method.phase_plan(shape, 1)
+    one, two = method.unit_plan(shape, 0), method.unit_plan(shape, 1)
     assert one.fwd_bwd == 0 and two.fwd_bwd > 0 and one.value_passes == two.value_passes == 4 * 2
     assert two == method.plan(shape)
     # by hand, phase 2: 4 images x 3 steps x CFG 2 rollout + 4 x 2 critic states + 4 x 2 x 2 KL forwards

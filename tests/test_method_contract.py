@@ -12,69 +12,37 @@ from soarbench.harness.train import train
 from soarbench.methods import METHODS, build_method
 from soarbench.methods.base import LossOutput, MethodBase, Micro, RunShape, log_pair
 from soarbench.harness.budget import UnitCost
-from soarbench.metrics.base import Metric, MetricInfo
-from soarbench.metrics.registry import METRICS
 
-
-class Brightness(Metric):
-    """A reward that differs from image to image, so no group is dropped and every planned pass happens."""
-
-    info = MetricInfo(name="contract_brightness", version="1", scale="mean pixel value in [0, 1]")
-
-    def score(self, images, prompts, metadata=None):
-        return [{"score": float(np.asarray(im, dtype=np.float32).mean() / 255)} for im in images]
-
-
-METRICS.add("contract_brightness", f"{__name__}:Brightness")
-
-
-class Embed(Metric):
-    """A differentiable CLIP-type reward (image and text embeddings) for SRPO's micro run: the image's mean colour
-    against a fixed direction per text, both normalised."""
-
-    info = MetricInfo(name="contract_embed", version="1", scale="cosine")
-    differentiable = True
-    relative_scale = 1.0
-
-    def embed_images_tensor(self, images):
-        return torch.nn.functional.normalize(images.mean(dim=(2, 3)), dim=-1)
-
-    def embed_texts(self, texts):
-        rows = [torch.randn(3, generator=torch.Generator().manual_seed(len(t))) for t in texts]
-        return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
-
-    def score_tensor(self, images, prompts, metadata=None):
-        return (self.embed_images_tensor(images) * self.embed_texts(prompts).to(images)).sum(-1)
-
-
-METRICS.add("contract_embed", f"{__name__}:Embed")
+import reward_plugins  # noqa: F401  (the test rewards test_brightness and test_embed)
 
 BATCH = 2
 # the smallest run of each registered method; a new method must add its own line here
 MICRO_RUNS = {
     "sft": {},
     "soar": {"trajectory_length": 2},
-    "flow_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
+    "flow_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"test_brightness": 1.0},
                   "lora_r": 4, "lora_alpha": 8, "ema_every": 1},
     "direct_align": {"num_steps": 2, "guidance": 2.0, "rewards": {"shapes_soft": 1.0}},
-    "srpo": {"num_steps": 2, "train_guidance": 2.0, "rewards": {"contract_embed": 1.0}},
-    "diffusion_nft": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
+    "srpo": {"num_steps": 2, "train_guidance": 2.0, "rewards": {"test_embed": 1.0}},
+    "diffusion_nft": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"test_brightness": 1.0},
                       "lora_r": 4, "lora_alpha": 8},
-    "dance_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 5, "rewards": {"contract_brightness": 1.0},
+    "dance_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 5, "rewards": {"test_brightness": 1.0},
                    "lora_r": 4, "lora_alpha": 8, "optimizer_steps_per_epoch": 2, "ema": True},
-    # phase 2 only: plan() is a phase-2 epoch (tests/test_actor_critic.py checks phase 1 against phase_plan)
-    "actor_critic": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"contract_brightness": 1.0},
-                     "lora_r": 4, "lora_alpha": 8, "ema_every": 1, "value_pretrain_units": 0},
+    # one value pre-training epoch, then one PPO epoch: each priced by unit_plan
+    "actor_critic": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"test_brightness": 1.0},
+                     "lora_r": 4, "lora_alpha": 8, "ema_every": 1, "value_pretrain_units": 1},
     "seppo": {"num_steps": 2, "guidance": 2.0, "pool_every": 1, "lora_r": 4, "lora_alpha": 8},
 }
 
 
 def _cfg(model_dir, data, name, units=2, **method):
+    """A run of `units` units of work, and each unit's planned cost (unit_plan: a first phase may differ)."""
     options = {**MICRO_RUNS.get(name, {}), **method}
-    plan = build_method(name, dict(options)).plan(RunShape(1, 1, BATCH))
+    built = build_method(name, dict(options))
+    plans = [built.unit_plan(RunShape(1, 1, BATCH), u) for u in range(units)]
     return {"model": {"path": str(model_dir), "max_sequence_length": 0}, "data": {"jsonl": str(data)},
             "method": {"name": name, **options}, "train": {"seed": 2, "batch_size": BATCH, "lr": 1e-3, "threads": 2},
-            "budget": {"unit": "optimizer_steps", "amount": units * plan.optimizer_steps}}, plan
+            "budget": {"unit": "optimizer_steps", "amount": sum(p.optimizer_steps for p in plans)}}, plans
 
 
 def _log(run):
@@ -84,12 +52,12 @@ def _log(run):
 @pytest.mark.parametrize("name", METHODS.names())
 def test_meter_equals_plan(name, tiny_model_dir, shapes_data, tmp_path):
     assert name in MICRO_RUNS, f"method '{name}' has no micro run in this test"
-    cfg, plan = _cfg(tiny_model_dir, shapes_data, name)
+    cfg, plans = _cfg(tiny_model_dir, shapes_data, name)
     train(cfg, tmp_path / "r", log=lambda m: None)
     spent = _log(tmp_path / "r")[-1]["budget"]
-    expected = {k: 2 * v for k, v in plan.counted().items()}
+    expected = {k: sum(p.counted()[k] for p in plans) for k in plans[0].counted()}
     assert {k: spent[k] for k in expected} == expected
-    assert 1 <= spent["unique_prompts"] <= 2 * plan.unique_prompts
+    assert 1 <= spent["unique_prompts"] <= sum(p.unique_prompts for p in plans)
 
 
 class ToyShrink(MethodBase):

@@ -46,8 +46,8 @@ def test_experiments_plan_matched_budgets(name):
     assert len(budgets) == 1  # one matched budget for every method (a learning-rate-0 control may spend less)
     if name == "compare.toml":  # the comparison carries both controls
         assert set(controls) == {"negative", "positive"}
-    expected = {"sft", "soar", "flow_grpo"} | ({"diffusion_nft", "dance_grpo", "direct_align"}
-                                             if name == "compare.toml" else set())
+    expected = {"sft", "soar", "flow_grpo"} | ({"diffusion_nft", "dance_grpo", "direct_align", "seppo",
+                                              "actor_critic"} if name == "compare.toml" else set())
     assert {cfg["method"]["name"] for _, cfg in plan} == expected
     for _, cfg in plan:
         assert _check(cfg) >= 1

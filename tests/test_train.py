@@ -102,6 +102,27 @@ def test_schedule_stops_when_the_next_unit_does_not_fit_and_evaluates_at_budget_
     assert c.fwd_bwd == 90 and passed == [1, 2, 3]  # 25, 50, 75 crossed; 100 not reachable in whole units
 
 
+def test_a_first_phase_of_cheaper_units_is_priced_unit_by_unit():
+    """Units 0 and 1 (a pre-training phase) cost 10 with 1 optimizer step, later ones 30 with 2: 100 buys
+    10 + 10 + 30 + 30 = 80 (a fifth unit would reach 110), i.e. 4 units and 1 + 1 + 2 + 2 = 6 optimizer steps."""
+    from soarbench.harness.budget import Budget, Counters, UnitCost
+    from soarbench.harness.train import Schedule
+
+    def cost_of(unit):
+        return UnitCost(fwd_bwd=10, optimizer_steps=1) if unit < 2 else UnitCost(fwd_bwd=30, optimizer_steps=2)
+
+    budget = Budget("fwd_bwd", 100)
+    assert budget.plan_units(cost_of) == (4, 6)
+    text = budget.arithmetic(cost_of(2), 1, 1, cost_of)
+    assert "the first 2 epoch(s) cost 10 fwd_bwd each" in text and "-> 6 optimizer steps in 4 unit(s)" in text
+    assert "(20 fwd_bwd left unspent)" in text
+    sched, c, unit = Schedule(budget, cost_of, points=0), Counters(), 0
+    while sched.more(c, unit):
+        c.fwd_bwd += cost_of(unit).fwd_bwd
+        unit += 1
+    assert (unit, c.fwd_bwd) == (4, 80)
+
+
 def test_training_evaluates_at_each_quarter_of_the_budget(tiny_model_dir, shapes_data, tmp_path):
     cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 8},
                eval={"benchmark": "shapes", "points": 4, "num_steps": 2, "batch_size": 64,

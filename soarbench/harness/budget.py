@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
 
 from soarbench.errors import UserError
 
@@ -157,9 +158,28 @@ class Budget:
                             f"{self.unit})")
         return units
 
-    def arithmetic(self, cost: UnitCost, world_size: int, accumulation: int) -> str:
-        """What one unit of work spends and how many units the budget buys, printed before anything runs."""
-        units = self.steps_affordable(cost)
+    def plan_units(self, cost_of: Callable[[int], UnitCost]) -> tuple[int, int] | None:
+        """(units, optimizer steps) the budget buys when unit u (0-based) costs cost_of(u); None for wall-clock
+        budgets. A method with a phase of its own (e.g. value pre-training) costs less per unit there."""
+        if self.steps_affordable(cost_of(0)) is None:  # also refuses a budget below the first unit
+            return None
+        spent, units, steps = 0.0, 0, 0
+        while True:
+            cost = cost_of(units)
+            per_unit = cost.value(self.unit, self.no_grad_fraction)
+            if per_unit <= 0:
+                raise UserError(f"config: unit {units} of this method's work spends no '{self.unit}'; budget it in "
+                                "another unit (fwd_bwd, fwd_bwd_equiv, optimizer_steps or wall_s)")
+            if spent + per_unit > self.amount * (1 + 1e-9):
+                return units, steps
+            spent, units, steps = spent + per_unit, units + 1, steps + cost.optimizer_steps
+
+    def arithmetic(self, cost: UnitCost, world_size: int, accumulation: int,
+                   cost_of: Callable[[int], UnitCost] | None = None) -> str:
+        """What one unit of work spends and how many units the budget buys, printed before anything runs.
+        `cost` is the steady-state unit; `cost_of(u)` the cost of unit u where a first phase differs."""
+        cost_of = cost_of or (lambda u: cost)
+        planned = self.plan_units(cost_of)
         per_unit = cost.value(self.unit, self.no_grad_fraction)
         name = "step" if cost.optimizer_steps == 1 else f"epoch ({cost.optimizer_steps} optimizer steps)"
         lines = [
@@ -169,12 +189,19 @@ class Budget:
             f"{cost.no_grad_fwd}, reward calls {cost.reward_calls}, reward fwd+bwd {cost.reward_fwd_bwd}, "
             f"VAE decodes {cost.vae_decodes}" + (f", value passes {cost.value_passes}" if cost.value_passes else ""),
         ]
-        if units is None:
+        if planned is None:
             lines.append("  steps: as many as fit in the wall-clock budget")
-        else:
-            left = self.amount - units * per_unit
-            lines.append(f"  one {name.split(' ')[0]} = {per_unit:g} {self.unit} -> {units * cost.optimizer_steps} "
-                         f"optimizer steps ({left:g} {self.unit} left unspent)")
+            return "\n".join(lines)
+        units, steps = planned
+        first = next((u for u in range(units) if cost_of(u) == cost), units)  # a first phase of other units
+        if first:
+            head = cost_of(0)
+            lines.append(f"  the first {first} {name.split(' ')[0]}(s) cost "
+                         f"{head.value(self.unit, self.no_grad_fraction):g} {self.unit} each (a phase of their own: "
+                         f"fwd+bwd {head.fwd_bwd}, no-grad fwd {head.no_grad_fwd})")
+        spent = sum(cost_of(u).value(self.unit, self.no_grad_fraction) for u in range(units))
+        lines.append(f"  one {name.split(' ')[0]} = {per_unit:g} {self.unit} -> {steps} optimizer steps in {units} "
+                     f"unit(s) ({self.amount - spent:g} {self.unit} left unspent)")
         return "\n".join(lines)
 
 
@@ -187,15 +214,17 @@ class Schedule:
     are compared at the same budget fractions, and at the end.
     """
 
-    def __init__(self, budget: Budget, cost: UnitCost, points: int):
+    def __init__(self, budget: Budget, cost: UnitCost | Callable[[int], UnitCost], points: int):
         self.budget, self.points = budget, max(int(points), 0)
-        self.per_unit = cost.value(budget.unit, budget.no_grad_fraction)
+        self.cost_of = cost if callable(cost) else (lambda unit: cost)
 
-    def more(self, counters: Counters) -> bool:
+    def more(self, counters: Counters, unit: int = 0) -> bool:
+        """Whether unit `unit` (0-based; its cost may differ in a first phase) still fits."""
         spent = counters.value(self.budget.unit)
-        if math.isnan(self.per_unit):
+        per_unit = self.cost_of(unit).value(self.budget.unit, self.budget.no_grad_fraction)
+        if math.isnan(per_unit):
             return spent < self.budget.amount
-        return spent + self.per_unit <= self.budget.amount * (1 + 1e-9)
+        return spent + per_unit <= self.budget.amount * (1 + 1e-9)
 
     def thresholds_passed(self, spent: float) -> int:
         return sum(spent >= self.budget.amount * k / self.points * (1 - 1e-9) for k in range(1, self.points + 1))

@@ -78,8 +78,9 @@ class Run:
             torch.backends.cudnn.allow_tf32 = True
         self.shape = RunShape(engine.world_size, accumulation_steps(tcfg, engine.world_size), int(tcfg["batch_size"]))
         self.cost: UnitCost = self.method.plan(self.shape)
-        units = self.budget.steps_affordable(self.cost)  # refuses a budget below one unit of work
-        self.total_steps = None if units is None else units * self.cost.optimizer_steps
+        self.cost_of = lambda unit: self.method.unit_plan(self.shape, unit)
+        planned = self.budget.plan_units(self.cost_of)  # refuses a budget below one unit of work
+        self.total_steps = None if planned is None else planned[1]
         if not resume and (self.out_dir / "train_log.jsonl").exists():
             raise UserError(f"{self.out_dir}: already holds a run (train_log.jsonl); pass --resume to continue it "
                             f"or choose another --out")
@@ -88,7 +89,7 @@ class Run:
         ensure_generated(dcfg, engine)
         records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))  # bad data fails before anything is written
         if engine.is_main:
-            log(self.budget.arithmetic(self.cost, engine.world_size, self.shape.accumulation))
+            log(self.budget.arithmetic(self.cost, engine.world_size, self.shape.accumulation, self.cost_of))
 
         components = tuple(tcfg["components"])
         if engine.distributed and any(c != "transformer" for c in components):
@@ -139,7 +140,7 @@ class Run:
         self.counters = Counters(no_grad_fraction=self.budget.no_grad_fraction, devices=engine.world_size)
         ecfg = cfg.get("eval", {})
         self.ecfg = ecfg
-        self.schedule = Schedule(self.budget, self.cost, int(ecfg.get("points", 4)) if ecfg.get("benchmark") else 0)
+        self.schedule = Schedule(self.budget, self.cost_of, int(ecfg.get("points", 4)) if ecfg.get("benchmark") else 0)
         self.step, self.unit, self.evals_passed, self.pending_eval = 0, 0, 0, None
         self.base_model = Path(cfg["model"]["path"])
         if resume and (ckpt := latest_checkpoint(self.out_dir, warn=log)) is not None:
@@ -175,7 +176,7 @@ class Run:
             self.evaluate(self.pending_eval)  # the process died between this checkpoint and its evaluation
         every = int(self.cfg["train"]["checkpoint_every"])
         wall_start = time.perf_counter() - self.counters.wall_s
-        while self.schedule.more(self.counters):
+        while self.schedule.more(self.counters, self.unit):
             ctx.unit = self.unit
             with engine.acc.autocast():  # rollouts sample in the precision training recomputes them
                 buffer = method.collect(ctx, self.data)
@@ -187,7 +188,7 @@ class Run:
                 self.counters.wall_s = time.perf_counter() - wall_start
                 self.log_step()
             self.unit += 1
-            last = not self.schedule.more(self.counters)
+            last = not self.schedule.more(self.counters, self.unit)
             passed = self.schedule.thresholds_passed(self.counters.value(self.budget.unit))
             due = passed > self.evals_passed or last
             if due or (every and self.step % every == 0):

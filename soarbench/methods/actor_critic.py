@@ -46,11 +46,10 @@ Inferred choices (not in the paper):
     without an all-reduce, equal to a one-process run's;
   - the value head has its own learning rate (value_lr) and no EMA; it is saved in every checkpoint
     (CHECKPOINT/value_head/) for steering.
-Budget: plan(shape) is a phase-2 epoch; `phase_plan(shape, unit)` is the cost of a given epoch (phase 1 makes no
-fwd_bwd and no KL forwards). The loop prices every epoch at plan(shape) when it decides whether one more fits, so
-it never overspends; the meter counts what each epoch actually spent. The budget arithmetic printed at the start
-and the progress bar's step total price every epoch as phase 2, so a run with pre-training takes more steps than
-they announce (shapes config: "8 optimizer steps" announced at 2200 fwd_bwd_equiv, 12 taken, 2080 spent).
+Budget: plan(shape) is a phase-2 epoch; `unit_plan(shape, unit)` is the cost of a given epoch (phase 1 makes no
+fwd_bwd and no KL forwards). The loop asks unit_plan before each epoch whether it still fits, and the budget
+arithmetic printed at the start counts the cheaper phase-1 epochs as what they are; the meter equals unit_plan
+epoch by epoch (tests/test_actor_critic.py, tests/test_method_contract.py).
 """
 from __future__ import annotations
 
@@ -61,14 +60,13 @@ import torch
 from soarbench.errors import UserError
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import Ctx, LossOutput, Micro, ParamGroup, RunShape, log_pair, require_geneval_rows, \
-    samples_per_step
-from soarbench.methods.flow_grpo import FlowGRPO
+from soarbench.methods.base import Ctx, LossOutput, Micro, ParamGroup, RunShape, log_pair, samples_per_step
+from soarbench.methods.flow_grpo import FlowGRPO, eval_mode
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.models.value_head import ValueHead, backbone_features, feature_dim
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
-from soarbench.rl.rollout import Trajectory, encode_once, random_window, sde_rollout, step_log_prob_under
+from soarbench.rl.rollout import Trajectory, step_log_prob_under
 
 HEAD = "value_head"  # the name of the head in roles.modules and of its checkpoint component
 
@@ -141,7 +139,7 @@ class ActorCritic(FlowGRPO):
         self.head: ValueHead | None = None
 
     # ---- the contract ---------------------------------------------------------------------------------------
-    def phase_plan(self, shape: RunShape, unit: int) -> UnitCost:
+    def unit_plan(self, shape: RunShape, unit: int) -> UnitCost:
         """The cost of epoch `unit` (0-based): phase 1 (value pre-training) before value_pretrain_units."""
         n, K = self.m * self.k, self.trained_steps()
         per_step = samples_per_step(n, self.opt_steps, shape)
@@ -156,8 +154,8 @@ class ActorCritic(FlowGRPO):
                         samples_per_step=per_step)
 
     def plan(self, shape: RunShape) -> UnitCost:
-        """A phase-2 epoch, the dearer one: the loop's look-ahead never overspends in phase 1."""
-        return self.phase_plan(shape, self.pretrain)
+        """A phase-2 epoch (the steady state); unit_plan gives each epoch's own cost, phase 1 included."""
+        return self.unit_plan(shape, self.pretrain)
 
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
         """Flow-GRPO's policy (LoRA or full, EMA, KL reference), the frozen reference backbone for the critic's
@@ -173,23 +171,10 @@ class ActorCritic(FlowGRPO):
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
         adapter = ctx.adapter
-        require_geneval_rows(share.metadata, self.reward_fn.names)
-        prompts_all = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
-        embeddings = encode_once(adapter, prompts_all)
-        text = TextEmbeddings.cat([embeddings[p] for p in share.prompts])
-        shape = adapter.latent_shape(*self._size(adapter))
-        noise = ctx.randn(shape, share.ids, "rollout_noise")
-        window = random_window(self.T, self.window, keyed_generator(ctx.seed, ctx.unit, "window")) \
-            if self.window else None
-        was = adapter.transformer.training
-        adapter.transformer.eval()
-        with ctx.roles.use("policy") as net:
-            traj = sde_rollout(adapter, text, noise, num_steps=self.T, guidance=self.g, variant=self.variant,
-                               noise_level=self.a, sde_window=window, transformer=net,
-                               noise_fn=lambda i: ctx.randn(shape, share.ids, f"sde_{i}"))
+        prompts_all, embeddings, text, traj = self.rollout(ctx, share)  # Flow-GRPO's rollout
         steps = traj.trainable_steps()[:, : self.trained_steps()]
-        features = self._features(ctx, traj, steps, text)
-        adapter.transformer.train(was)
+        with eval_mode(adapter.transformer):
+            features = self._features(ctx, traj, steps, text)
         _, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
         targets = torch.stack([parts[n].to(ctx.device) for n in self.reward_fn.names], dim=1)  # (B, H)
         # every process needs every sample: advantages are normalised globally, samples are dealt over all slots,

@@ -3,6 +3,7 @@
     class MyMethod(MethodBase):
         name = "my_method"; source = "images"            # or "prompts"
         def plan(self, shape) -> UnitCost                # the cost of one unit of work, declared once
+        def unit_plan(self, shape, unit) -> UnitCost     # optional: unit u's cost where a first phase differs
         def setup(self, ctx) -> list[ParamGroup]         # LoRA / full / extra modules, each group its own lr
         def collect(self, ctx, data) -> buffer           # a data batch, or rollouts + rewards + advantages
         def updates(self, ctx, buffer) -> Iterator[list[Micro]]   # the micro-batches of each optimizer step
@@ -137,6 +138,11 @@ class MethodBase:
     def plan(self, shape: RunShape) -> UnitCost:
         raise NotImplementedError
 
+    def unit_plan(self, shape: RunShape, unit: int) -> UnitCost:
+        """The cost of unit `unit` (0-based). The same every unit unless a method has a budgeted phase of its own
+        (the actor-critic's value pre-training); the loop asks it before each unit, and the meter must match it."""
+        return self.plan(shape)
+
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
         return [ParamGroup(ctx.roles.full(ctx.components))]
 
@@ -190,6 +196,24 @@ def require_geneval_rows(metadata, reward_names) -> None:
 
     if "geneval" in reward_names and any(m is None for m in metadata):
         raise UserError("data: the GenEval reward needs GenEval rows (tag, include) on every training line")
+
+
+def require_frozen_copies(ctx: Ctx, method: str, copies: str) -> None:
+    """Full fine-tuning that keeps whole frozen copies of the transformer (`copies`, e.g. "the old policy and the
+    reference"): refuse, in one line each, an engine that shards parameters (ZeRO-3 / FSDP would defeat it) and
+    trained components other than the transformer (the copies hold the transformer only)."""
+    from soarbench.errors import UserError
+
+    engine = ctx.engine
+    if engine is not None and getattr(engine, "shards_parameters", False):
+        raise UserError(f"[method] {method} with lora = false needs frozen copies of the whole transformer ({copies}), "
+                        f"which cannot be sharded under the {engine.name} engine: use lora = true, or a DDP / "
+                        f"ZeRO-2 accelerate config")
+    extra = [c for c in ctx.components if c != "transformer"]
+    if extra:
+        raise UserError(f"[method] {method} with lora = false trains the transformer only: {copies} are copies of "
+                        f"the transformer, so train.components = {list(ctx.components)} cannot be used (set "
+                        f"train.components = [\"transformer\"])")
 
 
 def log_pair(total: torch.Tensor, count: float) -> tuple[float, float]:

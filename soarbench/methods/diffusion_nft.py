@@ -48,7 +48,7 @@ from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    require_geneval_rows, samples_per_step)
+                                    require_frozen_copies, require_geneval_rows, samples_per_step)
 from soarbench.rl.advantages import group_advantages
 from soarbench.rl.rewards import RewardFunction
 from soarbench.sampling.dpm import SOLVERS, dpm_rollout
@@ -197,7 +197,7 @@ class DiffusionNFT(MethodBase):
         if self.use_lora:
             params = roles.lora(self.lora_r, self.lora_alpha)  # before "old" exists: the trained adapter only
         else:
-            _check_full_finetune(ctx)
+            require_frozen_copies(ctx, "diffusion_nft", "the old policy and the reference")
             params = roles.full(("transformer",))
         roles.add_role("old")  # a copy of the policy: v_old == v_theta until the first soft update
         if self.kl_weight > 0:
@@ -279,18 +279,3 @@ class DiffusionNFT(MethodBase):
             ctx.roles.ema.step(step)  # the reference passes its step count after the increment (1-based)
         if end_of_unit:
             ctx.roles.soft_update("old", old_decay(step, self.decay_schedule))
-
-
-def _check_full_finetune(ctx: Ctx) -> None:
-    """Full fine-tuning needs whole frozen copies of the transformer for "old" and "ref"; say when none can be made."""
-    engine = ctx.engine
-    if engine is not None and getattr(engine, "shards_parameters", False):
-        raise UserError(f"[method] diffusion_nft with lora = false needs frozen copies of the whole transformer "
-                        f"(old policy and reference), which cannot be sharded under the {engine.name} engine: "
-                        f"use lora = true, or a DDP / ZeRO-2 accelerate config")
-    extra = [c for c in ctx.components if c != "transformer"]
-    if extra:
-        raise UserError(f"[method] diffusion_nft with lora = false trains the transformer only: the old policy and "
-                        f"the reference are copies of the transformer, so train.components = {list(ctx.components)} "
-                        f"cannot have them (set train.components = [\"transformer\"])")
-

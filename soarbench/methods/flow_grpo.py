@@ -20,6 +20,7 @@ share the work (only the refill's multiple does, and only when groups are droppe
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,17 @@ class Epoch:
     parts: list[torch.Tensor]  # the sample indices of each optimizer step
     steps: torch.Tensor  # (N, K) the trained timestep indices of each sample
     logs: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """The module in eval mode inside the block (rollouts sample without dropout), its own mode restored after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 class FlowGRPO(MethodBase):
@@ -115,9 +127,9 @@ class FlowGRPO(MethodBase):
         self.reward_fn.meter = ctx.meter  # reward calls are counted where they are made
         return [ParamGroup(params)]
 
-    @torch.no_grad()
-    def collect(self, ctx: Ctx, data) -> Epoch:
-        share = data.next(ctx)
+    def rollout(self, ctx: Ctx, share) -> tuple[list[str], dict, TextEmbeddings, Trajectory]:
+        """The policy's SDE rollout of this process's share (in eval mode): (the epoch's prompts over all processes,
+        their embeddings, this share's text, the trajectory with per-step log-probs)."""
         adapter = ctx.adapter
         require_geneval_rows(share.metadata, self.reward_fn.names)
         # every process encodes the epoch's distinct prompts once, the same way: rollout and training see the very
@@ -129,13 +141,17 @@ class FlowGRPO(MethodBase):
         noise = ctx.randn(shape, share.ids, "rollout_noise")
         window = random_window(self.T, self.window, keyed_generator(ctx.seed, ctx.unit, "window")) \
             if self.window else None
-        was = adapter.transformer.training
-        adapter.transformer.eval()
-        with ctx.roles.use("policy") as net:
+        with eval_mode(adapter.transformer), ctx.roles.use("policy") as net:
             traj = sde_rollout(adapter, text, noise, num_steps=self.T, guidance=self.g, variant=self.variant,
                                noise_level=self.a, sde_window=window, transformer=net,
                                noise_fn=lambda i: ctx.randn(shape, share.ids, f"sde_{i}"))
-        adapter.transformer.train(was)
+        return prompts_all, embeddings, text, traj
+
+    @torch.no_grad()
+    def collect(self, ctx: Ctx, data) -> Epoch:
+        share = data.next(ctx)
+        adapter = ctx.adapter
+        prompts_all, embeddings, _, traj = self.rollout(ctx, share)
         rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
         # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
         traj = Trajectory(latents=ctx.all_gather(traj.latents), log_probs=ctx.all_gather(traj.log_probs),

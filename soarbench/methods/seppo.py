@@ -62,7 +62,8 @@ from soarbench import flow
 from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import Batch, Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
+from soarbench.methods.base import (Batch, Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
+                                    require_frozen_copies)
 from soarbench.methods.sft import FlowMatchingDraw, draw_flow_matching
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.sampling.ode import euler_sample
@@ -189,7 +190,7 @@ class SePPO(MethodBase):
         if self.use_lora:
             params = roles.lora(self.lora_r, self.lora_alpha)  # before "old" exists: the trained adapter only
         else:
-            _check_full_finetune(ctx)
+            require_frozen_copies(ctx, "seppo", "the reference pool's snapshots and the reference")
             params = roles.full(("transformer",))
         roles.add_role(ROLE)
         return [ParamGroup(params)]
@@ -262,17 +263,3 @@ class SePPO(MethodBase):
     def describe(self) -> dict:
         return {**super().describe(), "reference": self.reference, "flipper": self.flipper, "beta": self.beta,
                 "pool_size": self.pool.size, "pool_every": self.pool_every}
-
-
-def _check_full_finetune(ctx: Ctx) -> None:
-    """Full fine-tuning keeps a frozen copy of the transformer for the reference and snapshots on the CPU."""
-    engine = ctx.engine
-    if engine is not None and getattr(engine, "shards_parameters", False):
-        raise UserError(f"[method] seppo with lora = false needs a frozen copy of the whole transformer (the "
-                        f"reference), which cannot be sharded under the {engine.name} engine: use lora = true, or a "
-                        f"DDP / ZeRO-2 accelerate config")
-    extra = [c for c in ctx.components if c != "transformer"]
-    if extra:
-        raise UserError(f"[method] seppo with lora = false trains the transformer only: the reference pool holds "
-                        f"transformer snapshots, so train.components = {list(ctx.components)} cannot be used (set "
-                        f"train.components = [\"transformer\"])")
