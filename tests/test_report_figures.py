@@ -200,3 +200,13 @@ def test_budget_axis_falls_back_to_a_counter_every_evaluation_records(experiment
     by_budget = _figures(experiment)["curves_shapes_geneval"].figure.axes[1]
     assert by_budget.get_xlabel() == "budget spent (images)"
     assert list(by_budget.get_lines()[0].get_xdata()) == [160, 320]
+
+
+def test_ten_groups_get_ten_colours_and_base_models_grey():
+    from soarbench.report.collect import Provenance, ReportData
+    from soarbench.report.figures import BASE_COLOR, group_colors
+
+    groups = {f"m{i}": "sft" for i in range(10)} | {"base": "base"}
+    colors = group_colors(ReportData(evals=(), train_logs=(), group_methods=groups, provenance=Provenance()))
+    assert colors["base"] == BASE_COLOR
+    assert len({colors[g] for g in groups if g != "base"}) == 10 and BASE_COLOR not in {colors[f"m{i}"] for i in range(10)}

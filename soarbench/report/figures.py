@@ -44,7 +44,10 @@ from soarbench.report.tables import (  # noqa: E402
 )
 
 # Okabe-Ito colours (distinguishable with colour-blindness), without the yellow that vanishes on white.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
+# Okabe-Ito (colour-blind safe), then four of matplotlib's tab10 that differ from them: twelve groups before a
+# colour repeats (a comparison of eight methods and its controls has ten)
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442",
+           "#9467BD", "#8C564B", "#BCBD22", "#17BECF")
 BASE_COLOR = "#6b6b6b"
 DPI = 100
 GRID_PROMPTS = 6  # prompts (columns) in an image grid
