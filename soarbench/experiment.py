@@ -48,6 +48,7 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
     meta = C.section(exp, "experiment")
     plan = plan_runs(exp)
     _check_controls(meta, plan, path)
+    probe = probe_options(meta.get("probe"), plan, path)  # checked before the first run starts
     for name, cfg in plan:  # every run's config checked before the first one starts
         try:
             C.validate_train_config(cfg)
@@ -68,10 +69,74 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
         progress = progress_factory(name) if progress_factory else None
         train(cfg, run_dir, resume=(run_dir / "train_log.jsonl").exists(), log=lambda m, n=name: log(f"[{n}] {m}"),
               progress=progress)
+    run_probes(probe, plan, out_dir, log)
     report_dir = Path(meta.get("report", out_dir / "report"))
     paths = write_report([out_dir], report_dir, title=meta.get("title", f"soarbench: {meta.get('name', path.stem)}"))
     log(f"report: {paths.get('html', report_dir / 'index.html')}")
     return report_dir
+
+
+PROBE_KEYS = ("jsonl", "generate", "n", "sigmas", "guidance", "num_steps", "seed")
+
+
+def probe_options(probe: dict | None, plan: list[tuple[str, dict]], path: Path) -> dict | None:
+    """[experiment.probe]: the exposure-bias probe (soarbench/probes/exposure.py) of the base model and of each
+    group's final checkpoint (its first seed) on held-out pairs, written to OUT/probes/GROUP/probe.json:
+
+        [experiment.probe]
+        jsonl = ".cache/shapes/heldout/train.jsonl"     # held-out images (made once when `generate` is given)
+        generate = { world = "shapes", n_images = 256, seed = 2, image_size = 32 }
+        n = 64                                         # pairs
+        sigmas = [1.0, 0.8, 0.6, 0.4, 0.2]             # starting sigmas
+    The sampler (guidance, steps) is the evaluation's unless given here. Returns the checked options, or None.
+    """
+    if probe is None:
+        return None
+    from soarbench.errors import did_you_mean
+    from soarbench.probes.exposure import check_sigmas
+
+    where = f"{path} [experiment.probe]"
+    if not isinstance(probe, dict) or "jsonl" not in probe:
+        raise UserError(f"{where}: needs jsonl = the held-out pairs' JSONL (and optionally generate, n, sigmas)")
+    for key in probe:
+        if key not in PROBE_KEYS:
+            raise UserError(f"{where}: {did_you_mean('key', key, PROBE_KEYS)}")
+    ecfg = plan[0][1].get("eval", {})
+    try:
+        return {"jsonl": str(probe["jsonl"]), "generate": probe.get("generate"), "n": int(probe.get("n", 64)),
+                "sigmas": check_sigmas(probe.get("sigmas", (1.0, 0.8, 0.6, 0.4, 0.2))),
+                "guidance": float(probe.get("guidance", ecfg.get("guidance", 4.5))),
+                "num_steps": int(probe.get("num_steps", ecfg.get("num_steps", 40))),
+                "seed": int(probe.get("seed", 0))}
+    except (TypeError, ValueError, UserError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def run_probes(options: dict | None, plan: list[tuple[str, dict]], out_dir: Path, log) -> None:
+    """Probe the base model and each group's final checkpoint (first seed) once; see probe_options."""
+    if not options:
+        return
+    from soarbench.harness.checkpoint import latest_checkpoint
+    from soarbench.harness.data import ensure_generated
+    from soarbench.probes.exposure import run_probe
+
+    options = dict(options)
+    jsonl, generate = options.pop("jsonl"), options.pop("generate")
+    ensure_generated({"jsonl": jsonl, "generate": generate})
+    models = {"base": Path(plan[0][1]["model"]["path"])}
+    msl = plan[0][1]["model"].get("max_sequence_length")  # the base as the runs load it (checkpoints record it)
+    for name, cfg in plan:
+        models.setdefault(cfg["run"]["group"], latest_checkpoint(out_dir / name, warn=log))
+    for label, model in models.items():
+        target = out_dir / "probes" / label
+        if (target / "probe.json").is_file():
+            log(f"[probe {label}] already done, skipped")
+        elif model is None:
+            log(f"[probe {label}] no checkpoint, skipped")
+        else:
+            first = run_probe(model, jsonl, target, max_sequence_length=msl if label == "base" else None,
+                              **options)["rows"][0]
+            log(f"[probe {label}] MSE to z0 from sigma {first['sigma']:g}: {first['mse_mean']:.4f}")
 
 
 def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:

@@ -119,7 +119,8 @@ def test_an_experiment_naming_bad_controls_is_refused_in_one_line(controls, mess
 
 def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model_dir, shapes_data, tmp_path):
     """The real harness: an experiment with a base evaluation and an SFT run at lr 0; the run's final evaluation
-    (after training steps, a checkpoint write and the in-process evaluation) must equal the base's byte for byte."""
+    (after training steps, a checkpoint write and the in-process evaluation) must equal the base's byte for byte,
+    and so must its exposure-bias probe (the report's probe section pairs it with the base's: difference 0)."""
     from soarbench.experiment import run_experiment
 
     exp = tmp_path / "exp.toml"
@@ -131,9 +132,19 @@ def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model
         '[common.budget]\nunit = "optimizer_steps"\namount = 3\n'
         '[common.eval]\nbenchmark = "shapes"\npoints = 1\nnum_steps = 3\nbatch_size = 4\n'
         'benchmark_options = { n_per_tag = 1 }\n'
-        '[runs.sft_lr0]\nmethod = { name = "sft" }\n')
+        '[runs.sft_lr0]\nmethod = { name = "sft" }\n'
+        f'[experiment.probe]\njsonl = "{shapes_data}"\nn = 3\nsigmas = [1.0, 0.5]\n')
     run_experiment(exp, tmp_path / "out", [], log=lambda m: None)
     md = (tmp_path / "report" / "report.md").read_text()
     (negative,) = _controls_section(md)
     assert negative.endswith("| passed |"), negative
     assert "sft_lr0@3" in negative
+    probes = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out" / "probes").glob("*/probe.json")}
+    assert set(probes) == {"base", "sft_lr0"} and probes["base"]["n_pairs"] == 3
+    section = md.split("## Exposure-bias probe", 1)[1]
+    for label, doc in probes.items():  # the table's cells are the probe files' numbers
+        cells = [f"{r['mse_mean']:.4f} ± {1.96 * r['mse_sem']:.4f}" for r in doc["rows"] if r["guidance"] == 4.5]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+        assert all(c in row for c in cells) and len(cells) == 2
+    assert probes["base"]["rows"][0]["per_pair_mse"] == probes["sft_lr0"]["rows"][0]["per_pair_mse"]
+    assert "sft_lr0 minus base" in section and "+0.0000 [+0.0000, +0.0000]" in section

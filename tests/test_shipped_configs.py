@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from soarbench import config as C
-from soarbench.experiment import _check_controls, plan_runs
+from soarbench.experiment import _check_controls, plan_runs, probe_options
 from soarbench.harness.budget import Budget
 from soarbench.harness.train import resolve_config
 from soarbench.methods import build_method
@@ -44,8 +44,10 @@ def test_experiments_plan_matched_budgets(name):
     compared = [cfg for _, cfg in plan if cfg["run"]["group"] != controls.get("negative")]
     budgets = {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for cfg in compared}
     assert len(budgets) == 1  # one matched budget for every method (a learning-rate-0 control may spend less)
-    if name == "compare.toml":  # the comparison carries both controls
+    if name == "compare.toml":  # the comparison carries both controls and the exposure-bias probe
         assert set(controls) == {"negative", "positive"}
+        options = probe_options(exp["experiment"].get("probe"), plan, ROOT / "shapes" / name)
+        assert options["n"] == 64 and options["num_steps"] == 40 and options["guidance"] == 4.5
     expected = {"sft", "soar", "flow_grpo"} | ({"diffusion_nft", "dance_grpo", "direct_align", "seppo",
                                               "actor_critic"} if name == "compare.toml" else set())
     assert {cfg["method"]["name"] for _, cfg in plan} == expected

@@ -247,13 +247,15 @@ def _row_json(row: _Row, metric) -> dict[str, Any]:
 
 
 def run_probe(model: str | Path, data: str | Path, out_dir: str | Path, device: str = "auto",
-              image_dir: str | Path | None = None, **options: Any) -> dict[str, Any]:
-    """Load a base or checkpoint folder and a HY-SOAR JSONL, run `exposure_probe`, write out_dir/probe.json."""
+              image_dir: str | Path | None = None, max_sequence_length: int | None = None,
+              **options: Any) -> dict[str, Any]:
+    """Load a base or checkpoint folder and a HY-SOAR JSONL, run `exposure_probe`, write out_dir/probe.json.
+    `max_sequence_length` (T5 tokens) as the runs used it; None: the checkpoint's record or the default."""
     from soarbench.models.sd3 import SD3Adapter
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     records = read_records(data, image_dir)
-    adapter = SD3Adapter.from_pretrained(model, device=dev)
+    adapter = SD3Adapter.from_pretrained(model, device=dev, max_sequence_length=max_sequence_length)
     model_info = {"path": str(model), "label": Path(model).name, "checkpoint": adapter.checkpoint}
     data_info = {"jsonl": str(Path(data).resolve()), "sha256": sha256_file(data), "n_records": len(records)}
     return exposure_probe(adapter, records, out_dir=out_dir, model_info=model_info, data_info=data_info, **options)

@@ -118,6 +118,7 @@ class ReportData:
     provenance: Provenance
     warnings: tuple[str, ...] = ()
     controls: Mapping[str, str] = field(default_factory=dict)  # control kind -> group (report/controls.py)
+    probes: tuple = ()  # report/probes.Probe: exposure-bias probes found under the arguments
 
     def benchmarks(self) -> list[str]:
         """Benchmark names in order of first appearance."""
@@ -150,6 +151,7 @@ class ReportData:
 def collect(paths: Iterable[Path | str]) -> ReportData:
     """Discover, load and cross-check every summary.json and train_log.jsonl under `paths`."""
     from soarbench.report.controls import read_controls
+    from soarbench.report.probes import read_probes
 
     paths = list(paths)
     summary_paths, log_paths = discover(paths)
@@ -164,6 +166,7 @@ def collect(paths: Iterable[Path | str]) -> ReportData:
         provenance=merge_provenance(evals),
         warnings=tuple(warnings),
         controls=read_controls(paths),
+        probes=read_probes(paths),
     )
 
 

@@ -35,6 +35,8 @@ def render_html(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTabl
     for index, bench in enumerate(benchmarks):
         mine = [f for f in figures if f.kind in BENCHMARK_KINDS and f.benchmark == bench.benchmark]
         sections.append(_benchmark_section(bench, mine, pngs, anchor=f"bench-{index}"))
+    if data.probes:
+        sections.append(_probe_section(data.probes))
     for kind, heading in OWN_SECTIONS:
         mine = [f for f in figures if f.kind == kind]
         if mine:
@@ -86,6 +88,19 @@ def _benchmark_section(bench: BenchmarkTables, figures: Sequence[ReportFigure], 
         parts.append(_figure_grid(figures, pngs))
     parts.append(_table_block(bench.main))
     return _section(f"Benchmark: {bench.benchmark}", anchor, parts)
+
+
+def _probe_section(probes) -> str:
+    """The exposure-bias probe (report/probes.py): its tables, then its notes."""
+    from soarbench.report.probes import probe_notes, probe_tables
+
+    parts = []
+    for title, header, rows in probe_tables(probes):
+        head = "".join(f"<th>{escape(c)}</th>" for c in header)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        parts.append(f'<h3>{escape(title)}</h3><table class="data"><tr>{head}</tr>{body}</table>')
+    parts.append("<ul>" + "".join(f"<li>{escape(n)}</li>" for n in probe_notes(probes)) + "</ul>")
+    return _section("Exposure-bias probe", "probe", parts)
 
 
 def _controls_block(results) -> str:

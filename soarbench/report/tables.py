@@ -610,6 +610,10 @@ def markdown_report(title: str, data: ReportData, benchmarks: Sequence[Benchmark
                 continue
             out += [f"### {table.title}", "", table_markdown(table), ""]
             out += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
+    if data.probes:
+        from soarbench.report.probes import probe_markdown
+
+        out += ["## Exposure-bias probe", "", *probe_markdown(data.probes)]
     if figures:
         out += ["## Figures", "", *(f"![{_md_escape(name)}]({path})" for path, name in figures), ""]
     out += ["## Notes", "", *(f"- {note}" for note in STATS_NOTES), ""]
