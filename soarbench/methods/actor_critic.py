@@ -60,7 +60,7 @@ import torch
 from soarbench.errors import UserError
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import Ctx, LossOutput, Micro, ParamGroup, RunShape, log_pair, samples_per_step
+from soarbench.methods.base import Ctx, LossOutput, Micro, ParamGroup, RunShape, deal_steps, log_pair, samples_per_step
 from soarbench.methods.flow_grpo import FlowGRPO, eval_mode
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.models.value_head import ValueHead, backbone_features, feature_dim
@@ -208,16 +208,9 @@ class ActorCritic(FlowGRPO):
         return torch.stack(columns, dim=1)
 
     def updates(self, ctx: Ctx, epoch: Epoch):
-        S, W, r = ctx.shape.slots, ctx.world_size, ctx.rank
-        K = epoch.steps.shape[1]
-        for part in epoch.parts:
-            micros = []
-            for a in range(ctx.shape.accumulation):
-                idx = part[a * W + r::S].to(ctx.device)
-                row = torch.cat([part[a * W + q::S] for q in range(W)]).to(ctx.device)  # all processes' slot a
-                text = TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
-                micros += [Micro((epoch, idx, row, text, column), float(len(idx))) for column in range(K)]
-            yield micros
+        def head(idx, row):  # row: every process's samples of the slot, for the head the engine does not wrap
+            return epoch, idx, row, TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
+        return deal_steps(ctx, epoch.parts, epoch.steps.shape[1], head)
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, row, text, column = micro.data

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -188,6 +188,24 @@ def samples_per_step(n: int, optimizer_steps: int, shape: RunShape) -> int:
                         f"{shape.slots} slots ({shape.world_size} processes x {shape.accumulation} "
                         f"accumulation): choose batch_size / optimizer_steps_per_epoch divisible by it")
     return per_step
+
+
+def deal_steps(ctx: Ctx, parts: list[torch.Tensor], columns: int,
+               head: "Callable[[torch.Tensor, torch.Tensor], tuple]") -> Iterator[list[Micro]]:
+    """The optimizer steps of an online method's epoch: `parts[p]` holds step p's samples (global indices); slot a
+    of process r takes part[a W + r :: S] (S = processes x accumulation), so a step's samples do not depend on the
+    layout; each sample's `columns` trained timesteps are micro-batches of their own, weighted by their samples.
+    `head(idx, row)` gives the micro's data before the column: idx = this process's samples of the slot, row =
+    every process's samples of the same slot (for modules the engine does not wrap)."""
+    S, W, r = ctx.shape.slots, ctx.world_size, ctx.rank
+    for part in parts:
+        micros = []
+        for a in range(ctx.shape.accumulation):
+            idx = part[a * W + r::S].to(ctx.device)
+            row = torch.cat([part[a * W + q::S] for q in range(W)]).to(ctx.device)
+            data = head(idx, row)
+            micros += [Micro((*data, column), float(len(idx))) for column in range(columns)]
+        yield micros
 
 
 def require_geneval_rows(metadata, reward_names) -> None:

@@ -39,7 +39,7 @@ from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator, keyed_randn
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    require_geneval_rows, samples_per_step)
+                                    deal_steps, require_geneval_rows, samples_per_step)
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
@@ -201,14 +201,9 @@ class DanceGRPO(MethodBase):
                      parts=list(order.chunk(self.opt_steps)), steps=steps.to(ctx.device), logs=logs)
 
     def updates(self, ctx: Ctx, epoch: Epoch):
-        S, W, r = ctx.shape.slots, ctx.world_size, ctx.rank
-        for part in epoch.parts:
-            micros = []
-            for a in range(ctx.shape.accumulation):
-                idx = part[a * W + r::S].to(ctx.device)
-                text = TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
-                micros += [Micro((epoch, idx, text, column), float(len(idx))) for column in range(self.K)]
-            yield micros
+        def head(idx, row):
+            return epoch, idx, TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
+        return deal_steps(ctx, epoch.parts, self.K, head)
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, text, column = micro.data

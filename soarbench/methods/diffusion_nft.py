@@ -48,7 +48,8 @@ from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    require_frozen_copies, require_geneval_rows, samples_per_step)
+                                    deal_steps, require_frozen_copies, require_geneval_rows,
+                                    samples_per_step)
 from soarbench.rl.advantages import group_advantages
 from soarbench.rl.rewards import RewardFunction
 from soarbench.sampling.dpm import SOLVERS, dpm_rollout
@@ -241,15 +242,9 @@ class DiffusionNFT(MethodBase):
                      logs=logs)
 
     def updates(self, ctx: Ctx, epoch: Epoch):
-        S, W, rank = ctx.shape.slots, ctx.world_size, ctx.rank
-        K = epoch.steps.shape[1]
-        for part in epoch.parts:
-            micros = []
-            for a in range(ctx.shape.accumulation):
-                idx = part[a * W + rank::S].to(ctx.device)
-                text = ctx.adapter.encode_prompts([epoch.prompts[int(i)] for i in idx])
-                micros += [Micro((epoch, idx, text, column), float(len(idx))) for column in range(K)]
-            yield micros
+        def head(idx, row):
+            return epoch, idx, ctx.adapter.encode_prompts([epoch.prompts[int(i)] for i in idx])
+        return deal_steps(ctx, epoch.parts, epoch.steps.shape[1], head)
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, text, column = micro.data

@@ -29,7 +29,7 @@ from soarbench.errors import UserError
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    require_geneval_rows, samples_per_step)
+                                    deal_steps, require_geneval_rows, samples_per_step)
 from soarbench.rl.advantages import group_advantages, nonzero_groups, refill_to_multiple
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
@@ -173,15 +173,9 @@ class FlowGRPO(MethodBase):
                      logs=logs)
 
     def updates(self, ctx: Ctx, epoch: Epoch):
-        S, W, r = ctx.shape.slots, ctx.world_size, ctx.rank
-        K = epoch.steps.shape[1]
-        for part in epoch.parts:
-            micros = []
-            for a in range(ctx.shape.accumulation):
-                idx = part[a * W + r::S].to(ctx.device)
-                text = TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
-                micros += [Micro((epoch, idx, text, column), float(len(idx))) for column in range(K)]
-            yield micros
+        def head(idx, row):
+            return epoch, idx, TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
+        return deal_steps(ctx, epoch.parts, epoch.steps.shape[1], head)
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, text, column = micro.data
