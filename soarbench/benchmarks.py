@@ -5,6 +5,7 @@ Lazy entries, so naming a benchmark imports only what it needs. The papers' prot
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,18 +24,45 @@ class Benchmark:
     guidance: float = 4.5
     images_per_prompt: int = 1
     source: dict[str, Any] = field(default_factory=dict)
+    # GenEval's overall score is the mean of its task means, so a task of few prompts (the shapes world has five
+    # single_object prompts) dominates its variance; each of its prompts gets enough images that the task has at
+    # least this many (never fewer than images_per_prompt). 0: images_per_prompt everywhere.
+    min_images_per_task: int = 0
+
+    def image_counts(self) -> list[int]:
+        """Images to draw for each prompt, in prompt order."""
+        if self.min_images_per_task <= 0 or self.metadata is None:
+            return [self.images_per_prompt] * len(self.prompts)
+        size = Counter(row.get("tag") for row in self.metadata)
+        return [max(self.images_per_prompt, -(-self.min_images_per_task // size[row.get("tag")]))
+                for row in self.metadata]
+
+    def sampling_settings(self) -> dict[str, int]:
+        """The image-count fields of a result's settings (min_images_per_task only where it is used)."""
+        out = {"images_per_prompt": self.images_per_prompt}
+        if self.min_images_per_task > 0:
+            out["min_images_per_task"] = self.min_images_per_task
+        return out
 
 
-def shapes_benchmark(seed: int | None = None, n_per_tag: int = 20, image_size: int = 32,
-                     images_per_prompt: int = 1) -> Benchmark:
-    """The shapes world's held-out test split, scored by the GenEval rules engine with the exact detector."""
+def shapes_benchmark(seed: int | None = None, n_per_tag: int | None = None, image_size: int = 32,
+                     images_per_prompt: int = 1, min_images_per_task: int = 0) -> Benchmark:
+    """The shapes world's held-out test split, scored by the GenEval rules engine with the exact detector.
+
+    n_per_tag None: every held-out prompt (378); a number takes at most that many per task (a quick subset).
+    min_images_per_task: see Benchmark (the shapes world's five single_object and five counting prompts need it)."""
+    if min_images_per_task < 0:
+        from soarbench.errors import UserError
+
+        raise UserError(f"shapes benchmark: min_images_per_task must be >= 0, got {min_images_per_task}")
     from soarbench.worlds import shapes
 
+    n_per_tag = shapes.ALL_TEST_PROMPTS if n_per_tag is None else n_per_tag
     seed = shapes.TEST_SEED if seed is None else seed
     rows = shapes.shapes_metadata("test", seed=seed, n_per_tag=n_per_tag)
     return Benchmark(name="shapes", prompts=[r["prompt"] for r in rows], metadata=rows,
                      metrics={"geneval": {"backend": "shapes"}}, height=image_size, width=image_size,
-                     images_per_prompt=images_per_prompt,
+                     images_per_prompt=images_per_prompt, min_images_per_task=min_images_per_task,
                      source={"world": "shapes", "split": "test", "seed": seed, "n_per_tag": n_per_tag})
 
 

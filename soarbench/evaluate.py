@@ -149,7 +149,7 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     names, metrics = _build_metrics(bench, metric_names)
     info = _with_method_version(model_info or {"path": str(adapter.source)}, adapter)
     settings = {"model": str(info.get("path")), "benchmark": bench.name, "n_prompts": len(bench.prompts),
-                "images_per_prompt": bench.images_per_prompt,
+                **bench.sampling_settings(),
                 "prompt_set_sha256": provenance.prompt_set_hash(bench.prompts, bench.metadata),
                 "num_steps": int(num_steps), "guidance": float(guidance), "seed": int(seed), "height": bench.height,
                 "width": bench.width, "max_sequence_length": adapter.max_sequence_length, "metrics": names,
@@ -169,7 +169,7 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     shard_path = out_dir / f"samples.rank{rank}.jsonl" if world > 1 else samples_path
     repair_jsonl(shard_path)
     done = _read_all_done(out_dir)
-    everything = [(p, k) for p in range(len(bench.prompts)) for k in range(bench.images_per_prompt)]
+    everything = [(p, k) for p, n in enumerate(bench.image_counts()) for k in range(n)]
     batches = [everything[i:i + batch_size] for i in range(0, len(everything), batch_size)]
     mine = [[(p, k) for p, k in b if f"{p:05d}_{k}" not in done] for j, b in enumerate(batches) if j % world == rank]
     mine = [b for b in mine if b]
@@ -218,8 +218,8 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
 
     return _write_summary(
         out_dir, label=(model_info or {}).get("label", "model"), model=info,
-        benchmark={"name": bench.name, "n_prompts": len(bench.prompts), "images_per_prompt": bench.images_per_prompt,
-                   "prompt_set_sha256": settings["prompt_set_sha256"], "source": bench.source},
+        benchmark={"name": bench.name, "n_prompts": len(bench.prompts), **bench.sampling_settings(),
+                   "n_images": len(everything), "prompt_set_sha256": settings["prompt_set_sha256"], "source": bench.source},
         sampling={"sampler": "euler_ode", "num_steps": num_steps, "guidance": guidance, "height": bench.height,
                   "width": bench.width, "seed": seed, "max_sequence_length": adapter.max_sequence_length,
                   "precision": precision, "processes": world,
@@ -471,7 +471,7 @@ def score_images(images_dir: Path, bench: Benchmark, out_dir: Path, prompts_file
         write_geneval_results(out_dir / "results.jsonl", rows)
 
     counts = Counter(s.prompt_index for s in samples)
-    covers = (counts == Counter({p: bench.images_per_prompt for p in range(len(bench.prompts))})
+    covers = (counts == Counter(dict(enumerate(bench.image_counts())))
               and all(s.prompt == bench.prompts[s.prompt_index] for s in samples))
     if covers:
         prompt_set_sha256 = provenance.prompt_set_hash(bench.prompts, bench.metadata)

@@ -93,3 +93,32 @@ def test_bf16_sampling_is_recorded_and_close_to_fp32(adapter, bench, tmp_path):
     assert 0 < max(diffs) < 8  # bf16 moved some pixels, by a few levels of 255 on average at most
     with pytest.raises(UserError, match="precision must be fp32, bf16 or fp16"):
         evaluate(adapter, bench, tmp_path / "x", precision="int8")
+
+
+def test_min_images_per_task_counts_are_the_hand_computed_ones():
+    # the whole shapes split: 5 single_object, 8 two_object, 5 counting, 20 colors, 40 position, 300 color_attr
+    # prompts; at least 64 images per task: ceil(64 / n) per prompt, never below images_per_prompt
+    full = build_benchmark("shapes", min_images_per_task=64)
+    per_tag = {}
+    for row, n in zip(full.metadata, full.image_counts()):
+        per_tag.setdefault(row["tag"], set()).add(n)
+    assert per_tag == {"single_object": {13}, "two_object": {8}, "counting": {13}, "colors": {4}, "position": {2},
+                       "color_attr": {1}}
+    assert sum(full.image_counts()) == 65 + 64 + 65 + 80 + 80 + 300
+    two = build_benchmark("shapes", min_images_per_task=64, images_per_prompt=2)
+    assert sum(two.image_counts()) == 65 + 64 + 65 + 80 + 80 + 600
+    assert build_benchmark("shapes", n_per_tag=2, images_per_prompt=3).image_counts() == [3] * 12
+    with pytest.raises(UserError, match="min_images_per_task must be >= 0, got -1"):
+        build_benchmark("shapes", min_images_per_task=-1)
+
+
+def test_min_images_per_task_draws_those_images_and_records_the_setting(adapter, tmp_path):
+    b = build_benchmark("shapes", n_per_tag=2, min_images_per_task=3)  # 2 prompts per task: 2 images each
+    b.num_steps = 2
+    s = evaluate(adapter, b, tmp_path / "m", seed=0)
+    ids = sorted(r["id"] for r in _samples(tmp_path / "m"))
+    assert ids == sorted(f"{p:05d}_{k}" for p in range(12) for k in range(2))
+    assert s["n_samples"] == 24 and s["benchmark"]["n_images"] == 24
+    assert s["benchmark"]["min_images_per_task"] == 3 and s["benchmark"]["images_per_prompt"] == 1
+    settings = json.loads((tmp_path / "m" / "settings.json").read_text())
+    assert settings["min_images_per_task"] == 3

@@ -286,6 +286,8 @@ def test_uncond_check_branches_meet_at_guidance_one_and_zero(adapter, shapes_dat
     text = check.report(one, 1.0)
     ratio = one["uncond"].mean().item() / one["cond"].mean().item()
     assert f"uncond/cond = {ratio:.3f}" in text and "cfg/cond = 1.000" in text
+    verdict = "within" if ratio <= 1.5 else "NOT within"
+    assert f"unconditional error {verdict} 1.5x the conditional one (ratio {ratio:.3f})" in text
 
 
 def test_compare_probes_pairs_the_pairs(solid_data):

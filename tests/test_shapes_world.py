@@ -140,17 +140,20 @@ def test_rendering_is_deterministic_and_size_is_checked():
 def test_held_out_scheme():
     held = held_out_combinations()
     colour = [h for h in held if h[0] == "color"]
-    assert len(colour) == 10
-    assert Counter(c for _, c, _ in colour) == Counter({c: 1 for c in grammar.COLORS})
-    assert Counter(cls for _, _, cls in colour) == Counter({c: 2 for c in SHAPE_CLASSES})
+    assert len(colour) == 20
+    assert Counter(c for _, c, _ in colour) == Counter({c: 2 for c in grammar.COLORS})
+    assert Counter(cls for _, _, cls in colour) == Counter({c: 4 for c in SHAPE_CLASSES})
     counts = [h for h in held if h[0] == "count"]
     assert sorted(cls for _, cls, _ in counts) == sorted(SHAPE_CLASSES)
     pairs = {h[1:] for h in held if h[0] == "pair"}
-    assert len(pairs) == 6 and all((b, a) in pairs for a, b in pairs)
+    assert len(pairs) == 8 and all((b, a) in pairs for a, b in pairs)
     positions = {h[1:] for h in held if h[0] == "position"}
     converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-    assert len(positions) == 20 and all((b, converse[r], a) in positions for a, r, b in positions)
-    assert Counter(r for _, r, _ in positions) == Counter({r: 5 for r in grammar.RELATIONS})
+    assert len(positions) == 40 and all((b, converse[r], a) in positions for a, r, b in positions)
+    assert Counter(r for _, r, _ in positions) == Counter({r: 10 for r in grammar.RELATIONS})
+    # every ordered pair of classes keeps one relation per axis for training
+    for a, b in itertools.permutations(SHAPE_CLASSES, 2):
+        assert {(a, "left of", b), (a, "right of", b)} - positions and {(a, "above", b), (a, "below", b)} - positions
     assert held_out_combinations() == held_out_combinations(shapes.WORLD_SEED)
 
 
@@ -177,10 +180,17 @@ def test_test_split_is_deterministic_distinct_and_sized():
     test = shapes_metadata("test", n_per_tag=20)
     assert test == shapes_metadata("test", n_per_tag=20)
     sizes = Counter(r["tag"] for r in test)
-    assert sizes == {"single_object": 5, "two_object": 6, "counting": 5, "colors": 10, "position": 20,
+    assert sizes == {"single_object": 5, "two_object": 8, "counting": 5, "colors": 20, "position": 20,
                      "color_attr": 20}
-    assert len({grammar.canonical_key(r) for r in test}) == len(test) == 66
+    assert len({grammar.canonical_key(r) for r in test}) == len(test) == 78
     assert shapes_metadata("test", seed=1) != test
+    # the whole split: every held-out prompt once; color_attr pairs two held-out (colour, class) pairs of
+    # different classes and colours: 20 x (19 - 3 of the same class - 1 of the same colour) = 300
+    full = shapes_metadata("test", n_per_tag=shapes.ALL_TEST_PROMPTS)
+    assert Counter(r["tag"] for r in full) == {"single_object": 5, "two_object": 8, "counting": 5, "colors": 20,
+                                               "position": 40, "color_attr": 300}
+    assert len({grammar.canonical_key(r) for r in full}) == len(full) == 378
+    assert shapes_metadata("test", n_per_tag=10_000) == full
     with pytest.raises(UserError, match="unknown shapes split"):
         shapes_metadata("val")
 
@@ -273,3 +283,50 @@ def test_detector_speed():
         DETECTOR.detect(image)
     per_image = (time.perf_counter() - start) / len(images)
     assert per_image < 0.005  # ~0.3 ms measured on 2 CPU cores; generous for loaded CI machines
+
+
+# ----------------------------------------------------------------------------------------------- detection scores
+
+
+def _scene_with(mask: np.ndarray, colour: str = "red", size: int = 32, at: tuple[int, int] = (5, 7)) -> np.ndarray:
+    image = np.empty((size, size, 3), np.uint8)
+    image[...] = BACKGROUND
+    y, x = at
+    image[y:y + mask.shape[0], x:x + mask.shape[1]][mask] = PALETTE[colour]
+    return image
+
+
+def test_score_of_a_notched_square_is_the_hand_computed_tolerant_iou():
+    # 9x9 square with a notch 3 wide and 2 deep in the middle of its top edge: the box stays 9x9, the best
+    # template is the square. Plain IoU: 75 / 81. With 1 px of the outline forgiven, the judged pixels are the
+    # 7x7 core (the band is the outer ring; outside the box nothing is drawn): the notch's second row (3 px)
+    # is in the core, so 46 / 49.
+    notched = np.ones((9, 9), bool)
+    notched[0:2, 3:6] = False
+    (plain,) = ShapesDetector(edge_tolerance=0).detect(_scene_with(notched))
+    (tolerant,) = ShapesDetector(edge_tolerance=1).detect(_scene_with(notched))
+    assert plain.cls == tolerant.cls == "square"
+    assert plain.score == pytest.approx(75 / 81)
+    assert tolerant.score == pytest.approx(46 / 49)
+    assert shapes.tolerant_iou(notched, shape_mask("square", 9, 9), 0) == pytest.approx(75 / 81)
+
+
+@pytest.mark.parametrize("cls", SHAPE_CLASSES)
+def test_an_outline_one_pixel_off_is_forgiven_and_two_pixels_are_not(cls):
+    template = shape_mask(cls, 11, 11)
+    fat = ndimage.binary_dilation(np.pad(template, 1), np.ones((3, 3), bool))  # every edge 1 px further out
+    # the fat shape's box is 13x13: score it against the template it was grown from, placed in that box
+    grown_from = np.pad(template, 1)
+    assert shapes.tolerant_iou(fat, grown_from, 1) == 1.0
+    assert shapes.tolerant_iou(fat, grown_from, 0) < 0.9
+    fatter = ndimage.binary_dilation(np.pad(template, 2), np.ones((3, 3), bool), iterations=2)
+    assert shapes.tolerant_iou(fatter, np.pad(template, 2), 1) < 1.0
+    thin = ndimage.binary_erosion(template, np.ones((3, 3), bool), border_value=0)
+    assert shapes.tolerant_iou(thin, template, 1) == 1.0
+
+
+def test_edge_tolerance_is_checked_and_versioned():
+    with pytest.raises(UserError, match="edge_tolerance must be a whole number of pixels >= 0, got -1"):
+        ShapesDetector(edge_tolerance=-1)
+    assert shapes.make_backend().version == shapes.BACKEND_VERSION
+    assert shapes.make_backend(edge_tolerance=0).version == shapes.BACKEND_VERSION + "-tol0"

@@ -3,9 +3,14 @@
     python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml --out benchmarks/shapes/base
     python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml --out /tmp/base --device cuda
 
-The work folder (--work, default .cache/make_base) keeps the data, the VAE and the pretraining run, so an
-interrupted pretraining resumes. The result is a standard diffusers StableDiffusion3Pipeline folder (fp16
-weights, no T5) plus SHA256SUMS and recipe.toml.
+Steps: build the tiny SD3; train its VAE; fine-tune the VAE decoder with the encoder frozen (a short full-VAE
+training leaves a decoder that blurs shapes into blobs; decoder steps are cheap and leave the latents alone);
+pretrain the transformer and both text encoders with soarbench's own SFT trainer, with caption dropout so the
+unconditional branch that classifier-free guidance extrapolates from is learnt; export.
+
+The work folder (--work, default .cache/make_base) keeps the data, the models and the pretraining runs, so an
+interrupted run resumes. The result is a standard diffusers StableDiffusion3Pipeline folder (fp16 weights, no
+T5) plus SHA256SUMS and recipe.toml.
 """
 from __future__ import annotations
 
@@ -61,8 +66,21 @@ def train_vae(model_dir: Path, records, cfg: dict, device: str, log) -> None:
     vae.cpu().save_pretrained(model_dir / "vae")
 
 
-def export(model_dir: Path, run_dir: Path, out: Path, recipe_text: str) -> None:
-    """Full pipeline folder = the VAE/scheduler/tokenizers of model_dir + the pretrained components, in fp16."""
+def write_sha256sums(folder: Path) -> None:
+    sums = []
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(folder).as_posix()}")
+    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def export(run_dir: Path, out: Path, recipe_text: str) -> None:
+    """Full pipeline folder = the run's base folder (VAE, scheduler, tokenizers) + its last checkpoint, in fp16."""
     from diffusers import StableDiffusion3Pipeline
 
     from soarbench.harness.checkpoint import latest_checkpoint
@@ -77,13 +95,69 @@ def export(model_dir: Path, run_dir: Path, out: Path, recipe_text: str) -> None:
     (tmp / "recipe.toml").write_text(recipe_text)
     # trained without T5 tokens: evaluation must use the same (zero) length
     (tmp / "soarbench_model.json").write_text(json.dumps({"max_sequence_length": adapter.max_sequence_length}) + "\n")
-    sums = []
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
-        sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(tmp).as_posix()}")
-    (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    write_sha256sums(tmp)
+    replace_folder(tmp, out)
+
+
+def finetune_decoder(model_dir: Path, records, cfg: dict, device: str, log) -> None:
+    """Train the VAE decoder further (L1 + MSE) on the encoder's posterior means, the encoder frozen: the
+    latents and their shift/scale are unchanged, only what is drawn from them gets sharper (the move of
+    Stability's decoder-only "ft-MSE" VAE)."""
+    import random
+
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae").to(device)
+    rng = random.Random(int(cfg["seed"]))
+    gen = torch.Generator(device=device).manual_seed(int(cfg["seed"]))
+    pixels = torch.stack([load_pixels(r, rng, False) for r in records]).to(device)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i:i + 512]).latent_dist.mean for i in range(0, len(pixels), 512)])
+    decoder = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
+    vae.requires_grad_(False)
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=float(cfg["lr"]), weight_decay=0.0)
+    bs, steps = int(cfg["batch_size"]), int(cfg["steps"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    vae.decoder.train()
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(pixels), (bs,), generator=gen, device=device)
+        rec = vae.decode(latents[idx]).sample
+        loss = (rec - pixels[idx]).abs().mean() + (rec - pixels[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        rec = torch.cat([vae.decode(latents[i:i + 512]).sample for i in range(0, len(latents), 512)])
+    err = (rec.clamp(-1, 1) - pixels).abs().mul(127.5).mean().item()
+    log(f"decoder: mean abs reconstruction error {err:.2f}/255")
+    vae.cpu().save_pretrained(model_dir / "vae")
+
+
+def training_data(work: Path, name: str, cfg: dict, size: int, log, t_start: float):
+    from soarbench.worlds.shapes import write_training_split
+
+    data_dir = work / name
+    if not (data_dir / "train.jsonl").is_file():
+        write_training_split(data_dir, n_images=int(cfg["n_images"]), seed=int(cfg["seed"]), size=size)
+    records = read_records(data_dir / "train.jsonl")
+    log(f"{name}: {len(records)} images ({time.time() - t_start:.0f}s)")
+    return data_dir / "train.jsonl", records
+
+
+def pretrain(section: dict, model_dir: Path, jsonl: Path, run_dir: Path, device: str, log) -> None:
+    from soarbench.harness.train import train
+
+    cfg = C.deep_merge(section, {"model": {"path": str(model_dir.resolve())}, "data": {"jsonl": str(jsonl.resolve())},
+                                 "train": {"device": device}, "run": {"name": "base", "group": "base"}})
+    train(cfg, run_dir, resume=(run_dir / "train_log.jsonl").exists(), log=log)
 
 
 def main(argv=None) -> int:
@@ -102,31 +176,21 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    from soarbench.worlds.shapes import write_training_split
-
-    data_dir = work / "data"
-    if not (data_dir / "train.jsonl").is_file():
-        write_training_split(data_dir, n_images=int(recipe["data"]["n_images"]), seed=int(recipe["data"]["seed"]),
-                             size=int(recipe["tiny"]["image_size"]))
-    records = read_records(data_dir / "train.jsonl")
-    log(f"data: {len(records)} images ({time.time() - t_start:.0f}s)")
-
+    recipe_text = args.recipe.read_text() + "\n# overrides: " + json.dumps(args.overrides) + "\n"
+    jsonl, records = training_data(work, "data", recipe["data"], int(recipe["tiny"]["image_size"]), log, t_start)
     model_dir = work / "init"
     if not (model_dir / "model_index.json").is_file():
         build_tiny_sd3(model_dir, TinySD3Config.from_dict(recipe["tiny"]))
     if not (model_dir / "vae_done").is_file():
         train_vae(model_dir, records, recipe["vae"], device, log)
         (model_dir / "vae_done").write_text("ok")
-
-    from soarbench.harness.train import train
-
-    cfg = C.deep_merge(recipe["pretrain"], {"model": {"path": str(model_dir.resolve())},
-                                            "data": {"jsonl": str((data_dir / "train.jsonl").resolve())},
-                                            "train": {"device": device}, "run": {"name": "base", "group": "base"}})
+    if not (model_dir / "decoder_done").is_file():
+        finetune_decoder(model_dir, records, recipe["decoder"], device, log)
+        (model_dir / "decoder_done").write_text("ok")
     run_dir = work / "pretrain"
     if not args.export_only:
-        train(cfg, run_dir, resume=(run_dir / "train_log.jsonl").exists(), log=log)
-    export(model_dir, run_dir, args.out, args.recipe.read_text() + "\n# overrides: " + json.dumps(args.overrides) + "\n")
+        pretrain(recipe["pretrain"], model_dir, jsonl, run_dir, device, log)
+    export(run_dir, args.out, recipe_text)
     log(f"base written to {args.out} in {time.time() - t_start:.0f}s")
     return 0
 

@@ -34,6 +34,7 @@ from soarbench.models.sd3 import SD3Adapter
 DEFAULT_DATA = Path(".cache/shapes/train/train.jsonl")
 COMMON_DATA = {"n_images": 4000, "seed": 1, "size": 32}  # benchmarks/shapes/common.toml [data.generate]
 BRANCHES = ("cond", "uncond", "cfg", "zero")
+UNCOND_TARGET = 1.5  # a base whose CFG works: the empty prompt's error at most 1.5x the caption's
 
 
 def ensure_data(path: Path) -> Path:
@@ -105,6 +106,9 @@ def report(errors: dict[str, torch.Tensor], guidance: float) -> str:
     lines.append(f"ratio uncond/cond = {errors['uncond'].mean().item() / cond:.3f}   "
                  f"cfg/cond = {errors['cfg'].mean().item() / cond:.3f}   "
                  f"uncond/zero = {errors['uncond'].mean().item() / errors['zero'].mean().item():.3f}")
+    ratio = errors["uncond"].mean().item() / cond
+    verdict = "within" if ratio <= UNCOND_TARGET else "NOT within"
+    lines.append(f"unconditional error {verdict} {UNCOND_TARGET:g}x the conditional one (ratio {ratio:.3f})")
     return "\n".join(lines)
 
 

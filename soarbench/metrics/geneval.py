@@ -6,7 +6,7 @@
     metric = GenEvalMetric(backend="mask2former", protocol="paper")   # the papers' detector input (below)
 
 Options are the official `--options` that change decisions (threshold, counting_threshold, max_objects,
-position_threshold) plus whatever the chosen backend's factory accepts (for "shapes": max_color_distance,
+position_threshold) plus whatever the chosen backend's factory accepts (for "shapes": edge_tolerance, max_color_distance,
 min_area). Each record carries the official row fields (tag, prompt, correct, reason, metadata, details),
 "score" (1.0 if correct else 0.0) and "partial_credit" (Flow-GRPO's dense reward; see rules.partial_credit).
 
