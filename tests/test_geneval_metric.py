@@ -29,7 +29,7 @@ def metric():
 def test_registry_builds_it_with_a_versioned_info(metric):
     assert isinstance(metric, GenEvalMetric)
     assert metric.info.name == "geneval"
-    assert metric.info.version == "geneval-rules-af4902f/shapes-exact-1"
+    assert metric.info.version == "geneval-rules-af4902f/shapes-exact-2"
     assert metric.info.scale == "accuracy in [0, 1]" and metric.info.higher_is_better
     assert metric.describe()["version"] == metric.info.version
 
