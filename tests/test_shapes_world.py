@@ -330,3 +330,26 @@ def test_edge_tolerance_is_checked_and_versioned():
         ShapesDetector(edge_tolerance=-1)
     assert shapes.make_backend().version == shapes.BACKEND_VERSION
     assert shapes.make_backend(edge_tolerance=0).version == shapes.BACKEND_VERSION + "-tol0"
+
+
+def test_generated_data_of_another_split_or_draw_is_written_again(tmp_path):
+    from soarbench.harness.data import ensure_generated
+
+    jsonl = tmp_path / "train" / "train.jsonl"
+    cfg = {"jsonl": str(jsonl), "generate": {"world": "shapes", "n_images": 12, "seed": 5, "image_size": 32}}
+    ensure_generated(cfg)
+    first = jsonl.read_bytes()
+    assert shapes.is_current_training_split(jsonl.parent, 12, 5, 32)
+    manifest = json.loads((jsonl.parent / shapes.MANIFEST).read_text())
+    assert manifest["n_images"] == 12 and len(manifest["held_out_sha256"]) == 64
+    # data from an older split (its manifest names other held-out combinations) is not reused
+    stale = dict(manifest, held_out_sha256="0" * 64)
+    (jsonl.parent / shapes.MANIFEST).write_text(json.dumps(stale))
+    jsonl.write_text("stale\n")
+    ensure_generated(cfg)
+    assert jsonl.read_bytes() == first
+    # nor is data without a manifest, or of another draw
+    (jsonl.parent / shapes.MANIFEST).unlink()
+    assert not shapes.is_current_training_split(jsonl.parent, 12, 5, 32)
+    ensure_generated(dict(cfg, generate=dict(cfg["generate"], n_images=6)))
+    assert len(jsonl.read_text().splitlines()) == 6 and shapes.is_current_training_split(jsonl.parent, 6, 5, 32)

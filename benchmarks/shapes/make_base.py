@@ -142,10 +142,10 @@ def finetune_decoder(model_dir: Path, records, cfg: dict, device: str, log) -> N
 
 
 def training_data(work: Path, name: str, cfg: dict, size: int, log, t_start: float):
-    from soarbench.worlds.shapes import write_training_split
+    from soarbench.worlds.shapes import is_current_training_split, write_training_split
 
     data_dir = work / name
-    if not (data_dir / "train.jsonl").is_file():
+    if not is_current_training_split(data_dir, int(cfg["n_images"]), int(cfg["seed"]), size):
         write_training_split(data_dir, n_images=int(cfg["n_images"]), seed=int(cfg["seed"]), size=size)
     records = read_records(data_dir / "train.jsonl")
     log(f"{name}: {len(records)} images ({time.time() - t_start:.0f}s)")

@@ -38,9 +38,11 @@ UNCOND_TARGET = 1.5  # a base whose CFG works: the empty prompt's error at most 
 
 
 def ensure_data(path: Path) -> Path:
-    if not path.is_file():
-        from soarbench.worlds.shapes import write_training_split
+    from soarbench.worlds.shapes import is_current_training_split, write_training_split
 
+    if path != DEFAULT_DATA and path.is_file():
+        return path  # the user's own data
+    if not is_current_training_split(path.parent, COMMON_DATA["n_images"], COMMON_DATA["seed"], COMMON_DATA["size"]):
         print(f"writing the shapes post-training data to {path.parent} ...", file=sys.stderr)
         write_training_split(path.parent, n_images=COMMON_DATA["n_images"], seed=COMMON_DATA["seed"],
                              size=COMMON_DATA["size"])

@@ -271,20 +271,23 @@ class ImageData:
 
 
 def ensure_generated(dcfg: dict, engine=None) -> None:
-    """Worlds that make their own data (the shapes world) write it once where data.jsonl points."""
+    """Worlds that make their own data (the shapes world) write it where data.jsonl points, once per draw: data
+    written by another version of the world's split (its manifest differs or is missing) is written again."""
     gen = dcfg.get("generate")
-    if not gen or Path(dcfg["jsonl"]).is_file():
+    if not gen:
         return
     if gen.get("world") != "shapes":
         from soarbench.errors import did_you_mean
 
         raise did_you_mean("data.generate.world", str(gen.get("world")), ["shapes"])
-    if engine is None or engine.is_main:
-        from soarbench.worlds.shapes import write_training_split
+    from soarbench.worlds.shapes import is_current_training_split, write_training_split
 
-        target = Path(dcfg["jsonl"])
-        write_training_split(target.parent, n_images=int(gen.get("n_images", 4000)), seed=int(gen.get("seed", 1)),
-                             size=int(gen.get("image_size", 32)))
+    target = Path(dcfg["jsonl"])
+    draw = {"n_images": int(gen.get("n_images", 4000)), "seed": int(gen.get("seed", 1)),
+            "size": int(gen.get("image_size", 32))}
+    current = is_current_training_split(target.parent, **draw)
+    if not current and (engine is None or engine.is_main):
+        write_training_split(target.parent, **draw)
         if not target.is_file():
             raise UserError(f"data.jsonl = {target}: the shapes world writes train.jsonl in that folder")
     if engine is not None:

@@ -389,7 +389,29 @@ def write_training_split(
         lines.append(json.dumps(line) + "\n")
     jsonl = out_dir / "train.jsonl"
     atomic_write_text(jsonl, "".join(lines))
+    atomic_write_text(out_dir / MANIFEST, json.dumps(training_manifest(n_images, seed, size), sort_keys=True) + "\n")
     return jsonl
+
+
+MANIFEST = "shapes_world.json"  # written beside a generated train.jsonl: what world, split and draw made it
+
+
+def training_manifest(n_images: int, seed: int, size: int) -> dict[str, Any]:
+    """What identifies generated training data: the draw (n_images, seed, size) and the held-out split it avoids."""
+    held = json.dumps(sorted(held_out_combinations()), separators=(",", ":"))
+    return {"world": "shapes", "held_out_sha256": hashlib.sha256(held.encode()).hexdigest(), "n_images": int(n_images),
+            "seed": int(seed), "image_size": int(size)}
+
+
+def is_current_training_split(out_dir: str | os.PathLike, n_images: int, seed: int, size: int) -> bool:
+    """True when out_dir holds train.jsonl written by this world for exactly this draw. Data from an older split
+    (or without a manifest) could use combinations the current test split holds out, so it is not reused."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (out_dir / "train.jsonl").is_file() and manifest == training_manifest(n_images, seed, size)
 
 
 # ======================================================================================= the exact detector
