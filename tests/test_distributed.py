@@ -82,11 +82,14 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _close(a: dict, b: dict, initial: dict) -> None:
-    """Equal within float tolerance, relative to how far training moved the weights."""
+    """Equal within float tolerance, relative to how far training moved the weights: 0.5% of the largest move.
+    (Another grouping of the same samples reorders float sums; DiffusionNFT's two LoRA steps move the weights by
+    only ~5e-3, so its ~1.4e-5 of reduction noise is 0.3% of the move, while a wrong gradient, a lost or doubled
+    sample, is of the order of the move itself.)"""
     moved = max(float((a[k] - initial[k]).abs().max()) for k in a)
     assert moved > 1e-4  # training did something
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst <= 1e-3 * moved, (worst, moved)
+    assert worst <= 5e-3 * moved, (worst, moved)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
