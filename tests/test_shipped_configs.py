@@ -12,7 +12,7 @@ from soarbench.harness.train import resolve_config
 from soarbench.methods import build_method
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
-EXPERIMENTS = {"experiment.toml", "compare.toml"}
+EXPERIMENTS = {"experiment.toml", "compare.toml", "compare_all.toml"}
 NOT_TRAIN_CONFIGS = {"base_recipe.toml", "common.toml", "recipe.toml"}  # recipes build the base
 
 
@@ -44,12 +44,13 @@ def test_experiments_plan_matched_budgets(name):
     compared = [cfg for _, cfg in plan if cfg["run"]["group"] != controls.get("negative")]
     budgets = {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for cfg in compared}
     assert len(budgets) == 1  # one matched budget for every method (a learning-rate-0 control may spend less)
-    if name == "compare.toml":  # the comparison carries both controls and the exposure-bias probe
+    if name != "experiment.toml":  # the comparisons carry both controls and the exposure-bias probe
         assert set(controls) == {"negative", "positive"}
         options = probe_options(exp["experiment"].get("probe"), plan, ROOT / "shapes" / name)
         assert options["n"] == 64 and options["num_steps"] == 40 and options["guidance"] == 4.5
-    expected = {"sft", "soar", "flow_grpo"} | ({"diffusion_nft", "dance_grpo", "direct_align", "seppo",
-                                              "actor_critic"} if name == "compare.toml" else set())
+    expected = {"sft", "soar"} | ({"flow_grpo"} if name != "experiment.toml" else set()) | \
+        ({"diffusion_nft", "dance_grpo", "direct_align", "seppo", "actor_critic"} if name == "compare_all.toml"
+         else set())
     assert {cfg["method"]["name"] for _, cfg in plan} == expected
     for _, cfg in plan:
         assert _check(cfg) >= 1
