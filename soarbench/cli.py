@@ -193,6 +193,9 @@ def eval_(
     steer: Optional[str] = typer.Option(
         None, "--steer", help="value=SCALE[,REWARD=WEIGHT...]: add SCALE x the gradient of the checkpoint's value "
                               "head (actor_critic) to every sampling step; 0 samples as without it."),
+    option: List[str] = typer.Option(
+        [], "--option", help="KEY=VALUE, repeatable: a benchmark option, as eval.benchmark_options in a config "
+                             "(shapes: n_per_tag, images_per_prompt, min_images_per_task, seed, image_size)."),
 ):
     """Generate a benchmark's images with fixed seeds and score them, or score existing images (--images).
 
@@ -210,6 +213,8 @@ def eval_(
       soarbench eval --images ocr_images --prompts ocr_prompts.txt --benchmark ocr --out evals/ocr
 
       soarbench eval --model runs/ac/checkpoints/step_000040 --benchmark shapes --steer value=2.0 --out evals/ac-steer
+
+      soarbench eval --model benchmarks/shapes/base --benchmark shapes --option min_images_per_task=64 --out evals/b
     """
     from soarbench.benchmarks import BENCHMARKS, build_benchmark
     from soarbench.metrics.registry import METRICS
@@ -239,6 +244,7 @@ def eval_(
 
         steer_setting = parse_steer(steer)
     BENCHMARKS.check(benchmark)
+    bench_options = _benchmark_options(benchmark, option)
     _check_out(out)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     for name in names or []:
@@ -246,7 +252,7 @@ def eval_(
     if images is not None:
         from soarbench.evaluate import score_images
 
-        bench = build_benchmark(benchmark)
+        bench = build_benchmark(benchmark, **bench_options)
         summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
                                on_progress=Progress(f"score {benchmark}", every=0))
         if not summary["benchmark"]["covers_benchmark"]:
@@ -268,7 +274,7 @@ def eval_(
         engine = Engine(dev) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         adapter = SD3Adapter.from_pretrained(model, device=engine.device if engine else dev,
                                              max_sequence_length=max_sequence_length)
-        bench = build_benchmark(benchmark)
+        bench = build_benchmark(benchmark, **bench_options)
         steering = None
         if steer is not None:
             from soarbench.models.value_head import load_steering
@@ -283,6 +289,22 @@ def eval_(
             return  # not the main process: the main one writes and prints the summary
     for key, value in summary["scores"].items():
         typer.echo(f"{key}\t{value:.4f}")
+
+
+def _benchmark_options(benchmark: str, items: list[str]) -> dict:
+    """--option KEY=VALUE pairs (values read as TOML), checked like a config's eval.benchmark_options."""
+    from soarbench import config as C
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--option '{item}': expected KEY=VALUE, e.g. min_images_per_task=64")
+        options[key.strip()] = C.parse_value(value.strip())
+    try:
+        return C.validate_benchmark_options(benchmark, options)
+    except UserError as e:  # the config checker's words, said of the flag
+        raise UserError(str(e).replace("config: ", "", 1).replace("eval.benchmark_options.", "--option ")) from None
 
 
 @app.command()

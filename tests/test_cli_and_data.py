@@ -57,6 +57,12 @@ def test_unreadable_image_names_the_line(tmp_path, tiny_model_dir, cli):
     (["eval", "--model", "{missing}", "--benchmark", "shapes", "--out", "{out}"], "model folder does not exist"),
     (["eval", "--model", "{notmodel}", "--benchmark", "shapes", "--out", "{out}"], "not a model folder"),
     (["report", "{notmodel}", "--out", "{out}"], "no summary.json or train_log.jsonl found"),
+    (["eval", "--model", "{model}", "--benchmark", "shapes", "--option", "n_per_tg=3", "--out", "{out}"],
+     "unknown key '--option n_per_tg' for benchmark 'shapes'"),
+    (["eval", "--model", "{model}", "--benchmark", "shapes", "--option", "min_images_per_task=many", "--out",
+      "{out}"], "--option min_images_per_task = 'many': expected an integer"),
+    (["eval", "--model", "{model}", "--benchmark", "shapes", "--option", "n_per_tag", "--out", "{out}"],
+     "--option 'n_per_tag': expected KEY=VALUE"),
 ])
 def test_bad_names_and_folders(tmp_path, tiny_model_dir, args, expected, cli):
     (tmp_path / "plain").mkdir()
@@ -149,3 +155,14 @@ def test_an_interrupted_command_exits_130_not_0(monkeypatch, capsys):
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
     monkeypatch.setattr(cli, "app", lambda standalone_mode: None)  # a normal run returns nothing
     cli.main()
+
+
+def test_eval_option_sets_the_benchmarks_options(tmp_path, tiny_model_dir, cli):
+    # one prompt per task and at least 2 images per task: 6 prompts x 2 images
+    code, out, err = cli("eval", "--model", tiny_model_dir, "--benchmark", "shapes", "--steps", "1", "--option",
+                         "n_per_tag=1", "--option", "min_images_per_task=2", "--out", tmp_path / "e")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["benchmark"]["n_prompts"] == 6 and summary["n_samples"] == 12
+    assert summary["benchmark"]["min_images_per_task"] == 2
+    assert summary["benchmark"]["source"]["n_per_tag"] == 1
