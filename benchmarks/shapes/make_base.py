@@ -30,6 +30,22 @@ from soarbench.harness.data import load_pixels, read_records
 from soarbench.models.tiny import TinySD3Config, build_tiny_sd3
 
 
+def fit(name: str, params, batch_loss, cfg: dict, log) -> None:
+    """cfg["steps"] AdamW steps (lr cfg["lr"], no weight decay, cosine decay to 0) on batch_loss()."""
+    opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=0.0)
+    steps = int(cfg["steps"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps:
+            log(f"{name} step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+
+
 def train_vae(model_dir: Path, records, cfg: dict, device: str, log) -> None:
     """Fit the tiny VAE on the shapes images: L1 + MSE reconstruction and a small KL term."""
     import random
@@ -37,24 +53,18 @@ def train_vae(model_dir: Path, records, cfg: dict, device: str, log) -> None:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(model_dir / "vae").to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=float(cfg["lr"]), weight_decay=0.0)
     rng = random.Random(int(cfg["seed"]))
     gen = torch.Generator(device=device).manual_seed(int(cfg["seed"]))
     pixels = torch.stack([load_pixels(r, rng, False) for r in records]).to(device)
-    bs, steps = int(cfg["batch_size"]), int(cfg["steps"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    t0 = time.time()
-    for step in range(1, steps + 1):
+    bs = int(cfg["batch_size"])
+
+    def batch_loss() -> torch.Tensor:
         x = pixels[torch.randint(len(pixels), (bs,), generator=gen, device=device)]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=gen)).sample
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + float(cfg["kl_weight"]) * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps:
-            log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        return (rec - x).abs().mean() + (rec - x).pow(2).mean() + float(cfg["kl_weight"]) * post.kl().mean()
+
+    fit("vae", vae.parameters(), batch_loss, cfg, log)
     vae.eval()
     with torch.no_grad():
         lat = torch.cat([vae.encode(pixels[i:i + 512]).latent_dist.mean for i in range(0, len(pixels), 512)])
@@ -118,21 +128,15 @@ def finetune_decoder(model_dir: Path, records, cfg: dict, device: str, log) -> N
     vae.requires_grad_(False)
     for p in decoder:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(decoder, lr=float(cfg["lr"]), weight_decay=0.0)
-    bs, steps = int(cfg["batch_size"]), int(cfg["steps"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    bs = int(cfg["batch_size"])
     vae.decoder.train()
-    t0 = time.time()
-    for step in range(1, steps + 1):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(pixels), (bs,), generator=gen, device=device)
         rec = vae.decode(latents[idx]).sample
-        loss = (rec - pixels[idx]).abs().mean() + (rec - pixels[idx]).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == steps:
-            log(f"decoder step {step}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        return (rec - pixels[idx]).abs().mean() + (rec - pixels[idx]).pow(2).mean()
+
+    fit("decoder", decoder, batch_loss, cfg, log)
     vae.eval()
     with torch.no_grad():
         rec = torch.cat([vae.decode(latents[i:i + 512]).sample for i in range(0, len(latents), 512)])
