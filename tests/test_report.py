@@ -464,3 +464,69 @@ def test_a_reconstructed_method_is_labelled_so_in_every_table(tmp_path):
     _, rows = read_csv(paths["main_table_csv"])
     assert set(rows) == {"base", "sft@100 (reconstructed)", "sft@200 (reconstructed)"}
     assert "| sft@200 (reconstructed) | 1 |" in paths["markdown"].read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Strata: GenEval's overall is the mean of its task means
+
+
+def test_stratified_paired_bootstrap_tests_the_mean_of_strata_means():
+    from soarbench.report.stats import mde_paired, mde_multiplier
+
+    a = np.array([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    b = np.zeros(6)
+    strata = ["x", "x", "y", "y", "y", "y"]
+    # per-prompt mean of d is 2/6; the mean of the strata's means is (1 + 0) / 2
+    assert paired_bootstrap(a, b).diff == pytest.approx(1 / 3)
+    test = paired_bootstrap(a, b, strata=strata)
+    assert test.diff == pytest.approx(0.5)
+    assert test.lo == pytest.approx(0.5) and test.hi == pytest.approx(0.5)  # no spread inside either stratum
+    # one stratum is the plain test, draw for draw
+    one = paired_bootstrap(a + np.arange(6) / 10, b, strata=["t"] * 6)
+    assert one == paired_bootstrap(a + np.arange(6) / 10, b)
+    # MDE: sqrt(sum_t s_t^2 / n_t) / T; d = [1, 3 | 0, 0, 6]: s^2 = 2 and 12, n = 2 and 3
+    d = np.array([1.0, 3.0, 0.0, 0.0, 6.0])
+    expected = mde_multiplier(0.05, 0.8) * math.sqrt(2 / 2 + 12 / 3) / 2
+    assert mde_paired(d, strata=["a", "a", "b", "b", "b"]) == pytest.approx(expected)
+    assert mde_paired(d, strata=["a"] * 5) == pytest.approx(mde_paired(d))
+    with pytest.raises(ValueError, match="strata has 2 labels for 5 units"):
+        mde_paired(d, strata=["a", "b"])
+
+
+def _with_tasks(summary: Path, tasks: list[str]) -> None:
+    rows = [{"filename": f"images/{p:05d}_{k}.png", "tag": tag, "correct": True} for p, tag in enumerate(tasks)
+            for k in range(2)]
+    (summary.parent / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_geneval_comparisons_are_stratified_by_task_from_results_jsonl(tmp_path):
+    # two tasks of unequal size: the per-prompt mean and the mean of the task means differ
+    exp = tmp_path / "exp"
+    tasks = ["counting", "colors", "colors", "colors"]
+    base = write_summary(exp / "base", "base", "base", "base", 0, 0, BASE_GENEVAL)
+    for run_name in ("sft-s0", "soar-s0"):
+        write_run(exp, run_name, run_name[:-3], run_name[:-3], 0)
+    for summary in [base, *exp.rglob("summary.json")]:
+        _with_tasks(summary, tasks)
+    data = collect([exp])
+    assert all(e.strata == {"geneval": tuple(tasks)} for e in data.evals)
+    # soar - sft per prompt: _per_prompt(g) shifts every prompt by the same amount, so make one task differ
+    soar = exp / "soar-s0" / "evals" / "step_000200" / BENCHMARK / "summary.json"
+    doc = json.loads(soar.read_text())
+    doc["per_prompt"]["geneval"][0] += 0.4  # the counting prompt only
+    soar.write_text(json.dumps(doc))
+    paths = write_report([exp], tmp_path / "out", title="strata")
+    assert paths
+    text = (tmp_path / "out" / "report.md").read_text()
+    shift = GENEVAL["soar-s0"][200] - GENEVAL["sft-s0"][200]
+    # the counting task's mean moved by 0.4, the colours task's not: the overall's difference moves by 0.4 / 2
+    assert f"{shift + 0.2:+.3f}" in text
+    assert "in 2 strata (the overall is the mean of their means)" in text
+
+
+def test_results_jsonl_that_disagrees_with_the_summary_is_named(tmp_path):
+    exp = tmp_path / "exp"
+    base = write_summary(exp / "base", "base", "base", "base", 0, 0, BASE_GENEVAL)
+    _with_tasks(base, ["counting", "colors"])  # the summary has 4 prompts
+    with pytest.raises(UserError, match=r"results.jsonl: tags for 2 prompts, but .* per-prompt scores for 4"):
+        collect([exp])

@@ -53,6 +53,10 @@ class EvalSummary:
     model_path: str | None = None
     sampling: Mapping[str, Any] = field(default_factory=dict)
     method_version: str = ""  # the training method's recorded version ("... reconstructed ..." for some)
+    # per_prompt key -> one stratum label per prompt, where the key's overall is a mean of strata means
+    # (GenEval: the task of each prompt, read from the official results.jsonl beside the summary)
+    strata: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    n_images: int | None = None  # images scored, where the summary says (per-task counts make it not n x k)
 
     @property
     def eval_dir(self) -> Path:
@@ -243,7 +247,32 @@ def load_summary(path: Path) -> EvalSummary:
         model_path=fields.string("model.path", optional=True) if fields.get("model.path") is not None else None,
         sampling=fields.mapping("sampling", optional=True) if fields.get("sampling") is not None else {},
         method_version=_method_version(fields),
+        strata=_geneval_tasks(path, fields.number_lists("per_prompt", optional=True)),
+        n_images=fields.integer("benchmark.n_images", optional=True),
     )
+
+
+GENEVAL_RESULTS = "results.jsonl"
+
+
+def _geneval_tasks(summary: Path, per_prompt: Mapping[str, tuple[float, ...]]) -> dict[str, tuple[str, ...]]:
+    """GenEval's overall is the mean of its task means: each prompt's task, from the results.jsonl written beside
+    the summary (official rows: filename images/PPPPP_K.png and tag). Empty when there is none to read."""
+    n = len(per_prompt.get("geneval", ()))
+    results = summary.parent / GENEVAL_RESULTS
+    if not n or not results.is_file():
+        return {}
+    tags: dict[int, str] = {}
+    for lineno, row in read_jsonl(results, required=("filename", "tag")):
+        name = Path(str(row["filename"])).stem
+        index = name.split("_")[0]
+        if not index.isdigit() or not isinstance(row["tag"], str):
+            raise UserError(f"{results}:{lineno}: expected filename images/PPPPP_K.png and a string tag")
+        if tags.setdefault(int(index), row["tag"]) != row["tag"]:
+            raise UserError(f"{results}:{lineno}: prompt {int(index)} has two tags")
+    if sorted(tags) != list(range(n)):
+        raise UserError(f"{results}: tags for {len(tags)} prompts, but {summary} has per-prompt scores for {n}")
+    return {"geneval": tuple(tags[i] for i in range(n))}
 
 
 def _method_version(fields: "_Fields") -> str:

@@ -104,8 +104,8 @@ def check_controls(controls: Mapping[str, str], finals: Sequence, base, main_met
             results.append(ControlResult(kind, group, benchmark, check,
                                          "no per-prompt scores on the same prompts for both", None))
             continue
-        test = paired_bootstrap(ours.scores, theirs.scores)
-        mde = mde_paired(ours.scores - theirs.scores)
+        test = paired_bootstrap(ours.scores, theirs.scores, strata=ours.strata)
+        mde = mde_paired(ours.scores - theirs.scores, strata=ours.strata)
         finding = (f"{cp.label} ({cp.n_seeds} seeds) minus base: {test.diff:+.3f} [{test.lo:+.3f}, {test.hi:+.3f}], "
                    f"p {test.p_value:.3f}, over {test.n} prompts; minimum detectable difference {mde:.3f}")
         results.append(ControlResult(kind, group, benchmark, check, finding, bool(test.lo > 0)))

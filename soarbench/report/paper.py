@@ -101,6 +101,7 @@ class PaperRow:
     counters: Mapping[str, Cell | None] = field(default_factory=dict)
     per_seed: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # metric -> one value per seed
     per_prompt: Mapping[str, np.ndarray] = field(default_factory=dict)  # metric -> seeds' mean per prompt
+    strata: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # metric -> prompts' strata (GenEval tasks)
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,8 @@ def _measured_rows(data: ReportData, finals: Mapping[str, tuple[str | None, list
             per_seed={m: tuple(v for e in cp.evals if math.isfinite(v := e.scores.get(m, math.nan)))
                       for m, cp in cps.items()},
             per_prompt={m: pp.scores for m, cp in cps.items() if (pp := per_prompt_scores(cp, m)) is not None},
+            strata={m: pp.strata for m, cp in cps.items()
+                    if (pp := per_prompt_scores(cp, m)) is not None and pp.strata is not None},
         ))
     return tuple(rows)
 
@@ -275,7 +278,7 @@ def _paired_comparisons(finals, columns, reference: str | None, measured) -> lis
             ref_seeds = ref_row.per_seed.get(column.metric, ())
             out.append(Comparison(
                 column.metric, row.label, ref_row.label, "paired", True, test.diff, test.lo, test.hi,
-                test.p_value, mde_paired(diffs),
+                test.p_value, mde_paired(diffs, strata=row.strata.get(column.metric)),
                 mde_two_groups(row.per_seed.get(column.metric, ()), ref_seeds) if ref_seeds else math.nan,
             ))
     return out
@@ -301,7 +304,8 @@ def _published_comparisons(measured, published, columns) -> list[Comparison]:
                 prompts = row.per_prompt.get(column.metric)
                 out.append(Comparison(
                     column.metric, row.label, pub.label, PUBLISHED, True, diff=cell.value - pub_cell.value,
-                    mde_prompts=mde_paired(prompts) if prompts is not None else math.nan,
+                    mde_prompts=mde_paired(prompts, strata=row.strata.get(column.metric))
+                    if prompts is not None else math.nan,
                     mde_seeds=mde_two_groups(seeds, None) if len(seeds) >= 2 else math.nan,
                 ))
     return out

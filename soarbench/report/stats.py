@@ -81,11 +81,15 @@ def paired_bootstrap(
     n_resamples: int = N_RESAMPLES,
     seed: int = DEFAULT_SEED,
     alpha: float = DEFAULT_ALPHA,
+    strata: Sequence[str] | None = None,
 ) -> PairedTest:
     """Paired bootstrap test of H0: mean(a - b) = 0, where a[i] and b[i] are measured on the same unit i.
 
     Procedure: d = a - b; observed statistic t = mean(d). Resample the n pairs with replacement `n_resamples`
     times (resampling d[i] keeps each pair together) and take each resample's mean t*.
+    With `strata` (one label per unit, e.g. GenEval's task of each prompt) the statistic is the mean of the
+    strata's means, as GenEval's overall score is, and each stratum is resampled within itself (a stratified
+    bootstrap: every resample keeps each task's size).
     - Interval: the alpha/2 and 1 - alpha/2 percentiles of t*.
     - p-value: the t* distribution shifted to mean zero approximates t's distribution under H0 (Efron &
       Tibshirani 1993, section 16.4), so p = (1 + #{|t* - t| >= |t|}) / (1 + n_resamples). The +1 counts the
@@ -97,8 +101,14 @@ def paired_bootstrap(
         raise ValueError(f"paired samples differ in length: {a_arr.size} vs {b_arr.size}")
     _check_params(n_resamples, alpha)
     diffs = a_arr - b_arr
-    observed = float(diffs.mean())
-    means = _resampled_means(diffs, n_resamples, np.random.default_rng(seed))
+    if strata is not None:
+        groups = _strata_groups(strata, diffs.size)
+        observed = float(np.mean([diffs[g].mean() for g in groups]))
+        rng = np.random.default_rng(seed)
+        means = np.mean([_resampled_means(diffs[g], n_resamples, rng) for g in groups], axis=0)
+    else:
+        observed = float(diffs.mean())
+        means = _resampled_means(diffs, n_resamples, np.random.default_rng(seed))
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     as_extreme = int(np.count_nonzero(np.abs(means - observed) >= abs(observed)))
     bounds = (float(diffs.min()), float(diffs.max()))
@@ -109,6 +119,15 @@ def paired_bootstrap(
         p_value=(1 + as_extreme) / (1 + n_resamples),
         n=int(diffs.size),
     )
+
+
+def _strata_groups(strata: Sequence[str], n: int) -> list[np.ndarray]:
+    """Unit indices per stratum, strata in order of first appearance."""
+    labels = list(strata)
+    if len(labels) != n:
+        raise ValueError(f"strata has {len(labels)} labels for {n} units")
+    order = list(dict.fromkeys(labels))
+    return [np.flatnonzero(np.asarray([label == s for label in labels])) for s in order]
 
 
 def _resampled_means(values: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -164,16 +183,22 @@ def mde_multiplier(alpha: float = DEFAULT_ALPHA, power: float = DEFAULT_POWER) -
 
 
 def mde_paired(diffs: Sequence[float] | np.ndarray, alpha: float = DEFAULT_ALPHA,
-               power: float = DEFAULT_POWER) -> float:
+               power: float = DEFAULT_POWER, strata: Sequence[str] | None = None) -> float:
     """Smallest true mean difference a paired test over these n units detects with `power` (normal approximation).
 
     MDE = (z_(1-alpha/2) + z_power) * sd(d) / sqrt(n), sd with n - 1 degrees of freedom; NaN for fewer than 2
-    pairs, where no spread can be estimated.
+    pairs, where no spread can be estimated. With `strata` (see paired_bootstrap) the statistic is the mean of
+    the T strata's means, whose standard error is sqrt(sum_t sd_t^2 / n_t) / T; a stratum of one unit has no
+    spread to estimate and contributes none.
     """
     d = _finite_vector(diffs, "diffs")
     if d.size < 2:
         return math.nan
-    return mde_multiplier(alpha, power) * float(d.std(ddof=1)) / math.sqrt(d.size)
+    if strata is None:
+        return mde_multiplier(alpha, power) * float(d.std(ddof=1)) / math.sqrt(d.size)
+    groups = _strata_groups(strata, d.size)
+    variance = sum(float(d[g].var(ddof=1)) / g.size for g in groups if g.size >= 2) / len(groups) ** 2
+    return mde_multiplier(alpha, power) * math.sqrt(variance)
 
 
 def mde_two_groups(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray | None,

@@ -401,12 +401,15 @@ def _mde_notes(finals: Sequence[Checkpoint], key: str, reference_group: str, tes
     reference = per_prompt_scores(by_group[reference_group], key)
     notes = []
     for group in tests:
-        diffs = per_prompt_scores(by_group[group], key).scores - reference.scores
-        prompts = mde_paired(diffs)
+        ours = per_prompt_scores(by_group[group], key)
+        diffs = ours.scores - reference.scores
+        prompts = mde_paired(diffs, strata=ours.strata)
         seeds = mde_two_groups([e.scores.get(key, math.nan) for e in by_group[group].evals],
                                [e.scores.get(key, math.nan) for e in by_group[reference_group].evals])
         text = f"MDE of {group} vs {reference_group} on {key} (80% power, two-sided alpha 0.05): "
         text += f"{prompts:.{decimals}f} from {diffs.size} per-prompt differences"
+        if ours.strata is not None:
+            text += f" in {len(set(ours.strata))} strata (the overall is the mean of their means)"
         text += f", {seeds:.{decimals}f} from the seeds' spread." if math.isfinite(seeds) else \
             " (seeds: fewer than 2 per side, no spread)."
         notes.append(text)
@@ -430,7 +433,10 @@ def _benchmark_description(evals: Sequence[EvalSummary]) -> str:
     parts = []
     n_prompts = next((e.n_prompts for e in evals if e.n_prompts is not None), None)
     per_prompt = next((e.images_per_prompt for e in evals if e.images_per_prompt is not None), None)
-    if n_prompts is not None:
+    n_images = next((e.n_images for e in evals if e.n_images is not None), None)
+    if n_prompts is not None and n_images is not None and n_images != n_prompts * (per_prompt or 0):
+        parts.append(f"{n_prompts} prompts, {n_images} images")  # per-task image counts (min_images_per_task)
+    elif n_prompts is not None:
         parts.append(f"{n_prompts} prompts" + (f" x {per_prompt} images" if per_prompt is not None else ""))
     sha = next((e.prompt_set_sha256 for e in evals if e.prompt_set_sha256), None)
     if sha:
@@ -446,6 +452,7 @@ def _benchmark_description(evals: Sequence[EvalSummary]) -> str:
 class _PerPrompt:
     scores: np.ndarray  # mean over the checkpoint's seeds, one value per prompt
     prompt_set: str | None
+    strata: tuple[str, ...] | None = None  # the overall is the mean of these strata's means (GenEval's tasks)
 
 
 def paired_tests(
@@ -473,7 +480,7 @@ def paired_tests(
         ):
             notes.append(f"No paired test for '{group}': it was evaluated on other prompts than '{reference_group}'.")
             continue
-        tests[group] = paired_bootstrap(pp.scores, reference.scores)
+        tests[group] = paired_bootstrap(pp.scores, reference.scores, strata=pp.strata)
     return tests, notes
 
 
@@ -486,7 +493,8 @@ def per_prompt_scores(cp: Checkpoint, key: str) -> _PerPrompt | None:
     scores = np.asarray(lists, dtype=float).mean(axis=0)
     if not np.all(np.isfinite(scores)):
         return None
-    return _PerPrompt(scores, prompt_sets.pop())
+    strata = {e.strata.get(key) for e in cp.evals}
+    return _PerPrompt(scores, prompt_sets.pop(), strata.pop() if len(strata) == 1 else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
