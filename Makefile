@@ -18,7 +18,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 install: $(STAMP)
 
-# SFT and SOAR from the committed shapes base under one budget, evaluated at 4 budget points, then the report
+# SFT and SOAR from the committed shapes base under one budget, evaluated with the base on the test split, then the report
 demo: $(STAMP)
 	$(BIN)/soarbench run benchmarks/shapes/experiment.toml --out runs/shapes
 	@echo "report: reports/shapes/index.html"
