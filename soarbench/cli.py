@@ -433,8 +433,12 @@ def metrics_serve_geneval(
 
       SOARBENCH_GENEVAL_SERVER=http://127.0.0.1:8765 soarbench eval --images out --benchmark geneval --out evals/g
     """
+    import signal
+
     from soarbench.geneval import mmdet_backend
 
+    # started from a background shell, SIGINT would be inherited ignored: Ctrl-C / kill -INT must stop the server
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     child, health = mmdet_backend.start_server(python, config, checkpoint, device, host, port, timeout=timeout)
     # From here on a Ctrl-C (or any error) must stop the child, wherever it lands.
     try:

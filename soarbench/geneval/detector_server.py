@@ -41,6 +41,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import sys
 import threading
 from collections import namedtuple
@@ -357,6 +358,9 @@ def main(argv=None) -> int:
     server = make_server(service, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}", flush=True)
+    # A process started in the background by a shell inherits SIGINT ignored; SIGINT is how this server is
+    # stopped (Ctrl-C, or soarbench's launcher), so it always raises KeyboardInterrupt here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C or the launcher's SIGINT: a clean stop, not a traceback
