@@ -447,13 +447,9 @@ def _palette_labels(pixels: np.ndarray, max_distance: float) -> np.ndarray:
 
 def _best_shape(component: np.ndarray) -> tuple[str, float]:
     """The class whose template at the component's box overlaps it best, and that IoU."""
-    height, width = component.shape
-    area = int(component.sum())
     best_cls, best_iou = SHAPE_CLASSES[0], -1.0
     for cls in SHAPE_CLASSES:
-        template = shape_mask(cls, height, width)
-        inter = int(np.count_nonzero(component & template))
-        iou = inter / (area + int(template.sum()) - inter)
+        iou = tolerant_iou(component, shape_mask(cls, *component.shape), 0)
         if iou > best_iou:
             best_cls, best_iou = cls, iou
     return best_cls, best_iou
