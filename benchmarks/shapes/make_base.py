@@ -76,19 +76,6 @@ def train_vae(model_dir: Path, records, cfg: dict, device: str, log) -> None:
     vae.cpu().save_pretrained(model_dir / "vae")
 
 
-def write_sha256sums(folder: Path) -> None:
-    sums = []
-    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
-        sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(folder).as_posix()}")
-    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     """Full pipeline folder = the run's base folder (VAE, scheduler, tokenizers) + its last checkpoint, in fp16."""
     from diffusers import StableDiffusion3Pipeline
@@ -105,8 +92,13 @@ def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     (tmp / "recipe.toml").write_text(recipe_text)
     # trained without T5 tokens: evaluation must use the same (zero) length
     (tmp / "soarbench_model.json").write_text(json.dumps({"max_sequence_length": adapter.max_sequence_length}) + "\n")
-    write_sha256sums(tmp)
-    replace_folder(tmp, out)
+    sums = []
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(tmp).as_posix()}")
+    (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def finetune_decoder(model_dir: Path, records, cfg: dict, device: str, log) -> None:
@@ -145,15 +137,14 @@ def finetune_decoder(model_dir: Path, records, cfg: dict, device: str, log) -> N
     vae.cpu().save_pretrained(model_dir / "vae")
 
 
-def training_data(work: Path, name: str, cfg: dict, size: int, log, t_start: float):
-    from soarbench.worlds.shapes import is_current_training_split, write_training_split
+def training_data(data_dir: Path, cfg: dict, size: int):
+    """The recipe's shapes images, written by the harness's own generator (again when the split changed)."""
+    from soarbench.harness.data import ensure_generated
 
-    data_dir = work / name
-    if not is_current_training_split(data_dir, int(cfg["n_images"]), int(cfg["seed"]), size):
-        write_training_split(data_dir, n_images=int(cfg["n_images"]), seed=int(cfg["seed"]), size=size)
-    records = read_records(data_dir / "train.jsonl")
-    log(f"{name}: {len(records)} images ({time.time() - t_start:.0f}s)")
-    return data_dir / "train.jsonl", records
+    jsonl = data_dir / "train.jsonl"
+    ensure_generated({"jsonl": str(jsonl), "generate": {"world": "shapes", "n_images": int(cfg["n_images"]),
+                                                        "seed": int(cfg["seed"]), "image_size": size}})
+    return jsonl, read_records(jsonl)
 
 
 def pretrain(section: dict, model_dir: Path, jsonl: Path, run_dir: Path, device: str, log) -> None:
@@ -181,7 +172,8 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     recipe_text = args.recipe.read_text() + "\n# overrides: " + json.dumps(args.overrides) + "\n"
-    jsonl, records = training_data(work, "data", recipe["data"], int(recipe["tiny"]["image_size"]), log, t_start)
+    jsonl, records = training_data(work / "data", recipe["data"], int(recipe["tiny"]["image_size"]))
+    log(f"data: {len(records)} images ({time.time() - t_start:.0f}s)")
     model_dir = work / "init"
     if not (model_dir / "model_index.json").is_file():
         build_tiny_sd3(model_dir, TinySD3Config.from_dict(recipe["tiny"]))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -38,14 +37,14 @@ UNCOND_TARGET = 1.5  # a base whose CFG works: the empty prompt's error at most 
 
 
 def ensure_data(path: Path) -> Path:
-    from soarbench.worlds.shapes import is_current_training_split, write_training_split
+    """--data as given, or the post-training data written there by the harness's generator (the default path is
+    written again when its data was made for another split)."""
+    if path == DEFAULT_DATA or not path.is_file():
+        from soarbench.harness.data import ensure_generated
 
-    if path != DEFAULT_DATA and path.is_file():
-        return path  # the user's own data
-    if not is_current_training_split(path.parent, COMMON_DATA["n_images"], COMMON_DATA["seed"], COMMON_DATA["size"]):
-        print(f"writing the shapes post-training data to {path.parent} ...", file=sys.stderr)
-        write_training_split(path.parent, n_images=COMMON_DATA["n_images"], seed=COMMON_DATA["seed"],
-                             size=COMMON_DATA["size"])
+        ensure_generated({"jsonl": str(path), "generate": {"world": "shapes", "n_images": COMMON_DATA["n_images"],
+                                                           "seed": COMMON_DATA["seed"],
+                                                           "image_size": COMMON_DATA["size"]}})
     return path
 
 
