@@ -215,6 +215,7 @@ def _measured_rows(data: ReportData, finals: Mapping[str, tuple[str | None, list
     for group in sorted(by_group, key=lambda g: group_sort_key(g, data.group_methods.get(g, ""))):
         cps = by_group[group]
         first = cps[next(c.metric for c in columns if c.metric in cps)]
+        prompts = {m: pp for m, cp in cps.items() if (pp := per_prompt_scores(cp, m)) is not None}
         rows.append(PaperRow(
             block=MEASURED, label=first.label, group=group, method=first.method,
             cells={c.metric: cps[c.metric].score(c.metric) if c.metric in cps else None for c in columns},
@@ -224,9 +225,8 @@ def _measured_rows(data: ReportData, finals: Mapping[str, tuple[str | None, list
             counters={name: first.budget(name) for name in RAW_COUNTERS},
             per_seed={m: tuple(v for e in cp.evals if math.isfinite(v := e.scores.get(m, math.nan)))
                       for m, cp in cps.items()},
-            per_prompt={m: pp.scores for m, cp in cps.items() if (pp := per_prompt_scores(cp, m)) is not None},
-            strata={m: pp.strata for m, cp in cps.items()
-                    if (pp := per_prompt_scores(cp, m)) is not None and pp.strata is not None},
+            per_prompt={m: pp.scores for m, pp in prompts.items()},
+            strata={m: pp.strata for m, pp in prompts.items() if pp.strata is not None},
         ))
     return tuple(rows)
 
