@@ -367,6 +367,7 @@ TRAIN_SCHEMA: dict[str, dict[str, Field]] = {
         "eps": Field("number", 1e-8, low=0, low_open=True),
         "grad_clip": Field("number", 1.0, low=0),
         "warmup_steps": Field("int", 0, low=0),
+        "decay_steps": Field("int", 0, low=0),  # linear decay to 0 over the budget's last N steps (WSD); 0: none
         "mixed_precision": Field("str", "no", choices=("no", "bf16", "fp16")),
         "gradient_checkpointing": Field("bool", False),
         "allow_tf32": Field("bool", True),

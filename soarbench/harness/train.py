@@ -16,6 +16,7 @@ global batch. It counts nothing itself: the meter inside the model adapter and t
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -44,6 +45,16 @@ def resolve_config(cfg: dict) -> dict:
     """The config read once, typed, with every default filled in (soarbench.config.validate_train_config):
     unknown keys, wrong types and unknown names are one-line errors before any work."""
     return C.validate_train_config(cfg)
+
+
+def lr_multiplier(done: int, warmup: int, decay: int, total: int | None) -> float:
+    """The learning rate's factor for the optimizer step after `done` steps: a linear warmup over the first
+    `warmup` steps, then constant, then (warmup-stable-decay) a linear decay over the last `decay` of `total`
+    steps that reaches 1/decay on the last step (a step at rate 0 would be wasted)."""
+    factor = min(1.0, (done + 1) / warmup) if warmup else 1.0
+    if decay and total is not None:
+        factor = min(factor, max(total - done, 0) / decay)
+    return factor
 
 
 def accumulation_steps(tcfg: dict, world_size: int) -> int:
@@ -119,9 +130,12 @@ class Run:
         self.optimizer = torch.optim.AdamW(
             [{"params": g.params, "lr": lr if g.lr is None else float(g.lr)} for g in groups],
             lr=lr, betas=tuple(tcfg["betas"]), weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
-        warmup = int(tcfg["warmup_steps"])
+        warmup, decay = int(tcfg["warmup_steps"]), int(tcfg["decay_steps"])
+        if decay and self.total_steps is None:
+            raise UserError("config: train.decay_steps needs a budget whose number of optimizer steps is known in "
+                            f"advance, not {self.budget.unit}")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            self.optimizer, functools.partial(lr_multiplier, warmup=warmup, decay=decay, total=self.total_steps))
         net, self.optimizer = engine.prepare(self.roles.base, self.optimizer, self.cost.micro_batches,
                                              self.shape.batch_size, float(tcfg["grad_clip"]))
         if tcfg.get("compile"):
@@ -236,6 +250,7 @@ class Run:
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         self.step += 1
         ctx.step = self.step
+        lr_used = self.scheduler.get_last_lr()[0]  # the rate of this step (stepping the scheduler sets the next)
         if finite:
             self.optimizer.step()
             self.scheduler.step()
@@ -251,7 +266,7 @@ class Run:
         self.counters.add({n: int(round(v)) for n, v in zip(names, summed)})
         self.counters.optimizer_steps += 1
         self.counters.add_prompts(p for chunk in engine.all_gather_objects(sorted(prompts)) for p in chunk)
-        self._last = {"step": self.step, "loss": loss, **unit_logs, **logs, "lr": self.scheduler.get_last_lr()[0],
+        self._last = {"step": self.step, "loss": loss, **unit_logs, **logs, "lr": lr_used,
                       "grad_norm": grad_norm, "skipped": not finite}
         if self.cfg["train"]["check_replicas"]:
             engine.check_replicas(self.params, self.step)
