@@ -48,10 +48,13 @@ def test_learning_rate_warms_up_holds_and_decays_linearly(tiny_model_dir, shapes
         [1e-3 * f for f in (1 / 2, 1, 1, 1, 2 / 3, 1 / 3)])
 
 
-def test_decay_needs_a_budget_with_a_known_number_of_steps(tiny_model_dir, shapes_data, tmp_path):
+def test_decay_needs_a_known_number_of_steps_and_fits_in_them(tiny_model_dir, shapes_data, tmp_path):
     cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"unit": "wall_s", "amount": 5}, train={"decay_steps": 3})
     with pytest.raises(UserError, match="decay_steps"):
         train(cfg, tmp_path / "r", log=lambda m: None)
+    cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 2}, train={"decay_steps": 3})
+    with pytest.raises(UserError, match=r"decay_steps \(3\) is more than the budget's 2"):
+        train(cfg, tmp_path / "r2", log=lambda m: None)
 
 
 def test_soar_counters_equal_the_arithmetic(tiny_model_dir, shapes_data, tmp_path):

@@ -6,7 +6,8 @@
 Steps: build the tiny SD3; train its VAE; fine-tune the VAE decoder with the encoder frozen (a short full-VAE
 training leaves a decoder that blurs shapes into blobs; decoder steps are cheap and leave the latents alone);
 pretrain the transformer and both text encoders with soarbench's own SFT trainer, with caption dropout so the
-unconditional branch that classifier-free guidance extrapolates from is learnt; export.
+unconditional branch that classifier-free guidance extrapolates from is learnt, at a constant learning rate that
+then decays linearly to 0 (train.decay_steps); export.
 
 The work folder (--work, default .cache/make_base) keeps the data, the models and the pretraining runs, so an
 interrupted run resumes. The result is a standard diffusers StableDiffusion3Pipeline folder (fp16 weights, no

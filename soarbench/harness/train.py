@@ -134,6 +134,9 @@ class Run:
         if decay and self.total_steps is None:
             raise UserError("config: train.decay_steps needs a budget whose number of optimizer steps is known in "
                             f"advance, not {self.budget.unit}")
+        if decay > (self.total_steps or 0):
+            raise UserError(f"config: train.decay_steps ({decay}) is more than the budget's {self.total_steps} "
+                            f"optimizer steps")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_multiplier, warmup=warmup, decay=decay, total=self.total_steps))
         net, self.optimizer = engine.prepare(self.roles.base, self.optimizer, self.cost.micro_batches,
