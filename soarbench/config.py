@@ -368,6 +368,7 @@ TRAIN_SCHEMA: dict[str, dict[str, Field]] = {
         "grad_clip": Field("number", 1.0, low=0),
         "warmup_steps": Field("int", 0, low=0),
         "decay_steps": Field("int", 0, low=0),  # linear decay to 0 over the budget's last N steps (WSD); 0: none
+        "decay_fraction": Field("number", 0.0, low=0, high=1),  # the same, over this fraction of the run's steps
         "mixed_precision": Field("str", "no", choices=("no", "bf16", "fp16")),
         "gradient_checkpointing": Field("bool", False),
         "allow_tf32": Field("bool", True),

@@ -58,7 +58,7 @@ def test_experiments_plan_matched_budgets(name):
 
 def test_shapes_configs_share_common_settings():
     """sft/soar/flow_grpo.toml extend common.toml: their resolved shared sections are common's (Flow-GRPO's
-    LoRA learning rate is its one override)."""
+    LoRA learning rate and SFT's and SOAR's decay to 0 are the overrides)."""
     import tomllib
 
     common = C.load_toml(ROOT / "shapes" / "common.toml")
@@ -68,8 +68,9 @@ def test_shapes_configs_share_common_settings():
         cfg = C.load_toml(ROOT / "shapes" / name)
         assert "extends" not in cfg
         for section in ("model", "data", "train", "budget", "eval"):
-            expected = dict(common[section], lr=3e-4) if (name, section) == ("flow_grpo.toml", "train") \
-                else common[section]
+            overrides = {("flow_grpo.toml", "train"): {"lr": 3e-4}, ("sft.toml", "train"): {"decay_fraction": 1.0},
+                         ("soar.toml", "train"): {"decay_fraction": 1.0}}
+            expected = dict(common[section], **overrides.get((name, section), {}))
             assert cfg[section] == expected, (name, section)
 
 

@@ -39,10 +39,10 @@ def test_sft_counters_equal_the_arithmetic(tiny_model_dir, shapes_data, tmp_path
     assert run["budget"]["steps"] == 5 and run["budget"]["per_step"]["fwd_bwd"] == 4
 
 
-def test_learning_rate_warms_up_holds_and_decays_linearly(tiny_model_dir, shapes_data, tmp_path):
+@pytest.mark.parametrize("decay", [{"decay_steps": 3}, {"decay_fraction": 0.5}])
+def test_learning_rate_warms_up_holds_and_decays_linearly(tiny_model_dir, shapes_data, tmp_path, decay):
     # 6 steps, 2 of warmup and the last 3 decaying: by hand, the factors are 1/2, 1, 1, 1, 2/3, 1/3
-    cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 6},
-               train={"warmup_steps": 2, "decay_steps": 3})
+    cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 6}, train={"warmup_steps": 2, **decay})
     train(cfg, tmp_path / "r", log=lambda m: None)
     assert [row["lr"] for row in _log(tmp_path / "r")] == pytest.approx(
         [1e-3 * f for f in (1 / 2, 1, 1, 1, 2 / 3, 1 / 3)])
@@ -55,6 +55,10 @@ def test_decay_needs_a_known_number_of_steps_and_fits_in_them(tiny_model_dir, sh
     cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 2}, train={"decay_steps": 3})
     with pytest.raises(UserError, match=r"decay_steps \(3\) is more than the budget's 2"):
         train(cfg, tmp_path / "r2", log=lambda m: None)
+    cfg = _cfg(tiny_model_dir, shapes_data, "sft", budget={"amount": 4 * 2},
+               train={"decay_steps": 1, "decay_fraction": 0.5})
+    with pytest.raises(UserError, match="not both"):
+        train(cfg, tmp_path / "r3", log=lambda m: None)
 
 
 def test_soar_counters_equal_the_arithmetic(tiny_model_dir, shapes_data, tmp_path):

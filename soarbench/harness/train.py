@@ -57,6 +57,24 @@ def lr_multiplier(done: int, warmup: int, decay: int, total: int | None) -> floa
     return factor
 
 
+def decay_steps(tcfg: dict, total_steps: int | None, unit: str) -> int:
+    """The number of final steps whose learning rate decays: train.decay_steps, or train.decay_fraction of the
+    run's steps (a fraction decays runs of different methods, whose steps cost differently, alike)."""
+    steps, fraction = int(tcfg["decay_steps"]), float(tcfg["decay_fraction"])
+    if steps and fraction:
+        raise UserError("config: set train.decay_steps or train.decay_fraction, not both")
+    if not (steps or fraction):
+        return 0
+    if total_steps is None:
+        raise UserError("config: train.decay_steps and train.decay_fraction need a budget whose number of "
+                        f"optimizer steps is known in advance, not {unit}")
+    if fraction:
+        return max(1, round(fraction * total_steps))
+    if steps > total_steps:
+        raise UserError(f"config: train.decay_steps ({steps}) is more than the budget's {total_steps} optimizer steps")
+    return steps
+
+
 def accumulation_steps(tcfg: dict, world_size: int) -> int:
     """train.gradient_accumulation_steps, or derived from train.global_batch_size (the same config then runs on any
     number of processes and follows the same trajectory)."""
@@ -92,6 +110,7 @@ class Run:
         self.cost_of = lambda unit: self.method.unit_plan(self.shape, unit)
         planned = self.budget.plan_units(self.cost_of)  # refuses a budget below one unit of work
         self.total_steps = None if planned is None else planned[1]
+        self.decay_steps = decay_steps(tcfg, self.total_steps, self.budget.unit)
         if not resume and (self.out_dir / "train_log.jsonl").exists():
             raise UserError(f"{self.out_dir}: already holds a run (train_log.jsonl); pass --resume to continue it "
                             f"or choose another --out")
@@ -130,15 +149,8 @@ class Run:
         self.optimizer = torch.optim.AdamW(
             [{"params": g.params, "lr": lr if g.lr is None else float(g.lr)} for g in groups],
             lr=lr, betas=tuple(tcfg["betas"]), weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
-        warmup, decay = int(tcfg["warmup_steps"]), int(tcfg["decay_steps"])
-        if decay and self.total_steps is None:
-            raise UserError("config: train.decay_steps needs a budget whose number of optimizer steps is known in "
-                            f"advance, not {self.budget.unit}")
-        if decay > (self.total_steps or 0):
-            raise UserError(f"config: train.decay_steps ({decay}) is more than the budget's {self.total_steps} "
-                            f"optimizer steps")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, functools.partial(lr_multiplier, warmup=warmup, decay=decay, total=self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_multiplier, warmup=int(tcfg["warmup_steps"]), decay=self.decay_steps, total=self.total_steps))
         net, self.optimizer = engine.prepare(self.roles.base, self.optimizer, self.cost.micro_batches,
                                              self.shape.batch_size, float(tcfg["grad_clip"]))
         if tcfg.get("compile"):
