@@ -12,8 +12,8 @@ from soarbench.models.sd3 import SD3Adapter, verify_sha256sums
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "shapes" / "base_recipe.toml"
 MICRO = ["data.n_images=12", "vae.steps=2", "vae.batch_size=4", "decoder.steps=3", "decoder.batch_size=4",
-         "pretrain.budget.amount=2", "pretrain.train.batch_size=4", "pretrain.train.warmup_steps=0", "pretrain.train.decay_steps=1",
-         "pretrain.train.checkpoint_every=1"]
+         "pretrain.budget.amount=2", "pretrain.train.batch_size=4", "pretrain.train.warmup_steps=0",
+         "pretrain.train.decay_steps=1", "pretrain.train.checkpoint_every=1"]
 
 
 def _make_base():

@@ -16,7 +16,6 @@ T5) plus SHA256SUMS and recipe.toml.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -82,7 +81,8 @@ def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     from diffusers import StableDiffusion3Pipeline
 
     from soarbench.harness.checkpoint import latest_checkpoint
-    from soarbench.models.sd3 import SD3Adapter
+    from soarbench.io import sha256_file
+    from soarbench.models.sd3 import SUMS_FILE, SD3Adapter
 
     ckpt = latest_checkpoint(run_dir)
     adapter = SD3Adapter.from_pretrained(ckpt, device="cpu", max_sequence_length=0)
@@ -93,10 +93,9 @@ def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     (tmp / "recipe.toml").write_text(recipe_text)
     # trained without T5 tokens: evaluation must use the same (zero) length
     (tmp / "soarbench_model.json").write_text(json.dumps({"max_sequence_length": adapter.max_sequence_length}) + "\n")
-    sums = []
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
-        sums.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(tmp).as_posix()}")
-    (tmp / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    sums = [f"{sha256_file(f)}  {f.relative_to(tmp).as_posix()}"
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != SUMS_FILE)]
+    (tmp / SUMS_FILE).write_text("\n".join(sums) + "\n")  # the format verify_sha256sums reads
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
