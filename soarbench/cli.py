@@ -34,6 +34,20 @@ app.add_typer(ckpts_app, name="ckpts")
 app.add_typer(data_app, name="data")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from soarbench import __version__
+
+        typer.echo(f"soarbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="Print the version and exit.")) -> None:
+    pass  # no docstring: the help above is the app's
+
+
 def _console():
     from rich.console import Console
 
@@ -581,25 +595,53 @@ def _disk_full(error: BaseException) -> str | None:
     return None
 
 
-def main() -> None:
-    try:
-        from soarbench.registry import load_plugins
+def _usage_error(error) -> str:
+    """A command-line mistake (unknown option or command, missing value) as one line, with the usage to follow."""
+    ctx = getattr(error, "ctx", None)
+    line = f"error: {error.format_message()}"
+    if ctx is not None:
+        usage = ctx.get_usage().removeprefix("Usage:").strip()
+        line += f" (usage: {usage}; see '{ctx.command_path} --help')"
+    return line
 
+
+# Commands that must run even when a plugin is broken: `env` is what a bug report about that plugin needs.
+_WITHOUT_PLUGINS = {"env", "--version", "--help"}
+
+
+def _load_plugins(args: list[str]) -> None:
+    from soarbench.registry import load_plugins
+
+    try:
         load_plugins()
-        code = app(standalone_mode=False)
+    except UserError as e:
+        if args and args[0] not in _WITHOUT_PLUGINS:
+            raise
+        print(f"warning: {e}", file=sys.stderr)
+
+
+def main() -> None:
+    # typer >= 0.2x raises the exceptions of its bundled click (typer._click), which do not derive from click's
+    from typer.exceptions import Abort as TyperAbort, TyperException
+
+    import click
+
+    try:
+        _load_plugins(sys.argv[1:])
+        code = app(prog_name="soarbench", standalone_mode=False)  # not 'python -m soarbench': the command to type
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+    except (TyperException, click.exceptions.ClickException) as e:  # usage errors: one line, exit 2
+        if not getattr(e, "ctx", None) or e.format_message():
+            print(_usage_error(e), file=sys.stderr)
+        # else: no arguments at all, so the help (already printed) is the answer
+        sys.exit(e.exit_code)
+    except Exception as e:
+        if isinstance(e, (TyperAbort, click.exceptions.Abort)):
             sys.exit(1)
         full = _disk_full(e)
         if full is not None:

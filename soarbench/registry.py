@@ -51,4 +51,18 @@ def load_plugins() -> list[str]:
         except ImportError as e:
             raise UserError(f"plugin '{name}' (SOARBENCH_PLUGINS or the soarbench.plugins entry point) could not be "
                             f"imported: {e}") from None
+        except Exception as e:  # the plugin's own code failed (SyntaxError, a raise at import time): name the line
+            raise UserError(f"plugin '{name}' (SOARBENCH_PLUGINS or the soarbench.plugins entry point) failed while "
+                            f"being imported: {_where_raised(e)}{type(e).__name__}: {e}; fix the module or remove it "
+                            f"from SOARBENCH_PLUGINS") from None
     return names
+
+
+def _where_raised(error: BaseException) -> str:
+    """'file:line: ' of the innermost frame that raised (a SyntaxError names its own line in its message)."""
+    if isinstance(error, SyntaxError):
+        return ""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}: " if tb is not None else ""
