@@ -441,6 +441,7 @@ def validate_train_config(cfg: dict[str, Any]) -> dict[str, Any]:
         if name not in known:
             hint = _did_you_mean(name, known) or f" (valid: {', '.join(known)})"
             raise UserError(f"config: unknown section '{name}'{hint}")
+    cfg = _generation_switch(cfg)
     out = {name: _read_table(name, cfg.get(name, {}), schema) for name, schema in TRAIN_SCHEMA.items()}
     if "benchmark" in out["eval"]:
         out["eval"]["benchmark_options"] = validate_benchmark_options(out["eval"]["benchmark"],
@@ -459,6 +460,21 @@ def validate_train_config(cfg: dict[str, Any]) -> dict[str, Any]:
     out[METHOD_SECTION] = {"name": name, **validate_method_options(name, options)}
     _check_batches(out["train"])
     return out
+
+
+def _generation_switch(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`data.generate = false` (e.g. `--set data.generate=false` over a shipped config) turns generation off: the
+    key is dropped and data.jsonl is read as it is. Anything else but a generate table is refused."""
+    data = cfg.get("data")
+    if not isinstance(data, dict) or "generate" not in data:
+        return cfg
+    gen = data["generate"]
+    if gen is False:
+        return {**cfg, "data": {k: v for k, v in data.items() if k != "generate"}}
+    if not isinstance(gen, dict) or not gen:
+        raise UserError(f"config: data.generate = {_show(gen)}: expected {{ world = \"shapes\", n_images = N, ... }} "
+                        f"to write the data, or false to train on data.jsonl as it is")
+    return cfg
 
 
 def _check_batches(train: dict[str, Any]) -> None:

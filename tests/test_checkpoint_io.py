@@ -33,8 +33,12 @@ def test_write_seals_with_a_marker_listing_every_file(tmp_path):
     final = write_checkpoint(checkpoint_dir(tmp_path, 5), _writer(5))
     assert final == tmp_path / "checkpoints" / "step_000005"
     marker = json.loads((final / MARKER_FILE).read_text())
-    expected = {rel: (final / rel).stat().st_size for rel in ("transformer/model.bin", STATE_FILE)}
+    expected = {rel: (final / rel).stat().st_size for rel in ("SHA256SUMS", "transformer/model.bin", STATE_FILE)}
     assert marker["files"] == expected
+    # the sums, in sha256sum's format, cover every file but themselves and the marker written after them
+    sums = {rel: hashlib.sha256((final / rel).read_bytes()).hexdigest()
+            for rel in (STATE_FILE, "transformer/model.bin")}
+    assert (final / "SHA256SUMS").read_text() == "".join(f"{h}  {rel}\n" for rel, h in sorted(sums.items()))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000005"]  # no .tmp left
     assert load_trainer_state(final)["step"] == 5
 
@@ -120,6 +124,9 @@ def test_a_state_file_with_the_right_size_but_garbage_is_skipped(tmp_path):
     warnings: list[str] = []
     assert latest_checkpoint(tmp_path, warn=warnings.append) == checkpoint_dir(tmp_path, 10)
     assert warnings == [f"skipping {checkpoint_dir(tmp_path, 20)}: {STATE_FILE} is unreadable (File is not a zip file)"]
+    with pytest.raises(UserError, match=f"{STATE_FILE}: sha256 .* differs from"):  # the sums catch it first
+        load_trainer_state(checkpoint_dir(tmp_path, 20))
+    (checkpoint_dir(tmp_path, 20) / "SHA256SUMS").unlink()  # as written before checkpoints carried sums
     with pytest.raises(UserError, match="the trainer state cannot be read"):
         load_trainer_state(checkpoint_dir(tmp_path, 20))
 
@@ -268,3 +275,61 @@ def test_training_resumes_from_the_last_good_checkpoint_past_a_torn_one(tiny_mod
         assert torch.equal(p, q), name
     assert not leftover.exists()  # writing step 4 again cleared the killed write's leftover
     assert latest_checkpoint(tmp_path / "cut", warn=pytest.fail) == checkpoint_dir(tmp_path / "cut", 4)
+
+
+# ------------------------------------------------------------------------------------------------ damaged checkpoints
+def _flip(path: Path, n: int = 4000) -> None:
+    """Flip n bytes in the middle of a file, keeping its size (what COMPLETE.json's sizes cannot see)."""
+    data = bytearray(path.read_bytes())
+    start = (len(data) - n) // 2
+    data[start:start + n] = bytes(b ^ 0xFF for b in data[start:start + n])
+    path.write_bytes(bytes(data))
+
+
+def test_eval_refuses_a_checkpoint_with_flipped_bytes_in_one_line(adapter, tiny_model_dir, tmp_path, cli):
+    ckpt = save_checkpoint(tmp_path / "run", 3, adapter, ["transformer"], tiny_model_dir, {"step": 3}, {})
+    weights = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert f"  transformer/{weights.name}\n" in (ckpt / "SHA256SUMS").read_text()
+    _flip(weights)
+    assert latest_checkpoint(tmp_path / "run", warn=pytest.fail) == ckpt  # the sizes still match
+    code, out, err = cli("eval", "--model", ckpt, "--benchmark", "shapes", "--option", "n_per_tag=1",
+                         "--out", tmp_path / "eval")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {weights}: sha256 ") and "the file is damaged or was changed" in err
+    assert not (tmp_path / "eval").exists()  # refused before anything was written
+
+
+def test_resume_names_a_damaged_checkpoint_and_the_one_to_continue_from(tmp_path):
+    for step in (10, 20):
+        write_checkpoint(checkpoint_dir(tmp_path, step), _writer(step))
+    damaged = checkpoint_dir(tmp_path, 20)
+    _flip(damaged / "transformer" / "model.bin", 40)
+    assert latest_checkpoint(tmp_path, warn=pytest.fail) == damaged
+    with pytest.raises(UserError) as e:
+        load_trainer_state(damaged)
+    message = str(e.value)
+    assert message.startswith(f"checkpoint {damaged} is damaged: {damaged / 'transformer' / 'model.bin'}: sha256 ")
+    assert message.endswith(f"; move it out of {tmp_path / 'checkpoints'} (or delete it) and rerun with --resume to "
+                            f"continue from {checkpoint_dir(tmp_path, 10)}")
+    assert "\n" not in message
+    shutil.rmtree(damaged)  # what the message says to do: resume then takes step 10
+    assert load_trainer_state(latest_checkpoint(tmp_path, warn=pytest.fail))["step"] == 10
+    _flip(checkpoint_dir(tmp_path, 10) / STATE_FILE, 40)
+    with pytest.raises(UserError, match=r"continue from the start \(no earlier complete checkpoint\)$"):
+        load_trainer_state(checkpoint_dir(tmp_path, 10))
+
+
+def test_train_resume_refuses_a_damaged_checkpoint(tiny_model_dir, shapes_data, tmp_path):
+    from soarbench.harness.train import train
+
+    cfg = {"model": {"path": str(tiny_model_dir), "max_sequence_length": 0}, "data": {"jsonl": str(shapes_data)},
+           "method": {"name": "sft"}, "train": {"seed": 5, "batch_size": 4, "lr": 1e-3, "threads": 2,
+                                                "checkpoint_every": 1},
+           "budget": {"unit": "optimizer_steps", "amount": 2}}
+    train(cfg, tmp_path / "run", log=lambda m: None)
+    weights = checkpoint_dir(tmp_path / "run", 2) / "transformer" / "diffusion_pytorch_model.safetensors"
+    _flip(weights)
+    with pytest.raises(UserError, match=rf"^checkpoint .*step_000002 is damaged: {weights}: sha256 .* continue "
+                                        rf"from {checkpoint_dir(tmp_path / 'run', 1)}$"):
+        train({**cfg, "budget": {"unit": "optimizer_steps", "amount": 3}}, tmp_path / "run", resume=True,
+              log=lambda m: None)

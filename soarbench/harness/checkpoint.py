@@ -8,8 +8,12 @@ name:
     folder = latest_checkpoint(run_dir)          # the newest complete one, or None; others are named and skipped
     state = load_trainer_state(folder)
 
-write_checkpoint lets the writer fill step_NNNNNN.tmp beside the final folder, fsyncs every file and folder, writes
-COMPLETE.json (every file with its size) last, and only then renames the folder into place. A failed write (a full
+write_checkpoint lets the writer fill step_NNNNNN.tmp beside the final folder, writes SHA256SUMS (every file's
+sha256, the format model folders ship), fsyncs every file and folder, writes COMPLETE.json (every file with its
+size) last, and only then renames the folder into place. `soarbench eval --model` and `train --resume` verify the
+sums before loading: a damaged file is one line naming it (exit 2), never a silently wrong model. sha256 runs at
+about 1.7 GB/s here (1 GiB of random bytes, AMD EPYC, one core), so a 10 GB checkpoint costs about 6 s to seal and
+as much to verify, next to the minutes a save, a resume or an eval takes: always on. A failed write (a full
 disk, a crash in the writer) removes the temporary folder and leaves every earlier checkpoint as it was; a killed
 process leaves at most a step_NNNNNN.tmp folder, which latest_checkpoint skips with a warning.
 """
@@ -26,6 +30,7 @@ from typing import Callable
 import torch
 
 from soarbench.errors import UserError
+from soarbench.models.sd3 import SUMS_FILE, sha256sums_text, verify_sha256sums
 
 STATE_FILE = "trainer_state.pt"
 MARKER_FILE = "COMPLETE.json"
@@ -51,17 +56,20 @@ def _files_with_sizes(folder: Path) -> dict[str, int]:
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER_FILE}
 
 
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _seal(folder: Path) -> None:
-    """fsync every file and folder, then write the completeness marker (itself fsynced) last."""
+    """Write SHA256SUMS, fsync every file and folder, then write the completeness marker (itself fsynced) last."""
+    _write_synced(folder / SUMS_FILE, sha256sums_text(folder, skip=(MARKER_FILE,)))
     files = _files_with_sizes(folder)
     for rel in files:
         _fsync_path(folder / rel)
-    marker = folder / MARKER_FILE
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump({"format": 1, "files": files}, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(folder / MARKER_FILE, json.dumps({"format": 1, "files": files}, indent=2) + "\n")
     for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
         _fsync_path(sub)
     _fsync_path(folder)
@@ -182,7 +190,32 @@ def latest_checkpoint(run_dir: Path, warn: Callable[[str], None] = print) -> Pat
     return latest_checkpoint_in(Path(run_dir) / "checkpoints", warn)
 
 
+def verify_checkpoint(folder: Path) -> None:
+    """Check the files of a checkpoint against its SHA256SUMS (checkpoints from before the sums have none: nothing
+    to check); a damaged one is one UserError line naming the checkpoint, the file and what to do."""
+    folder = Path(folder)
+    try:
+        verify_sha256sums(folder)
+    except UserError as e:
+        before = _complete_checkpoint_before(folder)
+        then = f"from {before}" if before is not None else "from the start (no earlier complete checkpoint)"
+        raise UserError(f"checkpoint {folder} is damaged: {e}; move it out of {folder.parent} (or delete it) and "
+                        f"rerun with --resume to continue {then}") from None
+
+
+def _complete_checkpoint_before(folder: Path) -> Path | None:
+    m = STEP_PATTERN.match(folder.name)
+    if m is None or not folder.parent.is_dir():
+        return None
+    earlier = sorted(((int(n.group(1)), p) for p in folder.parent.iterdir()
+                      if (n := STEP_PATTERN.match(p.name)) and p.is_dir() and int(n.group(1)) < int(m.group(1))),
+                     reverse=True)
+    return next((p for _, p in earlier if checkpoint_problem(p) is None), None)
+
+
 def load_trainer_state(folder: Path) -> dict:
+    """The trainer state of a checkpoint, once its files are verified against its SHA256SUMS (verify_checkpoint)."""
+    verify_checkpoint(folder)
     path = Path(folder) / STATE_FILE
     try:
         # weights_only: the state holds tensors, numbers, strings, lists and dicts only

@@ -270,26 +270,47 @@ class ImageData:
         self.sampler.load_state_dict(state["sampler"])
 
 
-def ensure_generated(dcfg: dict, engine=None) -> None:
-    """Worlds that make their own data (the shapes world) write it where data.jsonl points, once per draw: data
-    written by another version of the world's split (its manifest differs or is missing) is written again."""
+def generation_plan(dcfg: dict) -> tuple[Path, dict] | None:
+    """Where data.generate would write and the draw it would write (None when it is off), or a one-line refusal
+    before anything is written: generation writes only into a folder it owns (new, empty, or holding its own
+    manifest), never over the user's data."""
     gen = dcfg.get("generate")
     if not gen:
-        return
+        return None
     if gen.get("world") != "shapes":
         from soarbench.errors import did_you_mean
 
         raise did_you_mean("data.generate.world", str(gen.get("world")), ["shapes"])
-    from soarbench.worlds.shapes import is_current_training_split, write_training_split
+    from soarbench.worlds.shapes import MANIFEST, owns_folder
 
     target = Path(dcfg["jsonl"])
+    if target.name != "train.jsonl":
+        raise UserError(f"data.jsonl = {target}: data.generate writes train.jsonl, so data.jsonl must end in "
+                        f"/train.jsonl (or pass --set data.generate=false to train on {target.name} as it is)")
+    if not owns_folder(target.parent):
+        raise UserError(f"data.jsonl = {target}: {target.parent} holds data the shapes world did not write (no "
+                        f"{MANIFEST}) and data.generate would write over it; pass --set data.generate=false to "
+                        f"train on it, or point data.jsonl into a new folder")
     draw = {"n_images": int(gen.get("n_images", 4000)), "seed": int(gen.get("seed", 1)),
             "size": int(gen.get("image_size", 32))}
+    return target, draw
+
+
+def ensure_generated(dcfg: dict, engine=None) -> None:
+    """Worlds that make their own data (the shapes world) write it where data.jsonl points, once per draw: data
+    written by another version of the world's split (its manifest differs) is written again. A folder the world
+    did not write is refused (generation_plan); `data.generate = false` turns generation off."""
+    plan = generation_plan(dcfg)
+    if plan is None:
+        return
+    from soarbench.worlds.shapes import is_current_training_split, write_training_split
+
+    target, draw = plan
     current = is_current_training_split(target.parent, **draw)
+    if engine is not None:
+        engine.barrier()  # every process has checked the folder before the main one writes into it
     if not current and (engine is None or engine.is_main):
         write_training_split(target.parent, **draw)
-        if not target.is_file():
-            raise UserError(f"data.jsonl = {target}: the shapes world writes train.jsonl in that folder")
     if engine is not None:
         engine.barrier()
 

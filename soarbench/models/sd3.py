@@ -133,6 +133,35 @@ def verify_sha256sums(folder: Path) -> int:
     return checked
 
 
+def sha256sums_text(folder: Path, skip: tuple[str, ...] = ()) -> str:
+    """SHA256SUMS for every file under `folder` (sorted relative paths; SHA256SUMS itself, `skip` and hidden entries
+    left out), in the format verify_sha256sums reads."""
+    from soarbench.io import sha256_file
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (SUMS_FILE, *skip)
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))  # e.g. .cache/
+    return "".join(f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in files)
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """One sha256 naming a model's content: its base folder's and, for a checkpoint, the checkpoint's files.
+
+    A folder that ships SHA256SUMS contributes that file (from_pretrained verifies it against the files); one
+    without is hashed file by file here (sha256 runs at about 1.7 GB/s on one core). Keyed to content, not to the
+    path: a checkpoint replaced at the same path gets another fingerprint."""
+    import hashlib
+
+    base, record = resolve_model_folder(path)
+    folders = [("base", base)] + ([("checkpoint", Path(path))] if record is not None else [])
+    h = hashlib.sha256()
+    for role, folder in folders:
+        sums = folder / SUMS_FILE
+        text = sums.read_text(encoding="utf-8") if sums.is_file() else sha256sums_text(folder)
+        h.update(f"{role}\n{text}".encode("utf-8"))
+    return h.hexdigest()
+
+
 def recorded_sequence_length(base: Path, record: dict | None) -> int:
     """The T5 length a model was trained with: the checkpoint's record, else the base's soarbench_model.json,
     else 77; a recorded value that is not an integer >= 0 is one UserError line naming the file."""
