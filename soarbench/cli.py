@@ -127,6 +127,21 @@ def _check_out(out: Path, flag: str = "--out") -> None:
         raise UserError(f"{flag} {out}: cannot write in {parent} ({e.strerror or e})") from None
 
 
+_held_locks: list = []  # released when main() returns, however the command ended
+
+
+def _lock_out(out: Path) -> None:
+    """One writer per --out folder (train, eval, run): a live holder is refused, a dead one's lock taken over."""
+    from soarbench.harness.lock import FolderLock
+
+    _held_locks.append(FolderLock(out, log=_log).acquire())
+
+
+def _release_locks() -> None:
+    while _held_locks:
+        _held_locks.pop().release()
+
+
 def _check_range(flag: str, value, low=None, finite: bool = False) -> None:
     import math
 
@@ -176,6 +191,7 @@ def train(
         METHODS.check(cfg["method"]["name"])
     checked = C.validate_train_config(cfg)  # every key, type and range, before anything is loaded or written
     _check_out(out)
+    _lock_out(out)
     run_train(cfg, out, resume=resume, log=_log, progress=Progress("training", every=checked["log"]["every"],
                                                                    unit="step"))
     _log(f"done: {out}")
@@ -260,6 +276,7 @@ def eval_(
     BENCHMARKS.check(benchmark)
     bench_options = _benchmark_options(benchmark, option)
     _check_out(out)
+    _lock_out(out)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     for name in names or []:
         METRICS.check(name)
@@ -362,6 +379,7 @@ def run(
     from soarbench.experiment import run_experiment
 
     _check_out(out)
+    _lock_out(out)
     run_experiment(experiment, out, list(set_), log=_log,
                    progress_factory=lambda name: Progress(name, every=10, unit=f"[{name}] step"))
 
@@ -621,6 +639,13 @@ def _load_plugins(args: list[str]) -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+    finally:  # an error, Ctrl-C or the end: the folder is free again (a kill -9 leaves a lock the next one takes)
+        _release_locks()
+
+
+def _main() -> None:
     # typer >= 0.2x raises the exceptions of its bundled click (typer._click), which do not derive from click's
     from typer.exceptions import Abort as TyperAbort, TyperException
 
