@@ -4,10 +4,12 @@ An experiment file holds a [common] config shared by every run, one [runs.NAME] 
 [common]; `seeds = [0, 1, 2]` repeats it), and an [experiment] table (name, report folder, whether to evaluate
 the base model). Runs land in DIR/NAME-sSEED/, the base model's eval in DIR/base/, and the report in the
 [experiment] report folder (default DIR/report). A finished run is skipped when the command is repeated; an
-unfinished one resumes from its last checkpoint.
+unfinished one resumes from its last checkpoint; a run folder trained with another config is refused, naming
+the differing keys (refuse_changed_run).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +41,39 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "done.json").is_file()
 
 
+# Options that change no result: a finished run trained with other values of these is still the run asked for.
+RESULT_NEUTRAL = ("train.device", "train.threads", "train.checkpoint_every", "log.", "eval.batch_size")
+
+
+def refuse_changed_run(run_dir: Path, cfg: dict) -> None:
+    """A run folder is keyed to its resolved config (its config.toml): a finished run is skipped only when it was
+    trained with the config asked now, and an unfinished one resumes only under --resume's rules; otherwise one
+    line names every differing key, before any work."""
+    from soarbench.harness.train import _diff, _refuse_changed_config
+
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return
+    if not finished(run_dir):
+        _refuse_changed_config(run_dir, cfg)
+        return
+    asked = json.loads(json.dumps(cfg, default=str))
+    changed = {key: pair for key, pair in _diff(C.load_config(path), asked).items()
+               if not any(key == k or key.startswith(k) for k in RESULT_NEUTRAL)}
+    if changed:
+        keys = ", ".join(f"{key}={_shown(before)} (now {_shown(after)})" for key, (before, after) in changed.items())
+        raise UserError(f"{run_dir}: finished with {keys}; use a new --out or remove the folder")
+
+
+def _shown(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # budget.amount = 4 is read as 4.0
+    return "(unset)" if value is None else C._show(value)
+
+
 def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callable[[str], None],
                    progress_factory: Callable[[str], Any] | None = None) -> Path:
+    from soarbench.harness.data import generation_plan
     from soarbench.harness.train import train
     from soarbench.report import write_report
 
@@ -51,9 +84,16 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
     probe = probe_options(meta.get("probe"), plan, path)  # checked before the first run starts
     for name, cfg in plan:  # every run's config checked before the first one starts
         try:
-            C.validate_train_config(cfg)
+            resolved = C.validate_train_config(cfg)
+            generation_plan(resolved["data"])  # refuses to generate over the user's data before anything is written
         except UserError as e:
             raise UserError(f"{path} run '{name}': {e}") from None
+        refuse_changed_run(out_dir / name, resolved)
+    if probe:
+        try:
+            generation_plan({"jsonl": probe["jsonl"], "generate": probe["generate"]})
+        except UserError as e:
+            raise UserError(f"{path} [experiment.probe]: {e}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     from soarbench.io import atomic_write_text
 

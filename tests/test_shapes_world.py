@@ -348,8 +348,12 @@ def test_generated_data_of_another_split_or_draw_is_written_again(tmp_path):
     jsonl.write_text("stale\n")
     ensure_generated(cfg)
     assert jsonl.read_bytes() == first
-    # nor is data without a manifest, or of another draw
-    (jsonl.parent / shapes.MANIFEST).unlink()
-    assert not shapes.is_current_training_split(jsonl.parent, 12, 5, 32)
+    # nor is data of another draw
     ensure_generated(dict(cfg, generate=dict(cfg["generate"], n_images=6)))
     assert len(jsonl.read_text().splitlines()) == 6 and shapes.is_current_training_split(jsonl.parent, 6, 5, 32)
+    # a folder without the manifest is not the world's: refused, never written (tests/test_generated_data.py)
+    (jsonl.parent / shapes.MANIFEST).unlink()
+    assert not shapes.is_current_training_split(jsonl.parent, 6, 5, 32)
+    with pytest.raises(UserError, match="did not write"):
+        ensure_generated(cfg)
+    assert len(jsonl.read_text().splitlines()) == 6

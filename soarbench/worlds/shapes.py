@@ -345,12 +345,33 @@ def shapes_metadata(split: str, seed: int = TEST_SEED, n_per_tag: int = 20) -> l
     rng = np.random.default_rng(seed)
     if split == "train":
         return [_sample_train_row(rng, tag) for tag in TAGS for _ in range(n_per_tag)]
+    return _choose_per_tag({tag: _test_candidates(tag) for tag in TAGS}, rng, n_per_tag)
+
+
+def _choose_per_tag(candidates: Mapping[str, list[Row]], rng: np.random.Generator, n_per_tag: int) -> list[Row]:
+    """Per task in GenEval's order, n_per_tag distinct candidates drawn without replacement (all when fewer)."""
     rows: list[Row] = []
     for tag in TAGS:
-        candidates = _test_candidates(tag)
-        chosen = rng.choice(len(candidates), size=min(n_per_tag, len(candidates)), replace=False)
-        rows.extend(candidates[int(i)] for i in chosen)
+        chosen = rng.choice(len(candidates[tag]), size=min(n_per_tag, len(candidates[tag])), replace=False)
+        rows.extend(candidates[tag][int(i)] for i in chosen)
     return grammar.dedup(rows)
+
+
+def training_rows(n_images: int, seed: int) -> list[Row]:
+    """The prompt rows of `write_training_split(n_images, seed)`, in order, without rendering anything (prompts
+    have their own random stream): tasks cycle in GenEval order."""
+    prompt_rng = np.random.default_rng(seed)
+    return [_sample_train_row(prompt_rng, TAGS[i % len(TAGS)]) for i in range(n_images)]
+
+
+def training_prompt_metadata(n_images: int, seed: int, choice_seed: int = TEST_SEED,
+                             n_per_tag: int = ALL_TEST_PROMPTS) -> list[Row]:
+    """Distinct prompts of the training draw (n_images, seed), at most n_per_tag per task drawn with choice_seed:
+    the in-distribution counterpart of the test split, to tell "did not learn" from "did not generalise"."""
+    by_tag: dict[str, list[Row]] = {tag: [] for tag in TAGS}
+    for row in grammar.dedup(training_rows(n_images, seed)):
+        by_tag[row["tag"]].append(row)
+    return _choose_per_tag(by_tag, np.random.default_rng(choice_seed), n_per_tag)
 
 
 def write_test_metadata(path: str | os.PathLike, seed: int = TEST_SEED, n_per_tag: int = 20) -> Path:
@@ -374,11 +395,16 @@ def write_training_split(
     if n_images < 0:
         raise UserError(f"n_images must be >= 0, got {n_images}")
     out_dir = Path(out_dir)
+    if not owns_folder(out_dir):
+        raise UserError(f"{out_dir}: holds files the shapes world did not write (no {MANIFEST}); it writes only "
+                        f"into a new or empty folder, or one it wrote before: choose another folder")
+    # Claim the folder before the first image: a write killed half-way leaves a folder still marked as ours (and,
+    # the claim not being a finished draw's manifest, not current), so the next run writes it again.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / MANIFEST, json.dumps({"world": "shapes", "complete": False}) + "\n")
     image_dir = out_dir / "images"
-    prompt_rng = np.random.default_rng(seed)
     lines = []
-    for i in range(n_images):
-        row = _sample_train_row(prompt_rng, TAGS[i % len(TAGS)])
+    for i, row in enumerate(training_rows(n_images, seed)):
         png = encode_png(render_metadata(row, np.random.default_rng((seed, i)), size).image)
         md5 = hashlib.md5(png).hexdigest()
         image_path = image_dir / f"{md5}.png"
@@ -401,6 +427,23 @@ def training_manifest(n_images: int, seed: int, size: int) -> dict[str, Any]:
     held = json.dumps(sorted(held_out_combinations()), separators=(",", ":"))
     return {"world": "shapes", "held_out_sha256": hashlib.sha256(held.encode()).hexdigest(), "n_images": int(n_images),
             "seed": int(seed), "image_size": int(size)}
+
+
+def owns_folder(out_dir: str | os.PathLike) -> bool:
+    """Whether the shapes world may write training data into out_dir: a folder that does not exist yet, an empty
+    one, or one holding its manifest (data it wrote before). Any other folder is the user's and never written."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return True
+    if not out_dir.is_dir():
+        return False
+    if not any(out_dir.iterdir()):
+        return True
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("world") == "shapes"
 
 
 def is_current_training_split(out_dir: str | os.PathLike, n_images: int, seed: int, size: int) -> bool:
