@@ -12,10 +12,19 @@ Every mode Pillow reads becomes what a viewer would show, or is refused in one l
   F (32-bit float), LAB            refused: there is no one right way to map them to 8-bit RGB
 Pillow's plain `convert("RGB")` gets three of these wrong: it clips 16-bit values at 255 (a white image), and it
 drops alpha, so transparent pixels show whatever colour they hold (often black).
+
+Sizes are read from the file's header before anything is decoded (`image_size`): an image above MAX_PIXELS
+(8192 x 8192 = 67,108,864 pixels; `soarbench eval --images ... --max-pixels N` changes it) is refused in one line
+naming the file and its size, instead of filling the memory (six 10000 x 10000 PNGs were OOM-killed after 32
+minutes). Scoring also refuses images under MIN_SCORED_SIDE (16) pixels on a side: a 1 x 1 image is a broken
+export, and every metric would quietly score it as an empty picture.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,10 +35,31 @@ WHITE = (255, 255, 255)
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 PLAIN = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+MAX_PIXELS = 8192 * 8192
+MIN_SCORED_SIDE = 16
 
 
 class ModeError(ValueError):
     """An image mode with no faithful 8-bit RGB reading."""
+
+
+class SizeError(ValueError):
+    """An image too large to decode safely, or too small to score."""
+
+
+def _check_size(width: int, height: int, max_pixels: int, min_side: int) -> None:
+    if width * height > max_pixels:
+        raise SizeError(f"{width} x {height} pixels (read from its header) is above the limit of {max_pixels:,} "
+                        f"pixels; downscale it (soarbench eval --images takes --max-pixels N to raise the limit)")
+    if min(width, height) < min_side:
+        raise SizeError(f"{width} x {height} pixels is below the {min_side} px a side an image needs to be scored "
+                        f"(a broken export? every metric would score it as an empty picture); replace or remove it")
+
+
+def _bomb_pixels(error: Exception) -> str:
+    """The pixel count in Pillow's DecompressionBombError ("Image size (N pixels) exceeds limit of M pixels...")."""
+    m = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(m.group(1)):,}" if m else "too many"
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
@@ -60,14 +90,42 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     raise ModeError("no faithful 8-bit RGB reading" if mode in ("F", "LAB") else "not a supported mode")
 
 
-def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE, where: str | None = None) -> Image.Image:
+def image_size(path: str | Path, max_pixels: int = MAX_PIXELS, min_side: int = 1,
+               where: str | None = None) -> tuple[int, int]:
+    """(width, height) from the file's header, nothing decoded; a UserError naming the file for a file that is
+    missing or not an image, above `max_pixels`, or with a side under `min_side`."""
+    return _read(path, where, max_pixels, min_side, lambda image: image.size)
+
+
+def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE, where: str | None = None,
+             max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The image at `path` as 8-bit RGB; a UserError (one line, prefixed with `where`, e.g. "data.jsonl:3") for a
-    file that is missing, not an image, truncated, or in a mode with no faithful RGB reading."""
+    file that is missing, not an image, truncated, above `max_pixels` (refused before decoding), or in a mode
+    with no faithful RGB reading."""
+    def decode(image: Image.Image) -> Image.Image:
+        image.load()
+        return to_rgb(image, background)
+
+    return _read(path, where, max_pixels, 1, decode)
+
+
+def _read(path: str | Path, where: str | None, max_pixels: int, min_side: int, then: Callable):
+    """Open lazily (Pillow reads only the header), check the size, then `then(image)`; every failure one line."""
     name = f"{where}: image {path}" if where else f"{path}"
+    image = None
     try:
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image, background)
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit and refuses above twice it: the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_size(*image.size, max_pixels, min_side)
+                return then(image)
+    except SizeError as e:
+        raise UserError(f"{name}: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{name}: {_bomb_pixels(e)} pixels (read from its header) is above the limit of "
+                        f"{min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels)):,} pixels; downscale it") \
+            from None
     except ModeError as e:
         what = "mode" if where else "image mode"
         raise UserError(f"{name}: {what} {image.mode} cannot be read as RGB ({e})") from None
