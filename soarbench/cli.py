@@ -226,6 +226,9 @@ def eval_(
     option: List[str] = typer.Option(
         [], "--option", help="KEY=VALUE, repeatable: a benchmark option, as eval.benchmark_options in a config "
                              "(shapes: n_per_tag, images_per_prompt, min_images_per_task, seed, image_size)."),
+    max_pixels: Optional[int] = typer.Option(
+        None, "--max-pixels", help="With --images: refuse images above this many pixels, read from their headers "
+                                   "before decoding (default 67108864 = 8192 x 8192)."),
 ):
     """Generate a benchmark's images with fixed seeds and score them, or score existing images (--images).
 
@@ -255,7 +258,7 @@ def eval_(
     if model is None and images is None:
         raise UserError("give --model (generate, then score) or --images (score existing images)")
     if images is None:
-        generation_only = {"--prompts": prompts}
+        generation_only = {"--prompts": prompts, "--max-pixels": max_pixels}
     else:
         generation_only = {"--seed": seed, "--steps": steps, "--guidance": guidance,
                            "--max-sequence-length": max_sequence_length, "--steer": steer}
@@ -267,6 +270,7 @@ def eval_(
     _check_range("--seed", seed, low=0)
     _check_range("--guidance", guidance, finite=True)
     _check_range("--max-sequence-length", max_sequence_length, low=0)
+    _check_range("--max-pixels", max_pixels, low=1)
     if images is None:
         _check_device(device)
     if steer is not None:
@@ -285,7 +289,8 @@ def eval_(
 
         bench = build_benchmark(benchmark, **bench_options)
         summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
-                               on_progress=Progress(f"score {benchmark}", every=0))
+                               on_progress=Progress(f"score {benchmark}", every=0), log=_log,
+                               **({"max_pixels": max_pixels} if max_pixels is not None else {}))
         if not summary["benchmark"]["covers_benchmark"]:
             _log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
                  f"{bench.images_per_prompt} images): the scores are not its official numbers")
@@ -293,7 +298,7 @@ def eval_(
         import torch
 
         from soarbench.evaluate import evaluate
-        from soarbench.models.sd3 import SD3Adapter
+        from soarbench.models.sd3 import SD3Adapter, weights_fingerprint
 
         from soarbench.harness.engine import Engine, resolve_device
 
@@ -313,9 +318,10 @@ def eval_(
             steering = load_steering(model, adapter, *steer_setting)
         summary = evaluate(adapter, bench, out, seed=0 if seed is None else seed, metric_names=names,
                            batch_size=batch_size,
-                           model_info={"path": str(model), "label": model.name, "method": "eval", "step": None},
+                           model_info={"path": str(model), "label": model.name, "method": "eval", "step": None,
+                                       "weights_sha256": weights_fingerprint(model)},  # reuse keyed to content
                            num_steps=steps, guidance=guidance, on_progress=Progress(f"eval {benchmark}", every=0),
-                           precision=precision, engine=engine, steering=steering)
+                           precision=precision, engine=engine, steering=steering, log=_log)
         if summary is None:
             return  # not the main process: the main one writes and prints the summary
     for key, value in summary["scores"].items():

@@ -8,19 +8,26 @@ Layout of an eval folder:
 
 Sample (P, K) draws its initial noise from its own seed, derived from (seed, P, K), on the CPU, so the images do
 not depend on batching, device count or resumption (beyond float rounding of batched matrix products). An interrupted eval resumes: samples already in
-samples.jsonl are not redone, and a sample counts once even if a crash repeated its line.
+samples.jsonl are not redone, and a sample counts once even if a crash repeated its line. Reuse is keyed to
+content, not to paths: `soarbench eval --model` records the model's weights fingerprint
+(soarbench.models.sd3.weights_fingerprint) in settings.json, and when the model at that path has changed since,
+every sample is redone (said in one line).
 
 `score_images` scores images made elsewhere, without a model, into the same files (no images/ folder: each
-sample's `file` is the absolute path of its source image; `seed` and `sampling` are null). It reads GenEval's
-official layout, DIR/NNNNN/metadata.jsonl + DIR/NNNNN/samples/NNNN.png, or a flat folder of images paired line
-by line with a prompts file; either way each image is matched to its prompt's index in the benchmark. It resumes
-the same way.
+sample's `file` is the absolute path of its source image and `sha256` its content; `seed` and `sampling` are null).
+It reads GenEval's official layout, DIR/NNNNN/metadata.jsonl + DIR/NNNNN/samples/NNNN.png, or a flat folder of
+images paired line by line with a prompts file; either way each image is matched to its prompt's index in the
+benchmark. It resumes the same way, reusing a score only while the image's sha256 is the one scored: images
+changed since are rescored (said in one line). Every image's size is read from its header before any scoring
+model loads: above --max-pixels (default 8192 x 8192) or under 16 px a side is refused in one line.
 """
 from __future__ import annotations
 
 import io
 import json
 import re
+import shutil
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -36,7 +43,7 @@ from soarbench.benchmarks import Benchmark
 from soarbench.errors import UserError
 from soarbench.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from soarbench.harness.faults import fault
-from soarbench.images import load_rgb
+from soarbench.images import MAX_PIXELS, MIN_SCORED_SIDE, image_size, load_rgb
 from soarbench.metrics.base import Metric
 from soarbench.metrics.pixels import to_pil  # noqa: F401  (one 8-bit conversion for evaluation and rewards)
 from soarbench.metrics.registry import METRICS, build_metric
@@ -105,27 +112,54 @@ def _precision_context(precision: str, device: torch.device):
 
 
 SETTINGS_FILE = "settings.json"
+WEIGHTS_KEY = "weights_sha256"  # the model's content (soarbench.models.sd3.weights_fingerprint), when known
 
 
-def _check_settings(out_dir: Path, settings: dict, is_main: bool) -> None:
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_settings(out_dir: Path, settings: dict, is_main: bool, log: Callable[[str], None] = _note) -> None:
     """An eval folder belongs to one model and one set of sampling settings: rerunning into it with others would
-    mix old images and scores with a new summary."""
+    mix old images and scores with a new summary. The same model path holding other weights (a replaced
+    checkpoint) is the one difference that is not refused: its samples are all redone."""
     path = out_dir / SETTINGS_FILE
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
-        for key in sorted(set(old) | set(settings)):
+        for key in sorted((set(old) | set(settings)) - {WEIGHTS_KEY}):
             if old.get(key) != settings.get(key):
                 raise UserError(f"{out_dir}: holds an eval with {key} = {old.get(key)!r}, asked {settings.get(key)!r}; "
                                 f"choose another --out (or delete the folder)")
+        if is_main and WEIGHTS_KEY in settings and old.get(WEIGHTS_KEY) != settings[WEIGHTS_KEY]:
+            _start_over(out_dir, old.get(WEIGHTS_KEY), settings, log)
     elif is_main:
         atomic_write_json(path, settings)
+
+
+def _start_over(out_dir: Path, old_weights: str | None, settings: dict, log: Callable[[str], None]) -> None:
+    """Forget every sample made with other weights (lines, images, summary), then record the new weights."""
+    n = len(_read_all_done(out_dir))
+    for name in ("samples.jsonl", "results.jsonl", "summary.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    for stale in [*out_dir.glob("samples.rank*.jsonl"), *(out_dir / "images").glob("*.png")]:
+        stale.unlink()
+    atomic_write_json(out_dir / SETTINGS_FILE, settings)
+    if not n:
+        return
+    new = settings[WEIGHTS_KEY]
+    if old_weights is None:
+        log(f"note: {out_dir} does not record which weights made its {n} samples (written by an older "
+            f"soarbench): all {n} are redone")
+    else:
+        log(f"note: the model at {settings['model']} has changed since {out_dir} was evaluated (weights sha256 "
+            f"{old_weights[:12]}..., now {new[:12]}...): all {n} samples are redone")
 
 
 def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0,
              metric_names: list[str] | None = None, batch_size: int = 64, model_info: dict | None = None,
              config: dict | None = None, on_progress: Callable[[int, int], None] | None = None,
              num_steps: int | None = None, guidance: float | None = None, precision: str = "fp32",
-             engine=None, steering=None) -> dict[str, Any] | None:
+             engine=None, steering=None, log: Callable[[str], None] = _note) -> dict[str, Any] | None:
     """Generate and score the benchmark; with an engine, every process takes its share of the batches.
 
     Batches are fixed chunks of the benchmark's samples in order and batch j goes to process j mod W, so each batch
@@ -136,6 +170,10 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     `steering` (soarbench.models.value_head.load_steering: an actor-critic checkpoint's value head) adds value
     guidance to every ODE step; its scale and head weights are recorded in the folder's settings and in the
     summary's `sampling.steer`. Scale 0 samples exactly as without it.
+
+    model_info["weights_sha256"] (soarbench.models.sd3.weights_fingerprint; `soarbench eval --model` sets it)
+    keys the folder to the model's content: when it differs from the one recorded, every sample is redone and
+    `log` says so in one line.
     """
     out_dir = Path(out_dir)
     rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
@@ -156,10 +194,12 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
                 "precision": precision}
     if steering is not None:  # value guidance (soarbench.models.value_head.ValueSteering): part of the settings
         settings["steer"] = steering.describe()
+    if info.get(WEIGHTS_KEY):
+        settings[WEIGHTS_KEY] = str(info[WEIGHTS_KEY])
     steer = steering if steering is not None and steering.scale != 0 else None  # scale 0: the plain sampler
     if is_main:
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
-        _check_settings(out_dir, settings, True)
+        _check_settings(out_dir, settings, True, log)
         repair_jsonl(out_dir / "samples.jsonl")
     if engine is not None:
         engine.barrier()
@@ -421,16 +461,42 @@ def _check_resumable(done: dict[str, dict], samples: list[ImageSample], names: l
             raise UserError(f"{path} was scored without {', '.join(missing)}; score into a fresh output folder")
 
 
+def _drop_changed(samples_path: Path, done: dict[str, dict], digests: dict[str, str], out_dir: Path,
+                  log: Callable[[str], None]) -> None:
+    """Remove from `done` and from samples.jsonl every score of an image whose content is not the one scored."""
+    changed = [sid for sid, row in done.items() if row.get("sha256") not in (None, digests[sid])]
+    unrecorded = [sid for sid, row in done.items() if row.get("sha256") is None]
+    if not changed and not unrecorded:
+        return
+    drop = set(changed) | set(unrecorded)
+    kept = [line for line in samples_path.read_text(encoding="utf-8").splitlines()
+            if json.loads(line)["id"] not in drop]  # repaired before: every line parses
+    atomic_write_text(samples_path, "".join(line + "\n" for line in kept))
+    parts = []
+    if changed:
+        parts.append(f"{len(changed)} of the {len(done)} images scored into {out_dir} have changed since")
+    if unrecorded:
+        parts.append(f"{len(unrecorded)} images in {out_dir} were scored without their sha256 (by an older "
+                     f"soarbench)")
+    for sid in drop:
+        del done[sid]
+    log(f"note: {'; '.join(parts)}: rescoring them")
+
+
 def score_images(images_dir: Path, bench: Benchmark, out_dir: Path, prompts_file: Path | None = None,
                  metric_names: list[str] | None = None, batch_size: int = 64, model_info: dict | None = None,
-                 config: dict | None = None,
-                 on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                 config: dict | None = None, on_progress: Callable[[int, int], None] | None = None,
+                 max_pixels: int = MAX_PIXELS, log: Callable[[str], None] = _note) -> dict[str, Any]:
     """Score existing images (no model) into an eval folder; returns the summary (also in summary.json).
 
     Without `prompts_file` the images are read in GenEval's layout (`geneval_layout_samples`), with it as a flat
     folder (`flat_samples`). summary["benchmark"]["covers_benchmark"] says whether the images are exactly the
     benchmark's prompts at its images per prompt; only then is "prompt_set_sha256" the benchmark's, as in a
     model eval (otherwise it hashes the prompts that were scored).
+
+    Every image's size is read from its header first: one above `max_pixels` or under MIN_SCORED_SIDE pixels on a
+    side is a UserError naming it, before any metric loads. Each row records the image's sha256; a rerun into the
+    same folder reuses a score only for the same content and rescores the rest (`log` says how many).
     """
     images_dir = Path(images_dir).resolve()
     out_dir = Path(out_dir)
@@ -443,24 +509,29 @@ def score_images(images_dir: Path, bench: Benchmark, out_dir: Path, prompts_file
         samples = geneval_layout_samples(images_dir, bench)
     if not samples:
         raise UserError(f"{images_dir}: no images to score")
+    for s in samples:  # sizes from the headers: refused before anything is decoded, loaded or written
+        image_size(s.path, max_pixels, MIN_SCORED_SIDE)
     names, metrics = _build_metrics(bench, metric_names)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     samples_path = out_dir / "samples.jsonl"
+    repair_jsonl(samples_path)
     done = read_done(samples_path)
     _check_resumable(done, samples, names, samples_path)
+    digests = {s.id: sha256_file(s.path) for s in samples}
+    _drop_changed(samples_path, done, digests, out_dir, log)
     todo = [s for s in samples if s.id not in done]
     t_start = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        images = [load_rgb(s.path) for s in chunk]
+        images = [load_rgb(s.path, max_pixels=max_pixels) for s in chunk]
         prompts = [s.prompt for s in chunk]
         meta = [s.metadata for s in chunk] if all(s.metadata is not None for s in chunk) else None
         records = {n: m.score(images, prompts, meta) for n, m in metrics.items()}
         for j, s in enumerate(chunk):
             append_jsonl(samples_path, {"id": s.id, "prompt_index": s.prompt_index, "image_index": s.image_index,
                                         "seed": None, "prompt": s.prompt, "file": str(s.path),
-                                        "records": {n: records[n][j] for n in names}})
+                                        "sha256": digests[s.id], "records": {n: records[n][j] for n in names}})
         if on_progress is not None:
             on_progress(len(samples) - len(todo) + start + len(chunk), len(samples))
     seconds = time.perf_counter() - t_start
