@@ -149,11 +149,11 @@ def test_metrics_list_says_what_is_missing(tmp_path, monkeypatch, capsys):
 def test_an_interrupted_command_exits_130_not_0(monkeypatch, capsys):
     from soarbench import cli
 
-    monkeypatch.setattr(cli, "app", lambda standalone_mode: 130)  # what click returns after Ctrl-C
+    monkeypatch.setattr(cli, "app", lambda standalone_mode, **_: 130)  # what click returns after Ctrl-C
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "app", lambda standalone_mode: None)  # a normal run returns nothing
+    monkeypatch.setattr(cli, "app", lambda standalone_mode, **_: None)  # a normal run returns nothing
     cli.main()
 
 
