@@ -165,3 +165,108 @@ def test_model_and_images_are_exclusive(tmp_path, args, expected, cli):
 def test_name_order_compares_digit_runs_as_numbers():
     names = ["img_10.png", "img_2.png", "img_1.png", "b.png", "a_01.png", "a_1.png"]
     assert sorted(names, key=name_order) == ["a_01.png", "a_1.png", "b.png", "img_1.png", "img_2.png", "img_10.png"]
+
+
+# ------------------------------------------------------------------------------------------------ reuse by content
+def _black_png(size: int = 32) -> bytes:
+    return encode_png(np.zeros((size, size, 3), dtype=np.uint8))
+
+
+def test_images_changed_since_they_were_scored_are_rescored(bench, tmp_path, cli):
+    """Renders scored 1.0, then three overwritten with black PNGs under the same names: a rerun into the same
+    folder rescores those three (said in one line), never reports the old score."""
+    import hashlib
+
+    images = _geneval_layout(tmp_path / "images", bench.metadata)
+    out = tmp_path / "eval"
+    code, stdout, _ = cli("eval", "--images", images, "--benchmark", "shapes", "--out", out)
+    assert code == 0 and stdout.splitlines()[0] == "geneval\t1.0000"
+    blacked = {"00002_0": images / "00002" / "samples" / "0000.png", "00010_0": images / "00010" / "samples" /
+               "0000.png", "00033_0": images / "00033" / "samples" / "0000.png"}
+    for path in blacked.values():
+        path.write_bytes(_black_png())
+    code, stdout, stderr = cli("eval", "--images", images, "--benchmark", "shapes", "--out", out)
+    n = len(bench.prompts)
+    assert code == 0 and stderr == f"note: 3 of the {n} images scored into {out} have changed since: rescoring them"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores"]["geneval/image_mean"] == pytest.approx((n - 3) / n)
+    assert stdout.splitlines()[0] != "geneval\t1.0000"
+    rows = {r["id"]: r for r in _rows(out / "samples.jsonl")}
+    assert len(rows) == n == len(_rows(out / "samples.jsonl"))  # the stale lines are gone, not shadowed
+    assert {sid for sid, r in rows.items() if not r["records"]["geneval"]["correct"]} == set(blacked)
+    for sid, path in blacked.items():
+        assert rows[sid]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    # nothing changed: every score reused, no note
+    assert cli("eval", "--images", images, "--benchmark", "shapes", "--out", out)[2] == ""
+    # lines written before images carried their sha256 are rescored too, never trusted
+    (out / "samples.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "sha256"}) + "\n"
+                                               for r in rows.values()))
+    code, _, stderr = cli("eval", "--images", images, "--benchmark", "shapes", "--out", out)
+    assert code == 0 and stderr == (f"note: {n} images in {out} were scored without their sha256 (by an older "
+                                    "soarbench): rescoring them")
+    assert all("sha256" in r for r in _rows(out / "samples.jsonl"))
+
+
+# ------------------------------------------------------------------------------------------------ image sizes
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data): Pillow reads the size without decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _flat(bench, tmp_path, odd: bytes) -> tuple[Path, Path]:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n in range(2):
+        (flat / f"{n}.png").write_bytes(_render(bench.metadata[n], n))
+    (flat / "2.png").write_bytes(odd)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(bench.prompts[i] + "\n" for i in range(3)))
+    return flat, prompts
+
+
+def test_a_huge_image_is_refused_from_its_header_before_anything_is_written(bench, tmp_path, cli):
+    flat, prompts = _flat(bench, tmp_path, _png_header(10000, 10000))
+    code, out, err = cli("eval", "--images", flat, "--prompts", prompts, "--benchmark", "shapes",
+                         "--out", tmp_path / "eval")
+    assert code == 2 and out == ""
+    assert err == (f"error: {flat.resolve() / '2.png'}: 10000 x 10000 pixels (read from its header) is above the "
+                   "limit of 67,108,864 pixels; downscale it (soarbench eval --images takes --max-pixels N to raise "
+                   "the limit)")
+    assert not (tmp_path / "eval").exists()
+    # the limit is the option's; the 32 x 32 renders are above a limit of 1000 pixels
+    code, _, err = cli("eval", "--images", flat, "--prompts", prompts, "--benchmark", "shapes",
+                       "--out", tmp_path / "eval", "--max-pixels", "1000")
+    assert code == 2 and err.startswith(f"error: {flat.resolve() / '0.png'}: 32 x 32 pixels (read from its header) "
+                                        "is above the limit of 1,000 pixels")
+    # past twice Pillow's own limit, Pillow refuses to open it at all: still one line naming the file
+    (flat / "2.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(UserError) as e:
+        score_images(flat, bench, tmp_path / "eval", prompts_file=prompts)
+    assert str(e.value) == (f"{flat.resolve() / '2.png'}: 400,000,000 pixels (read from its header) is above the "
+                            "limit of 67,108,864 pixels; downscale it")
+    code, _, err = cli("eval", "--model", tmp_path, "--max-pixels", "5", "--benchmark", "shapes",
+                       "--out", tmp_path / "eval")
+    assert (code, err) == (2, "error: --max-pixels cannot be used with --model")
+
+
+def test_a_one_pixel_image_is_refused_not_scored_zero(bench, tmp_path, cli):
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(tmp_path / "one.png")
+    flat, prompts = _flat(bench, tmp_path, (tmp_path / "one.png").read_bytes())
+    code, out, err = cli("eval", "--images", flat, "--prompts", prompts, "--benchmark", "shapes",
+                         "--out", tmp_path / "eval")
+    assert code == 2 and out == "" and not (tmp_path / "eval").exists()
+    assert err == (f"error: {flat.resolve() / '2.png'}: 1 x 1 pixels is below the 16 px a side an image needs to be "
+                   "scored (a broken export? every metric would score it as an empty picture); replace or remove it")
+    (flat / "2.png").write_bytes(_render(bench.metadata[2], 2))  # 32 x 32: scored
+    code, out, _ = cli("eval", "--images", flat, "--prompts", prompts, "--benchmark", "shapes",
+                       "--out", tmp_path / "eval")
+    assert code == 0 and out.splitlines()[0] == "geneval\t1.0000"
