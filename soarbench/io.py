@@ -37,6 +37,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def json_error(e: json.JSONDecodeError) -> str:
+    """json's complaint and its column, e.g. 'Expecting value at column 7' (some messages already end in 'at')."""
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
+
+
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for each non-blank line; a bad line is a UserError naming file:line."""
     path = Path(path)
@@ -57,7 +62,7 @@ def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = ()) -> Itera
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({json_error(e)})") from None
             if not isinstance(obj, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             for key in required:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from soarbench.errors import UserError
-from soarbench.io import read_jsonl
+from soarbench.io import json_error, read_jsonl
 
 SUMMARY_FILE = "summary.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
@@ -374,7 +374,7 @@ def _load_json_object(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({json_error(e)})") from None
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(doc).__name__}")
     return doc
