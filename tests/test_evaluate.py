@@ -122,3 +122,40 @@ def test_min_images_per_task_draws_those_images_and_records_the_setting(adapter,
     assert s["benchmark"]["min_images_per_task"] == 3 and s["benchmark"]["images_per_prompt"] == 1
     settings = json.loads((tmp_path / "m" / "settings.json").read_text())
     assert settings["min_images_per_task"] == 3
+
+
+def test_an_eval_folder_redoes_everything_when_the_checkpoint_at_its_path_was_replaced(adapter, tiny_model_dir,
+                                                                                       tmp_path, cli):
+    """Reuse is keyed to the weights' content, not to --model's path: a checkpoint replaced at the same path gets
+    all its samples redone (one note line), and the scores are the new checkpoint's, as from a fresh folder."""
+    import torch
+
+    from soarbench.harness.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "run", 1, adapter, ["transformer"], tiny_model_dir, {"step": 1}, {})
+    args = ["--benchmark", "shapes", "--option", "n_per_tag=1", "--option", "images_per_prompt=1", "--steps", "2"]
+    code, first, err = cli("eval", "--model", ckpt, *args, "--out", tmp_path / "e")
+    assert code == 0 and err == ""
+    n = len(_samples(tmp_path / "e"))
+    image = (tmp_path / "e" / "images" / "00000_0.png").read_bytes()
+    with torch.no_grad():  # other weights, saved at the same path
+        for p in adapter.transformer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_checkpoint(tmp_path / "run", 1, adapter, ["transformer"], tiny_model_dir, {"step": 1}, {})
+    code, again, err = cli("eval", "--model", ckpt, *args, "--out", tmp_path / "e")
+    assert code == 0 and err.startswith(f"note: the model at {ckpt} has changed since {tmp_path / 'e'} was "
+                                        "evaluated (weights sha256 ")
+    assert err.endswith(f"all {n} samples are redone") and "\n" not in err
+    code, fresh, _ = cli("eval", "--model", ckpt, *args, "--out", tmp_path / "fresh")
+    assert again == fresh and len(_samples(tmp_path / "e")) == n
+    assert (tmp_path / "e" / "images" / "00000_0.png").read_bytes() == (
+        tmp_path / "fresh" / "images" / "00000_0.png").read_bytes() != image
+    # the same weights again: everything reused, nothing said
+    assert cli("eval", "--model", ckpt, *args, "--out", tmp_path / "e") == (0, fresh, "")
+    # a folder from before weights were recorded cannot vouch for its samples: redone, said once
+    settings = json.loads((tmp_path / "e" / "settings.json").read_text())
+    del settings["weights_sha256"]
+    (tmp_path / "e" / "settings.json").write_text(json.dumps(settings))
+    code, _, err = cli("eval", "--model", ckpt, *args, "--out", tmp_path / "e")
+    assert code == 0 and err == (f"note: {tmp_path / 'e'} does not record which weights made its {n} samples "
+                                 f"(written by an older soarbench): all {n} are redone")

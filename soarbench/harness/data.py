@@ -94,7 +94,8 @@ def read_records(jsonl: str | Path, image_dir: str | Path | None = None) -> list
         image = next((image_dir / f"{obj['md5']}{ext}" for ext in (".jpg", ".png")
                       if (image_dir / f"{obj['md5']}{ext}").is_file()), None)
         if image is None:
-            raise UserError(f"{where}: image {image_dir / (str(obj['md5']) + '.jpg')} is missing")
+            raise UserError(f"{where}: image '{obj['md5']}' is missing: neither {image_dir / (obj['md5'] + '.jpg')} "
+                            f"nor {image_dir / (obj['md5'] + '.png')} exists")
         row = None
         if "tag" in obj and "include" in obj:  # a GenEval-style line: an online method can score it
             row = {"tag": obj["tag"], "include": obj["include"], "prompt": caption}
