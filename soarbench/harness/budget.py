@@ -161,8 +161,17 @@ class Budget:
     def plan_units(self, cost_of: Callable[[int], UnitCost]) -> tuple[int, int] | None:
         """(units, optimizer steps) the budget buys when unit u (0-based) costs cost_of(u); None for wall-clock
         budgets. A method with a phase of its own (e.g. value pre-training) costs less per unit there."""
+        plan = self._plan(cost_of)
+        return None if plan is None else (plan.units, plan.steps)
+
+    def _plan(self, cost_of: Callable[[int], UnitCost]) -> "_Plan | None":
+        """The plan in closed form, phase by phase: a method's unit cost is constant within a phase (a first phase
+        of its own, then the steady state), so each phase buys floor(left / per unit) units at once, and a phase's
+        end is found by bisection (a few dozen calls of cost_of, whatever the amount). Walking unit by unit, a
+        budget of 1e18 planned for hours before printing anything."""
         if self.steps_affordable(cost_of(0)) is None:  # also refuses a budget below the first unit
             return None
+        limit = self.amount * (1 + 1e-9)
         spent, units, steps = 0.0, 0, 0
         while True:
             cost = cost_of(units)
@@ -170,16 +179,25 @@ class Budget:
             if per_unit <= 0:
                 raise UserError(f"config: unit {units} of this method's work spends no '{self.unit}'; budget it in "
                                 "another unit (fwd_bwd, fwd_bwd_equiv, optimizer_steps or wall_s)")
-            if spent + per_unit > self.amount * (1 + 1e-9):
-                return units, steps
-            spent, units, steps = spent + per_unit, units + 1, steps + cost.optimizer_steps
+            afford = math.floor((limit - spent) / per_unit)
+            if afford > MAX_PLANNED_UNITS:
+                raise UserError(f"config: budget.amount = {self.amount:g} {self.unit} buys {afford:.3g} units of work "
+                                f"({per_unit:g} {self.unit} each), more than the 2**53 a run can count exactly: give "
+                                f"an amount a run can spend")
+            for _ in range(3):  # floor() of a quotient can round a unit past the limit: never plan one over it
+                if afford > 0 and spent + afford * per_unit > limit:
+                    afford -= 1
+            if afford <= 0:
+                return _Plan(units, steps, spent)
+            run = _same_cost_run(cost_of, units, cost, afford)
+            spent, units, steps = spent + run * per_unit, units + run, steps + run * cost.optimizer_steps
 
     def arithmetic(self, cost: UnitCost, world_size: int, accumulation: int,
                    cost_of: Callable[[int], UnitCost] | None = None) -> str:
         """What one unit of work spends and how many units the budget buys, printed before anything runs.
         `cost` is the steady-state unit; `cost_of(u)` the cost of unit u where a first phase differs."""
         cost_of = cost_of or (lambda u: cost)
-        planned = self.plan_units(cost_of)
+        planned = self._plan(cost_of)
         per_unit = cost.value(self.unit, self.no_grad_fraction)
         name = "step" if cost.optimizer_steps == 1 else f"epoch ({cost.optimizer_steps} optimizer steps)"
         lines = [
@@ -192,17 +210,57 @@ class Budget:
         if planned is None:
             lines.append("  steps: as many as fit in the wall-clock budget")
             return "\n".join(lines)
-        units, steps = planned
-        first = next((u for u in range(units) if cost_of(u) == cost), units)  # a first phase of other units
+        units, steps = planned.units, planned.steps
+        first = _first_unit_costing(cost_of, cost, units)  # a first phase of other units
         if first:
             head = cost_of(0)
             lines.append(f"  the first {first} {name.split(' ')[0]}(s) cost "
                          f"{head.value(self.unit, self.no_grad_fraction):g} {self.unit} each (a phase of their own: "
                          f"fwd+bwd {head.fwd_bwd}, no-grad fwd {head.no_grad_fwd})")
-        spent = sum(cost_of(u).value(self.unit, self.no_grad_fraction) for u in range(units))
         lines.append(f"  one {name.split(' ')[0]} = {per_unit:g} {self.unit} -> {steps} optimizer steps in {units} "
-                     f"unit(s) ({self.amount - spent:g} {self.unit} left unspent)")
+                     f"unit(s) ({self.amount - planned.spent:g} {self.unit} left unspent)")
         return "\n".join(lines)
+
+
+# More units than this and the float counters stop counting units exactly (2**53): no such run can be meant.
+MAX_PLANNED_UNITS = 2**53
+
+
+@dataclass(frozen=True)
+class _Plan:
+    units: int
+    steps: int
+    spent: float  # what the planned units spend, in the budget's unit
+
+
+def _same_cost_run(cost_of: Callable[[int], UnitCost], start: int, cost: UnitCost, most: int) -> int:
+    """How many units from `start` (at most `most`; unit `start` costs `cost`) cost `cost`: a phase, once left,
+    does not return, so its end is found by bisection."""
+    if cost_of(start + most - 1) == cost:
+        return most
+    low, high = 1, most - 1  # the run is at least `low` and at most `high` units long
+    while low < high:
+        mid = (low + high + 1) // 2
+        if cost_of(start + mid - 1) == cost:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _first_unit_costing(cost_of: Callable[[int], UnitCost], cost: UnitCost, units: int) -> int:
+    """The first of `units` units that costs `cost` (the steady state), or `units` when none does; by bisection,
+    the steady state being a suffix."""
+    if not units or cost_of(units - 1) != cost:
+        return units
+    low, high = 0, units - 1
+    while low < high:
+        mid = (low + high) // 2
+        if cost_of(mid) == cost:
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 class Schedule:

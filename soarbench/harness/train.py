@@ -118,6 +118,7 @@ class Run:
             _refuse_changed_config(self.out_dir, cfg)
         ensure_generated(dcfg, engine)
         records = read_records(dcfg["jsonl"], dcfg.get("image_dir"))  # bad data fails before anything is written
+        _check_inputs(self.method.source, records, cfg)  # before any model loads
         if engine.is_main:
             log(self.budget.arithmetic(self.cost, engine.world_size, self.shape.accumulation, self.cost_of))
 
@@ -457,12 +458,34 @@ _RESUME_MAY_CHANGE = ("train.device", "train.threads", "train.checkpoint_every",
                       "budget.amount")
 
 
+def _check_inputs(source: str, records: list, cfg: dict) -> None:
+    """What a run reads besides its model, checked before the model loads: the training images open (their
+    headers; the pixels are decoded when first used), and the weights of its reward and eval metrics are on disk."""
+    from soarbench.benchmarks import eval_benchmarks
+    from soarbench.harness.data import image_size
+    from soarbench.metrics.registry import require_weights
+
+    if source == "images":
+        for rec in records:
+            image_size(rec)
+    mcfg, ecfg = cfg["method"], cfg.get("eval", {})
+    if isinstance(mcfg.get("rewards"), dict):
+        require_weights(list(mcfg["rewards"]), mcfg.get("reward_options") or {})
+    if ecfg.get("benchmark"):
+        for bench in eval_benchmarks(ecfg):
+            require_weights(ecfg.get("metrics") or list(bench.metrics), bench.metrics)
+
+
 def _refuse_changed_config(out_dir: Path, cfg: dict) -> None:
     """--resume continues the recorded run: a changed option would silently train with the old value."""
     path = Path(out_dir) / "config.toml"
     if not path.is_file():
         return
     old = C.load_toml(path)
+    before, after = old.get("method", {}).get("name"), cfg.get("method", {}).get("name")
+    if before != after:  # every option of the method differs then: name the method, not the first option
+        raise UserError(f"--resume: {path} records a {before} run and this config trains {after}; resume with "
+                        f"--method {before} (the recorded config), or start a new run folder")
     for key, (before, after) in _diff(old, json.loads(json.dumps(cfg, default=str))).items():
         if not any(key == k or key.startswith(k) for k in _RESUME_MAY_CHANGE):
             raise UserError(f"--resume: {key} was {before!r} in {path} and is {after!r} now; resume with the recorded "
