@@ -250,7 +250,7 @@ def eval_(
       soarbench eval --model benchmarks/shapes/base --benchmark shapes --option min_images_per_task=64 --out evals/b
     """
     from soarbench.benchmarks import BENCHMARKS, build_benchmark
-    from soarbench.metrics.registry import METRICS
+    from soarbench.metrics.registry import METRICS, require_weights
 
     if model is not None and images is not None:
         raise UserError("--model and --images are mutually exclusive: give --model (generate, then score) or "
@@ -284,10 +284,11 @@ def eval_(
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     for name in names or []:
         METRICS.check(name)
+    bench = build_benchmark(benchmark, **bench_options)
+    require_weights(names or list(bench.metrics), bench.metrics)  # before any model loads
     if images is not None:
         from soarbench.evaluate import score_images
 
-        bench = build_benchmark(benchmark, **bench_options)
         summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
                                on_progress=Progress(f"score {benchmark}", every=0), log=_log,
                                **({"max_pixels": max_pixels} if max_pixels is not None else {}))
@@ -310,7 +311,6 @@ def eval_(
         engine = Engine(dev) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         adapter = SD3Adapter.from_pretrained(model, device=engine.device if engine else dev,
                                              max_sequence_length=max_sequence_length)
-        bench = build_benchmark(benchmark, **bench_options)
         steering = None
         if steer is not None:
             from soarbench.models.value_head import load_steering

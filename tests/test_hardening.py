@@ -386,3 +386,65 @@ def test_progress_with_every_zero_stays_quiet_off_a_terminal(capsys):
     for done in range(1, 4):
         quiet(done, 3)
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------------ inputs first
+def _sft_config(tmp_path: Path, model: Path, jsonl: Path, extra: str = "") -> Path:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npath = "{model}"\nmax_sequence_length = 0\n[data]\njsonl = "{jsonl}"\n'
+                   f'[method]\nname = "sft"\n[budget]\nunit = "fwd_bwd"\namount = 8\n[train]\nbatch_size = 4\n{extra}')
+    return cfg
+
+
+def test_a_training_image_that_is_no_image_is_refused_before_any_model_loads(tmp_path, tiny_model_dir, cli,
+                                                                              no_model_loads):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "abc.png").write_bytes(b"")  # an empty file: a copy that never finished
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"md5": "abc", "caption_en": "a red circle", "bw": 32, "bh": 32}\n' * 8)
+    code, _, err = cli("train", "--config", _sft_config(tmp_path, tiny_model_dir, data), "--out", tmp_path / "run")
+    assert (code, err) == (2, f"error: {data}:1: cannot read image {tmp_path / 'images' / 'abc.png'} "
+                              f"(UnidentifiedImageError)")
+
+
+def test_missing_metric_weights_are_refused_before_any_model_loads(tmp_path, tiny_model_dir, shapes_data, cli,
+                                                                   no_model_loads, monkeypatch):
+    monkeypatch.setenv("SOARBENCH_REWARD_CKPTS", str(tmp_path / "ckpts"))
+    expected = (f"error: metric 'clipscore': {tmp_path / 'ckpts' / 'clip-vit-large-patch14' / 'config.json'} is "
+                f"missing (weights 'clip-vit-large-patch14': 8 files missing); fix: soarbench ckpts download "
+                f"clip-vit-large-patch14")
+    code, _, err = cli("eval", "--model", tiny_model_dir, "--benchmark", "shapes", "--metrics", "clipscore", "--out",
+                       tmp_path / "e")
+    assert (code, err) == (2, expected)
+    cfg = _sft_config(tmp_path, tiny_model_dir, shapes_data,
+                      '[eval]\nbenchmark = "shapes"\nmetrics = ["geneval", "clipscore"]\n')
+    code, _, err = cli("train", "--config", cfg, "--out", tmp_path / "run")
+    assert (code, err) == (2, expected)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
+
+
+def test_resuming_into_another_method_names_the_method(tmp_path):
+    from soarbench import config as C
+    from soarbench.harness.train import _refuse_changed_config
+
+    (tmp_path / "config.toml").write_text(C.dumps_toml({"method": {"name": "soar", "cfg_scale_sampling": 4.5}}))
+    with pytest.raises(UserError) as e:
+        _refuse_changed_config(tmp_path, {"method": {"name": "sft"}})
+    assert str(e.value) == (f"--resume: {tmp_path / 'config.toml'} records a soar run and this config trains sft; "
+                            f"resume with --method soar (the recorded config), or start a new run folder")
+    with pytest.raises(UserError, match="--resume: method.cfg_scale_sampling was 4.5 in .* and is 2.0 now"):
+        _refuse_changed_config(tmp_path, {"method": {"name": "soar", "cfg_scale_sampling": 2.0}})
+
+
+@pytest.mark.parametrize("line,complaint", [
+    ('{"caption_en": "a red', "Unterminated string starting at column 16"),  # json's message ends in "at"
+    ('{"caption_en": }', "Expecting value at column 16"),
+])
+def test_an_invalid_json_line_says_where_once(tmp_path, line, complaint):
+    from soarbench.io import read_jsonl
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"caption_en": "ok"}\n' + line)
+    with pytest.raises(UserError) as e:
+        list(read_jsonl(path))
+    assert str(e.value) == f"{path}:2: not valid JSON ({complaint})"

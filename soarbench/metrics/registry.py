@@ -53,5 +53,28 @@ def availability(name: str, weights_root=None) -> list[str]:
     return lacking
 
 
+def require_weights(names: list[str], options: dict[str, dict[str, Any]] | None = None) -> None:
+    """Before any model loads: the weight files these metrics will read (named by their options, else their
+    defaults) are on disk; a missing one is a UserError naming the metric, the file and the download command.
+    Only presence is checked here; sizes and hashes are checked when the metric is built."""
+    import inspect
+
+    from soarbench.errors import UserError
+    from soarbench.metrics import weights
+
+    entries = set(weights.names())
+    for name in names:
+        given = dict((options or {}).get(name) or {})
+        for param in inspect.signature(METRICS.load(name).__init__).parameters.values():
+            value = given.get(param.name, param.default)
+            if not isinstance(value, str) or value not in entries:
+                continue  # not a weights option, or a path of one's own (checked when the metric is built)
+            missing = weights.missing_files(value, given.get("weights_root"))
+            if missing:
+                raise UserError(f"metric '{name}': {weights.weights_root(given.get('weights_root')) / missing[0]} "
+                                f"is missing (weights '{value}'{f': {len(missing)} files missing' if len(missing) > 1 else ''}"
+                                f"); fix: soarbench ckpts download {value}")
+
+
 def build_metric(name: str, **options: Any) -> Metric:
     return METRICS.load(name)(**options)
