@@ -81,8 +81,7 @@ def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     from diffusers import StableDiffusion3Pipeline
 
     from soarbench.harness.checkpoint import latest_checkpoint
-    from soarbench.io import sha256_file
-    from soarbench.models.sd3 import SUMS_FILE, SD3Adapter
+    from soarbench.models.sd3 import SUMS_FILE, SD3Adapter, sha256sums_text
 
     ckpt = latest_checkpoint(run_dir)
     adapter = SD3Adapter.from_pretrained(ckpt, device="cpu", max_sequence_length=0)
@@ -93,9 +92,7 @@ def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     (tmp / "recipe.toml").write_text(recipe_text)
     # trained without T5 tokens: evaluation must use the same (zero) length
     (tmp / "soarbench_model.json").write_text(json.dumps({"max_sequence_length": adapter.max_sequence_length}) + "\n")
-    sums = [f"{sha256_file(f)}  {f.relative_to(tmp).as_posix()}"
-            for f in sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != SUMS_FILE)]
-    (tmp / SUMS_FILE).write_text("\n".join(sums) + "\n")  # the format verify_sha256sums reads
+    (tmp / SUMS_FILE).write_text(sha256sums_text(tmp))  # the format verify_sha256sums reads, as checkpoints carry
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
