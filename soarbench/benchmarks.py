@@ -51,19 +51,41 @@ def shapes_benchmark(seed: int | None = None, n_per_tag: int | None = None, imag
 
     n_per_tag None: every held-out prompt (378); a number takes at most that many per task (a quick subset).
     min_images_per_task: see Benchmark (the shapes world's five single_object and five counting prompts need it)."""
-    if min_images_per_task < 0:
-        from soarbench.errors import UserError
-
-        raise UserError(f"shapes benchmark: min_images_per_task must be >= 0, got {min_images_per_task}")
     from soarbench.worlds import shapes
 
     n_per_tag = shapes.ALL_TEST_PROMPTS if n_per_tag is None else n_per_tag
     seed = shapes.TEST_SEED if seed is None else seed
     rows = shapes.shapes_metadata("test", seed=seed, n_per_tag=n_per_tag)
-    return Benchmark(name="shapes", prompts=[r["prompt"] for r in rows], metadata=rows,
+    return _shapes(rows, "shapes", {"world": "shapes", "split": "test", "seed": seed, "n_per_tag": n_per_tag},
+                   image_size, images_per_prompt, min_images_per_task)
+
+
+def shapes_train_benchmark(seed: int | None = None, n_per_tag: int | None = None, image_size: int = 32,
+                           images_per_prompt: int = 1, min_images_per_task: int = 0, train_images: int = 4000,
+                           train_seed: int = 1) -> Benchmark:
+    """Prompts the runs trained on: the distinct prompts of the shapes world's generated training data (the draw
+    train_images, train_seed: the shipped configs' data.generate), at most n_per_tag per task, scored like
+    `shapes` and sampled with the evaluation's own seeds (fresh noise). Beside the held-out split it tells "did
+    not learn" (no gain here either) from "did not generalise" (a gain here only)."""
+    from soarbench.worlds import shapes
+
+    n_per_tag = shapes.ALL_TEST_PROMPTS if n_per_tag is None else n_per_tag
+    seed = shapes.TEST_SEED if seed is None else seed
+    rows = shapes.training_prompt_metadata(int(train_images), int(train_seed), seed, n_per_tag)
+    source = {"world": "shapes", "split": "train", "seed": seed, "n_per_tag": n_per_tag,
+              "train_images": int(train_images), "train_seed": int(train_seed)}
+    return _shapes(rows, "shapes_train", source, image_size, images_per_prompt, min_images_per_task)
+
+
+def _shapes(rows: list[dict], name: str, source: dict, image_size: int, images_per_prompt: int,
+            min_images_per_task: int) -> Benchmark:
+    if min_images_per_task < 0:
+        from soarbench.errors import UserError
+
+        raise UserError(f"{name} benchmark: min_images_per_task must be >= 0, got {min_images_per_task}")
+    return Benchmark(name=name, prompts=[r["prompt"] for r in rows], metadata=rows,
                      metrics={"geneval": {"backend": "shapes"}}, height=image_size, width=image_size,
-                     images_per_prompt=images_per_prompt, min_images_per_task=min_images_per_task,
-                     source={"world": "shapes", "split": "test", "seed": seed, "n_per_tag": n_per_tag})
+                     images_per_prompt=images_per_prompt, min_images_per_task=min_images_per_task, source=source)
 
 
 def _lines_benchmark(name: str, prompt_set: str, metrics: dict[str, dict[str, Any]]) -> Benchmark:
@@ -109,6 +131,7 @@ def drawbench_benchmark() -> Benchmark:
 
 BENCHMARKS = LazyRegistry("benchmark")
 BENCHMARKS.add("shapes", "soarbench.benchmarks:shapes_benchmark")
+BENCHMARKS.add("shapes_train", "soarbench.benchmarks:shapes_train_benchmark")
 BENCHMARKS.add("geneval", "soarbench.benchmarks:geneval_benchmark")
 BENCHMARKS.add("ocr", "soarbench.benchmarks:ocr_benchmark")
 BENCHMARKS.add("pickscore", "soarbench.benchmarks:pickscore_benchmark")
@@ -123,3 +146,10 @@ def build_benchmark(name: str, **options: Any) -> Benchmark:
         from soarbench.errors import UserError
 
         raise UserError(f"benchmark '{name}': bad option ({e})") from None
+
+
+def eval_benchmarks(ecfg: dict[str, Any]) -> list[Benchmark]:
+    """The benchmarks of a config's [eval]: the main one (eval.benchmark), then eval.extra_benchmarks."""
+    extras = ecfg.get("extra_benchmarks") or {}
+    return [build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))] + \
+        [build_benchmark(name, **options) for name, options in extras.items()]

@@ -355,6 +355,9 @@ TRAIN_SCHEMA: dict[str, dict[str, Field]] = {
         "generate": Field("table", OPTIONAL),  # its keys: GENERATE_SCHEMA
         "caption_dropout": Field("number", 0.0, low=0, high=1, high_open=True),
         "text_cache": Field("str", "auto", choices=("auto", "all", "none")),
+        # online methods: draw prompts uniformly over distinct captions ("unique") or in proportion to their
+        # training records ("records": task-balanced on data that cycles GenEval's tasks evenly)
+        "prompt_sampling": Field("str", "unique", choices=("unique", "records")),
     },
     "train": {
         "seed": Field("int", 0, low=0),
@@ -388,6 +391,8 @@ TRAIN_SCHEMA: dict[str, dict[str, Field]] = {
     "eval": {
         "benchmark": Field("str", OPTIONAL, choices=_benchmark_names),
         "benchmark_options": Field("table", {}),
+        # more benchmarks evaluated at the same points, name -> options (e.g. shapes_train = { n_per_tag = 64 })
+        "extra_benchmarks": Field("table", {}),
         "points": Field("int", 4, low=0),
         "num_steps": Field("int", OPTIONAL, low=1),
         "guidance": Field("number", OPTIONAL),
@@ -446,6 +451,7 @@ def validate_train_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if "benchmark" in out["eval"]:
         out["eval"]["benchmark_options"] = validate_benchmark_options(out["eval"]["benchmark"],
                                                                       out["eval"]["benchmark_options"])
+    out["eval"]["extra_benchmarks"] = _extra_benchmarks(out["eval"])
     if "generate" in out["data"]:
         out["data"]["generate"] = _read_table("data.generate", out["data"]["generate"], GENERATE_SCHEMA)
     method = cfg.get(METHOD_SECTION)
@@ -609,7 +615,26 @@ def _check_options(prefix: str, params: dict[str, tuple[inspect.Parameter, Any]]
     return out
 
 
-def validate_benchmark_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+def _extra_benchmarks(ecfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """eval.extra_benchmarks: each name a benchmark, each value its options (checked like benchmark_options)."""
+    extras = ecfg["extra_benchmarks"]
+    if extras and "benchmark" not in ecfg:
+        raise UserError("config: eval.extra_benchmarks needs eval.benchmark (the main benchmark) too")
+    out = {}
+    for name, options in extras.items():
+        where = f"eval.extra_benchmarks.{name}"
+        if name not in _benchmark_names():
+            raise UserError(f"config: {where}: unknown benchmark" + _did_you_mean(name, _benchmark_names()))
+        if name == ecfg["benchmark"]:
+            raise UserError(f"config: {where}: already the main benchmark (eval.benchmark)")
+        if not isinstance(options, dict):
+            raise _bad(where, options, "a table of benchmark options ({} for none)")
+        out[name] = validate_benchmark_options(name, options, prefix=where)
+    return out
+
+
+def validate_benchmark_options(name: str, options: dict[str, Any],
+                               prefix: str = "eval.benchmark_options") -> dict[str, Any]:
     """eval.benchmark_options checked against the benchmark factory's signature (only the given keys kept)."""
     from soarbench.benchmarks import BENCHMARKS
 
@@ -620,4 +645,4 @@ def validate_benchmark_options(name: str, options: dict[str, Any]) -> dict[str, 
         hints = {}
     params = {p.name: (p, hints.get(p.name)) for p in inspect.signature(factory).parameters.values()
               if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return _check_options("eval.benchmark_options", params, options, f"benchmark '{name}'", fill_defaults=False)
+    return _check_options(prefix, params, options, f"benchmark '{name}'", fill_defaults=False)

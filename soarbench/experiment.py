@@ -99,7 +99,7 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
 
     atomic_write_text(out_dir / "experiment.toml", C.dumps_toml(exp))
     if meta.get("evaluate_base", True):
-        evaluate_base(plan[0][1], out_dir / "base", log)
+        evaluate_base(plan[0][1], out_dir / "base", log, extra_benchmarks=_all_extra_benchmarks(plan))
     for name, cfg in plan:
         run_dir = out_dir / name
         if finished(run_dir):
@@ -195,23 +195,37 @@ def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> Non
                                 f"train.lr = 0, got {lr}")
 
 
-def evaluate_base(cfg: dict, folder: Path, log) -> None:
-    """The base model's eval, shared by every run of the experiment (done once)."""
+def _all_extra_benchmarks(plan: list[tuple[str, dict]]) -> dict[str, dict]:
+    """Every run's eval.extra_benchmarks (the base is evaluated on each, so that every run has its baseline)."""
+    out: dict[str, dict] = {}
+    for name, cfg in plan:
+        for bench, options in (cfg.get("eval", {}).get("extra_benchmarks") or {}).items():
+            if out.setdefault(bench, options) != options:
+                raise UserError(f"experiment: run '{name}' evaluates {bench} with other options than an earlier "
+                                f"run ({options} vs {out[bench]}); the base is evaluated once per benchmark")
+    return out
+
+
+def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict] | None = None) -> None:
+    """The base model's eval, shared by every run of the experiment (done once per benchmark)."""
     import torch
 
-    from soarbench.benchmarks import build_benchmark
+    from soarbench.benchmarks import eval_benchmarks
     from soarbench.evaluate import evaluate
     from soarbench.harness.budget import Counters
     from soarbench.harness.train import model_info, resolve_config
     from soarbench.models.sd3 import SD3Adapter
 
-    cfg = resolve_config(C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}}))
+    cfg = C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}})
+    if extra_benchmarks:
+        cfg = C.deep_merge(cfg, {"eval": {"extra_benchmarks": extra_benchmarks}})
+    cfg = resolve_config(cfg)
     ecfg = cfg.get("eval", {})
     if not ecfg.get("benchmark"):
         return
-    bench = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))
-    target = folder / "evals" / "step_000000" / bench.name
-    if (target / "summary.json").is_file():
+    todo = [(bench, folder / "evals" / "step_000000" / bench.name) for bench in eval_benchmarks(ecfg)]
+    todo = [(bench, target) for bench, target in todo if not (target / "summary.json").is_file()]
+    if not todo:
         log("[base] eval already done, skipped")
         return
     log("[base] evaluating the base model")
@@ -219,8 +233,9 @@ def evaluate_base(cfg: dict, folder: Path, log) -> None:
     adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=device,
                                          max_sequence_length=cfg["model"].get("max_sequence_length"))
     info = model_info(cfg, "base", 0, Counters(), Path(cfg["model"]["path"]))
-    summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
-                       batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,
-                       num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"))
-    main = next(iter(summary["scores"].items()))
-    log(f"[base] {main[0]} = {main[1]:.4f}")
+    for bench, target in todo:
+        summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
+                           batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,
+                           num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"))
+        main = next(iter(summary["scores"].items()))
+        log(f"[base] {bench.name} {main[0]} = {main[1]:.4f}")

@@ -264,6 +264,9 @@ class ImageData:
                                  prompts=captions, ids=positions))
         return batches
 
+    def unit_logs(self, unit: int) -> dict[str, float]:
+        return {}
+
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
 
@@ -316,28 +319,50 @@ def ensure_generated(dcfg: dict, engine=None) -> None:
         engine.barrier()
 
 
+PROMPT_SAMPLING = ("unique", "records")
+
+
 class PromptData:
     """Prompts for methods that generate their own samples (source "prompts").
 
-    Unit u draws m distinct prompts (the same on every process, keyed by (seed, u)), each repeated k times (a
-    group): m x k samples with global indices 0 .. m k - 1, group g = index // k. Process r generates the
-    contiguous block [r n / W, (r + 1) n / W) of them.
+    Unit u draws m prompts (the same on every process, keyed by (seed, u)), each repeated k times (a group): m x k
+    samples with global indices 0 .. m k - 1, group g = index // k. Process r generates the contiguous block
+    [r n / W, (r + 1) n / W) of them.
+
+    `sampling` says what is drawn. "unique": m distinct captions, uniformly (a caption with many training records
+    counts once, as the Flow-GRPO reference draws from its prompt file). "records": every record once per pass
+    over the data, so each prompt comes up in proportion to its records; the pass's order is shuffled within each
+    GenEval task and the tasks interleaved in proportion to their records (a stratified shuffle), so that any
+    stretch of the run, however short, sees every task within one prompt of its share. On data whose records
+    cycle the GenEval tasks evenly (the shapes world) the rollouts are then task-balanced, as GenEval's overall
+    (the mean of the task means) weighs them; independent draws of 88 prompts strayed up to 0.13 from 1/6.
     """
 
-    def __init__(self, records: list[Record], prompts_per_unit: int, group_size: int, engine, seed: int):
-        unique: dict[str, dict | None] = {}
-        for r in records:
-            unique.setdefault(r.caption, r.geneval)
-        self.prompts = sorted(unique)
-        self.metadata = [unique[p] for p in self.prompts]
+    def __init__(self, records: list[Record], prompts_per_unit: int, group_size: int, engine, seed: int,
+                 sampling: str = "unique"):
+        if sampling not in PROMPT_SAMPLING:
+            from soarbench.errors import did_you_mean
+
+            raise did_you_mean("data.prompt_sampling", sampling, list(PROMPT_SAMPLING))
+        if sampling == "records":
+            self.prompts = [r.caption for r in records]
+            self.metadata = [r.geneval for r in records]
+        else:
+            unique: dict[str, dict | None] = {}
+            for r in records:
+                unique.setdefault(r.caption, r.geneval)
+            self.prompts = sorted(unique)
+            self.metadata = [unique[p] for p in self.prompts]
         world = engine.world_size if engine else 1
         if prompts_per_unit > len(self.prompts):
+            what = "records" if sampling == "records" else "distinct prompts"
             raise UserError(f"data: {prompts_per_unit} prompts per epoch but the data has only "
-                            f"{len(self.prompts)} distinct prompts")
+                            f"{len(self.prompts)} {what}")
         if (prompts_per_unit * group_size) % world:
             raise UserError(f"method: {prompts_per_unit} prompts x group size {group_size} = "
                             f"{prompts_per_unit * group_size} samples do not divide over {world} processes")
         self.m, self.k, self.engine, self.seed = prompts_per_unit, group_size, engine, seed
+        self.sampling, self._decks = sampling, {}
 
     @property
     def n(self) -> int:
@@ -345,9 +370,38 @@ class PromptData:
 
     def unit_prompts(self, unit: int) -> list[int]:
         """The prompt index of every global sample of the unit."""
-        rng = random.Random(key_seed(self.seed, unit, "prompts"))
-        chosen = rng.sample(range(len(self.prompts)), self.m)
+        if self.sampling == "records":
+            total = len(self.prompts)
+            chosen = [self._deck(q // total)[q % total] for q in range(unit * self.m, (unit + 1) * self.m)]
+        else:
+            rng = random.Random(key_seed(self.seed, unit, "prompts"))
+            chosen = rng.sample(range(len(self.prompts)), self.m)
         return [g for g in chosen for _ in range(self.k)]
+
+    def _deck(self, epoch: int) -> list[int]:
+        """Pass `epoch` over the records: a stratified shuffle by GenEval task, keyed by (seed, pass)."""
+        if self._decks.get("epoch") != epoch:
+            rng = random.Random(key_seed(self.seed, epoch, "prompt deck"))
+            strata: dict[str, list[int]] = {}
+            for i, row in enumerate(self.metadata):
+                strata.setdefault(str((row or {}).get("tag")), []).append(i)
+            keyed = []
+            for _, members in sorted(strata.items()):
+                rng.shuffle(members)
+                offset = rng.random()  # member j of n sits at (j + offset) / n: its share of every prefix, +-1
+                keyed += [((j + offset) / len(members), i) for j, i in enumerate(members)]
+            self._decks = {"epoch": epoch, "deck": [i for _, i in sorted(keyed)]}
+        return self._decks["deck"]
+
+    def unit_logs(self, unit: int) -> dict[str, float]:
+        """How many of the unit's rollout prompts (groups) carry each GenEval tag: `prompts_<tag>`, for the train
+        log (the same on every process: the draw is keyed by the unit alone)."""
+        counts: dict[str, float] = {}
+        for p in self.unit_prompts(unit)[::self.k]:
+            tag = (self.metadata[p] or {}).get("tag")
+            if tag:
+                counts[f"prompts_{tag}"] = counts.get(f"prompts_{tag}", 0.0) + 1.0
+        return counts
 
     def next(self, ctx) -> "PromptShare":
         prompts = self.unit_prompts(ctx.unit)

@@ -166,7 +166,8 @@ class Run:
                                   text_cache=str(dcfg.get("text_cache", "auto")))
         else:
             k = int(getattr(self.method, "group_size", 1))
-            self.data = PromptData(records, self.cost.images // k, k, engine, int(tcfg["seed"]))
+            self.data = PromptData(records, self.cost.images // k, k, engine, int(tcfg["seed"]),
+                                   sampling=dcfg.get("prompt_sampling", "unique"))
         self.counters = Counters(no_grad_fraction=self.budget.no_grad_fraction, devices=engine.world_size)
         ecfg = cfg.get("eval", {})
         self.ecfg = ecfg
@@ -210,7 +211,7 @@ class Run:
             ctx.unit = self.unit
             with engine.acc.autocast():  # rollouts sample in the precision training recomputes them
                 buffer = method.collect(ctx, self.data)
-            unit_logs = dict(getattr(buffer, "logs", {}) or {})
+            unit_logs = {**self.data.unit_logs(self.unit), **(getattr(buffer, "logs", {}) or {})}
             steps = list(method.updates(ctx, buffer))
             for j, micros in enumerate(steps):
                 self.optimizer_step(micros, unit_logs, end_of_unit=j == len(steps) - 1)
@@ -372,28 +373,28 @@ class Run:
 
     def evaluate(self, step: int) -> None:
         """Every process evaluates its share of the benchmark with the weights the method evaluates."""
-        from soarbench.benchmarks import build_benchmark
+        from soarbench.benchmarks import eval_benchmarks
         from soarbench.evaluate import evaluate
 
         ecfg = self.ecfg
-        bench = build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))
-        folder = self.out_dir / "evals" / f"step_{step:06d}" / bench.name
         info = model_info(self.cfg, self.method_name if step else "base", step, self.counters,
                           self.out_dir / "checkpoints" / f"step_{step:06d}", self.method.version if step else "")
         precision = ecfg.get("precision", "auto")
         if precision == "auto":
             precision = {"no": "fp32"}.get(self.cfg["train"]["mixed_precision"], self.cfg["train"]["mixed_precision"])
-        with self.meter.paused(), (self.method.eval_weights(self.ctx) if step else contextlib.nullcontext()):
-            summary = evaluate(self.adapter, bench, folder, seed=int(ecfg.get("seed", 0)),
-                               batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=self.cfg,
-                               num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"),
-                               metric_names=ecfg.get("metrics") or None, precision=precision, engine=self.engine)
+        for i, bench in enumerate(eval_benchmarks(ecfg)):
+            folder = self.out_dir / "evals" / f"step_{step:06d}" / bench.name
+            with self.meter.paused(), (self.method.eval_weights(self.ctx) if step else contextlib.nullcontext()):
+                summary = evaluate(self.adapter, bench, folder, seed=int(ecfg.get("seed", 0)),
+                                   batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=self.cfg,
+                                   num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"),
+                                   metric_names=ecfg.get("metrics") or None, precision=precision, engine=self.engine)
+            if summary is not None and self.engine.is_main:
+                main = next(iter(summary["scores"].items()))
+                self.log(f"eval step {step}: {bench.name} {main[0]} = {main[1]:.4f}")
+                if self.writer is not None:
+                    self.writer.eval(summary, folder, step, "eval" if i == 0 else f"eval/{bench.name}")
         self.pending_eval = None
-        if summary is not None and self.engine.is_main:
-            main = next(iter(summary["scores"].items()))
-            self.log(f"eval step {step}: {main[0]} = {main[1]:.4f}")
-            if self.writer is not None:
-                self.writer.eval(summary, folder, step)
 
 
 def train(cfg: dict, out_dir: Path, resume: bool = False, log=print, progress=None) -> Path:
@@ -578,8 +579,9 @@ class _Writers:
         if self.wandb is not None:
             self.wandb.log(flat, step=step)
 
-    def eval(self, summary: dict, folder: Path, step: int) -> None:
-        scores = {f"eval/{k}": v for k, v in summary["scores"].items() if isinstance(v, (int, float))}
+    def eval(self, summary: dict, folder: Path, step: int, prefix: str = "eval") -> None:
+        """Scores as `prefix/metric` (the main benchmark's under eval/, an extra one's under eval/NAME/)."""
+        scores = {f"{prefix}/{k}": v for k, v in summary["scores"].items() if isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scores.items():
                 self.tb.add_scalar(k, v, step)
@@ -589,7 +591,7 @@ class _Writers:
                 from PIL import Image
 
                 arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
-                self.tb.add_images("eval/samples", arr, step, dataformats="NHWC")
+                self.tb.add_images(f"{prefix}/samples", arr, step, dataformats="NHWC")
             self.tb.flush()
         if self.wandb is not None:
             self.wandb.log(scores, step=step)

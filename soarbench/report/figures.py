@@ -56,6 +56,7 @@ LOSS_SMOOTHING_POINTS_PER_SPAN = 20  # EMA span = points / 20: light smoothing, 
 LOSS_MAX_SPAN = 50
 SIGNAL_ORDER = ("loss", "loss_main", "loss_aux", "reward_mean", "kl", "clipfrac", "grad_norm")
 HIDDEN_SIGNALS = ("lr", "aux_points")  # schedules and counts, not training signals
+HIDDEN_PREFIXES = ("prompts_",)  # the rollout prompts' task mix (counts, in the log for diagnosis)
 
 
 @dataclass
@@ -408,7 +409,8 @@ def signal_figures(logs: Sequence[TrainLog], colors: Mapping[str, str]) -> list[
         by_group.setdefault(log.group, []).append(log)
     out = []
     for group, members in by_group.items():
-        names = list(dict.fromkeys(n for log in members for n in log.signals if n not in HIDDEN_SIGNALS))
+        names = list(dict.fromkeys(n for log in members for n in log.signals
+                                   if n not in HIDDEN_SIGNALS and not n.startswith(HIDDEN_PREFIXES)))
         names = sorted(names, key=lambda n: (SIGNAL_ORDER.index(n) if n in SIGNAL_ORDER else len(SIGNAL_ORDER), n))
         if not any("loss" == n for n in names) and any(np.isfinite(log.losses).any() for log in members):
             names.insert(0, "loss")

@@ -316,8 +316,18 @@ class BenchmarkTables:
 
 
 def build_tables(data: ReportData) -> list[BenchmarkTables]:
-    return [build_benchmark_tables(name, data.evals_for(name), data.group_methods, data.controls)
+    return [build_benchmark_tables(name, data.evals_for(name), data.group_methods,
+                                   _controls_on(data, name))
             for name in data.benchmarks()]
+
+
+def _controls_on(data: ReportData, benchmark: str) -> dict[str, str]:
+    """The controls to check on one benchmark: those whose group was evaluated there, and those evaluated nowhere
+    (reported as not run); a control evaluated on other benchmarks only (the negative control beside a positive
+    one that is also scored in-distribution) is not a missing result here."""
+    evaluated = {b: {e.group for e in data.evals_for(b)} for b in data.benchmarks()}
+    return {kind: group for kind, group in data.controls.items()
+            if group in evaluated[benchmark] or not any(group in groups for groups in evaluated.values())}
 
 
 def build_benchmark_tables(
@@ -337,7 +347,7 @@ def build_benchmark_tables(
         description=_benchmark_description(evals),
         main_metric=main,
         main=_table(benchmark, "All checkpoints", cps, scores + budget),
-        final=_final_table(benchmark, finals, main, top_level, budget),
+        final=_final_table(benchmark, finals, main, top_level, budget, controls or {}),
         tasks=_task_table(benchmark, finals, scores),
         controls=tuple(check_controls(controls, finals, _base_checkpoint(finals), main, benchmark)) if controls else (),
     )
@@ -377,10 +387,14 @@ def _final_table(
     main: str,
     score_cols: Sequence[Column],
     budget_cols: Sequence[Column],
+    controls: Mapping[str, str] | None = None,
 ) -> Table:
-    """The final checkpoints with their top-level scores and, where it can run, the paired test vs REFERENCE_GROUP."""
+    """The final checkpoints with their top-level scores and, where it can run, the paired test vs REFERENCE_GROUP.
+    A control's row is labelled as one: it answers whether the harness can see a difference, and a positive
+    control may train with a budget of its own, so it is not one of the matched-budget comparisons."""
     reference_group = REFERENCE_GROUP
     tests, notes = paired_tests(finals, main, reference_group)
+    notes = [*_control_notes(finals, controls or {}), *notes]
     if not tests:
         return _table(benchmark, "Final checkpoints", finals, [*score_cols, *budget_cols], notes=notes)
     decimals = next(c.decimals for c in score_cols if c.key == main)
@@ -392,6 +406,19 @@ def _final_table(
     columns = [*score_cols, diff_col, p_col, *budget_cols]
     notes = [*notes, *_mde_notes(finals, main, reference_group, tests, decimals)]
     return _table(benchmark, "Final checkpoints", finals, columns, extra=extra, notes=notes)
+
+
+def _control_notes(finals: Sequence[Checkpoint], controls: Mapping[str, str]) -> list[str]:
+    present = {cp.group: cp for cp in finals}
+    notes = []
+    for kind, group in controls.items():
+        if group not in present:
+            continue
+        spent = [(e.budget_unit, e.budget.get(e.budget_unit)) for e in present[group].evals if e.budget_unit]
+        amount = f" ({spent[0][1]:g} {spent[0][0]} spent)" if spent and spent[0][1] is not None else ""
+        notes.append(f"{group} is the {kind} control{amount}: a check of the harness (see Controls), not one of the "
+                     f"matched-budget comparisons.")
+    return notes
 
 
 def _mde_notes(finals: Sequence[Checkpoint], key: str, reference_group: str, tests: Mapping[str, PairedTest],
