@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,16 +49,59 @@ def _write_config(folder: Path, model: Path, data: Path, method: str) -> Path:
     return path
 
 
-def _soarbench(args, fault: str | None = None) -> int:
+def _env(fault: str | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **reward_plugins.ENV,
            "PYTHONPATH": f"{reward_plugins.FOLDER}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("SOARBENCH_FAULT", None)
     if fault:
         env["SOARBENCH_FAULT"] = fault
+    return env
+
+
+def _soarbench(args, fault: str | None = None) -> int:
     proc = subprocess.run([sys.executable, "-m", "soarbench", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=_env(fault), timeout=600)
     assert proc.returncode in (0, -9), proc.stderr[-3000:]
     return proc.returncode
+
+
+def _timed(args, started: Path | None = None) -> tuple[float, float]:
+    """Seconds an uninterrupted command takes (it must succeed), and when it wrote `started` (its work began)."""
+    start = time.time()
+    assert _soarbench(args) == 0
+    return time.time() - start, (started.stat().st_mtime - start if started else 0.0)
+
+
+def _killed_after(args, delay: float) -> int:
+    """Run a command and SIGKILL it `delay` seconds after it starts, wherever it is (no fault point): -9, or its
+    exit code when it finished first."""
+    proc = subprocess.Popen([sys.executable, "-m", "soarbench", *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _, err = proc.communicate(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # SIGKILL
+        proc.communicate()
+        return -9
+    assert proc.returncode == 0, err[-3000:]
+    return 0
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, shapes_data, tmp_path_factory):
+    """method -> (config, uninterrupted run folder, (its duration, the moment training began) in seconds), each
+    run once per module."""
+    done: dict[str, tuple[Path, Path, tuple[float, float]]] = {}
+
+    def get(method: str) -> tuple[Path, Path, tuple[float, float]]:
+        if method not in done:
+            folder = tmp_path_factory.mktemp(f"straight_{method}")
+            cfg = _write_config(folder, tiny_model_dir, shapes_data, method)
+            run = folder / "run"
+            done[method] = cfg, run, _timed(["train", "--config", cfg, "--out", run], started=run / "config.toml")
+        return done[method]
+
+    return get
 
 
 def _outcome(run: Path):
@@ -76,9 +121,8 @@ def _outcome(run: Path):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_sigkill_anywhere_then_resume_is_bit_identical(method, tiny_model_dir, shapes_data, tmp_path):
-    cfg = _write_config(tmp_path, tiny_model_dir, shapes_data, method)
-    _soarbench(["train", "--config", cfg, "--out", tmp_path / "straight"])
+def test_sigkill_anywhere_then_resume_is_bit_identical(method, straight, tmp_path):
+    cfg, straight_run, _ = straight(method)
     crashed = tmp_path / "crashed"
     # killed during step 3, during the write of checkpoint 2, and during the step-2 evaluation (Flow-GRPO: with
     # the EMA weights), resumed after each
@@ -87,11 +131,30 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(method, tiny_model_dir, s
         args = ["train", "--config", cfg, "--out", crashed] + (["--resume"] if i else [])
         code = _soarbench(args, fault)
         assert code == (-9 if fault else 0), fault
-    a, b = _outcome(tmp_path / "straight"), _outcome(crashed)
+    _assert_same_outcome(straight_run, crashed)
+
+
+def _assert_same_outcome(straight_run: Path, crashed: Path) -> None:
+    a, b = _outcome(straight_run), _outcome(crashed)
     assert a[0] == b[0]  # every log line, every counter
-    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])  # the weights, bit for bit
+    assert a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])  # bit for bit
     assert a[2] == b[2] and list(a[2]) == ["step_000002", "step_000004"]  # no evaluation lost or changed
     assert a[3] == b[3]
+
+
+@pytest.mark.parametrize("method", ["sft", "soar", "flow_grpo"])
+def test_sigkill_at_random_moments_twice_then_resume_is_bit_identical(method, straight, tmp_path):
+    """Killed at any moment, not only at the fault points: twice in a row at random times inside an uninterrupted
+    run's duration (seeded), the first anywhere (it may land before anything is written), the second once the
+    work has begun (loading, training, a checkpoint or an evaluation), then --resume to the end."""
+    cfg, straight_run, (duration, began) = straight(method)
+    rng = random.Random(f"chaos:{method}")
+    crashed = tmp_path / "crashed"
+    for i, low in enumerate((0.0, began)):
+        _killed_after(["train", "--config", cfg, "--out", crashed] + (["--resume"] if i else []),
+                      rng.uniform(low, duration))
+    assert _soarbench(["train", "--config", cfg, "--out", crashed, "--resume"]) == 0
+    _assert_same_outcome(straight_run, crashed)
 
 
 def _cfg(model, data, **over):
@@ -140,3 +203,36 @@ def test_an_eval_folder_refuses_other_settings_and_redoes_a_torn_line(adapter, t
     assert all(json.loads(x) for x in path.read_text().splitlines())
     with pytest.raises(UserError, match=r"holds an eval with num_steps = 2, asked 3"):
         evaluate(adapter, bench, tmp_path / "e", num_steps=3)
+
+
+def _report_numbers(out: Path) -> dict[str, list[dict]]:
+    """The report's tables without the measured seconds (wall_s, device_s: the only numbers a rerun changes)."""
+    import csv
+
+    tables = {}
+    for name in ("main_table.csv", "final_table.csv", "paper_table.csv"):
+        with open(out / "report" / name, newline="") as f:
+            tables[name] = [{k: v for k, v in row.items() if k not in ("wall_s", "device_s")}
+                            for row in csv.DictReader(f)]
+    return tables
+
+
+def test_sigkill_during_soarbench_run_then_the_same_command_gives_the_same_report(tiny_model_dir, shapes_data,
+                                                                                   tmp_path):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'[experiment]\nname = "chaos"\n[common.model]\npath = "{tiny_model_dir}"\nmax_sequence_length = 0\n'
+                   f'[common.data]\njsonl = "{shapes_data}"\n'
+                   '[common.train]\nbatch_size = 2\nlr = 1e-3\nthreads = 1\ncheckpoint_every = 1\n'
+                   '[common.budget]\nunit = "optimizer_steps"\namount = 3\n'
+                   '[common.eval]\nbenchmark = "shapes"\npoints = 1\nnum_steps = 2\nbatch_size = 4\n'
+                   'benchmark_options = { n_per_tag = 1 }\n[runs.sft]\nmethod = { name = "sft" }\n')
+    duration, began = _timed(["run", exp, "--out", tmp_path / "straight"], started=tmp_path / "straight" /
+                             "experiment.toml")
+    # anywhere in the work: the base's evaluation, training, the run's evaluation or the report
+    _killed_after(["run", exp, "--out", tmp_path / "crashed"], random.Random("chaos:run").uniform(began, duration))
+    assert _soarbench(["run", exp, "--out", tmp_path / "crashed"]) == 0
+    a, b = _report_numbers(tmp_path / "straight"), _report_numbers(tmp_path / "crashed")
+    assert a == b and [row["label"] for row in a["final_table.csv"]] == ["base", "sft@3"]
+    samples = [(out / "sft-s0" / "evals" / "step_000003" / "shapes" / "samples.jsonl").read_text()
+               for out in (tmp_path / "straight", tmp_path / "crashed")]
+    assert samples[0] == samples[1]  # every image's scores
