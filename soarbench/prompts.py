@@ -158,7 +158,13 @@ def _find(ps: PromptSet) -> Path:
         path = folder / ps.file
         if path.is_file():
             return path
-    raise UserError(f"prompt set '{ps.name}' ({ps.file}) is not downloaded; run `{ps.command()}`")
+    raise UserError(f"prompt set '{ps.name}' ({ps.file}) is not downloaded; run `{ps.command()}`, {by_hand(ps)}")
+
+
+def by_hand(ps: PromptSet, dest_dir: Path | None = None) -> str:
+    """Where to put a prompt set's file without soarbench's download (an offline machine)."""
+    where = (dest_dir if dest_dir is not None else data_dir()) / ps.file
+    return f"or place the file by hand: download {ps.url} elsewhere and copy it to {where} (sha256 {ps.sha256})"
 
 
 def prompt_file(name: str) -> Path:
@@ -188,11 +194,12 @@ def fetch(name: str, dest_dir: str | os.PathLike | None = None, *, url: str | No
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = response.read(_MAX_BYTES + 1)
     except urllib.error.HTTPError as e:
-        raise UserError(f"download of {ps.file} from {source} failed: HTTP {e.code} {e.reason}") from None
+        raise UserError(f"download of {ps.file} from {source} failed: HTTP {e.code} {e.reason}; "
+                        f"{by_hand(ps, dest)}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise UserError(f"download of {ps.file} from {source} failed: {reason}; run the command again to retry") \
-            from None
+        raise UserError(f"download of {ps.file} from {source} failed: the network or the server is unreachable "
+                        f"({reason}); run the command again to retry, {by_hand(ps, dest)}") from None
     if len(data) > _MAX_BYTES:
         raise UserError(f"download of {ps.file} from {source} refused: more than {_MAX_BYTES} bytes")
     actual = _sha256(data)

@@ -304,6 +304,37 @@ def test_download_of_a_folder_entry_and_http_errors(tmp_path, root, server):
         w.download("head", root, manifest)
 
 
+def _closed_port() -> int:
+    """A localhost port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ckpts_download_offline_says_retry_and_where_to_place_each_file(tmp_path, root, monkeypatch, cli):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    manifest = write_manifest(tmp_path / "m.toml", url)
+    with pytest.raises(UserError) as e:
+        w.download("head", root, manifest, timeout=5)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(
+        f"download of heads/head.pth from {url}/head.pth failed: the network or the server is unreachable (")
+    assert message.endswith(f"; run the command again to retry, or place the file by hand: download {url}/head.pth "
+                            f"elsewhere and copy it to {root / 'heads' / 'head.pth'} (sha256 {sha(HEAD)})")
+    # the command line: the same line after `error: `, exit 2; an unpinned file says how it is checked instead
+    monkeypatch.setattr(w, "DEFAULT_MANIFEST", manifest)
+    monkeypatch.setenv(w.ENV_ROOT, str(root))
+    put(root, "tiny/config.json", CONFIG)
+    code, out, err = cli("ckpts", "download", "tiny-folder")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: download of tiny/blob.bin from {url}/tiny/blob.bin failed: the network or the "
+                          "server is unreachable (")
+    assert err.endswith(f"or place the file by hand: download {url}/tiny/blob.bin elsewhere and copy it to "
+                        f"{root / 'tiny' / 'blob.bin'} (not pinned: its sha256 is recorded on first use)")
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 

@@ -101,8 +101,12 @@ def test_a_missing_set_names_the_command(monkeypatch, tmp_path):
     monkeypatch.setattr(prompts, "DEV_DIR", tmp_path / "nowhere")
     with pytest.raises(UserError) as e:
         prompts.load_prompts("pickscore")
+    ps = prompts.get("pickscore")
+    where = tmp_path / "home" / ".cache" / "soarbench" / "prompts" / "flowgrpo_pickscore_test.txt"
     assert str(e.value) == ("prompt set 'pickscore' (flowgrpo_pickscore_test.txt) is not downloaded; "
-                            "run `soarbench data fetch pickscore`")
+                            "run `soarbench data fetch pickscore`, or place the file by hand: download "
+                            f"https://raw.githubusercontent.com/yifan123/flow_grpo/{ps.commit}/dataset/pickscore/"
+                            f"test.txt elsewhere and copy it to {where} (sha256 {ps.sha256})")
     with pytest.raises(UserError, match="did you mean 'drawbench'"):
         prompts.get("drawbenh")
 
@@ -138,6 +142,56 @@ def test_fetch_reports_http_errors(tmp_path, serve):
     url = serve(b"x").replace("file.txt", "missing.txt")
     with pytest.raises(UserError, match=r"download of flowgrpo_ocr_test.txt from .*missing.txt failed: HTTP 404"):
         prompts.fetch("ocr", tmp_path, url=url)
+
+
+def _closed_port() -> int:
+    """A localhost port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_fetch_offline_says_retry_and_where_to_place_the_file(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}/test.txt"
+    dest = tmp_path / "dest"
+    with pytest.raises(UserError) as e:
+        prompts.fetch("ocr", dest, url=url)
+    ps = prompts.get("ocr")
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"download of flowgrpo_ocr_test.txt from {url} failed: the network or the server is "
+                              "unreachable (")
+    assert message.endswith(f"; run the command again to retry, or place the file by hand: download {ps.url} "
+                            f"elsewhere and copy it to {dest / 'flowgrpo_ocr_test.txt'} (sha256 {ps.sha256})")
+    assert not dest.exists() or list(dest.iterdir()) == []
+
+
+def test_cli_data_fetch_and_geneval_metadata_offline(tmp_path, monkeypatch, cli):
+    """No network (urlopen refused): one line with the retry and the by-hand path, exit 2; geneval-metadata
+    names the object list it needs and where it goes."""
+    import urllib.error
+
+    def refused(*args, **kwargs):
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    monkeypatch.setattr(prompts.urllib.request, "urlopen", refused)
+    monkeypatch.setattr(prompts, "DEV_DIR", tmp_path / "nowhere")
+    data = tmp_path / "data"
+    monkeypatch.setenv(prompts.ENV_DATA, str(data))
+    code, out, err = cli("data", "fetch", "drawbench")
+    ps = prompts.get("drawbench")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err == (f"error: download of {ps.file} from {ps.url} failed: the network or the server is unreachable "
+                   "([Errno 111] Connection refused); run the command again to retry, or place the file by hand: "
+                   f"download {ps.url} elsewhere and copy it to {data / ps.file} (sha256 {ps.sha256})")
+    code, out, err = cli("data", "geneval-metadata", "--out", tmp_path / "meta.jsonl")
+    names = prompts.get("geneval_object_names")
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "meta.jsonl").exists()
+    assert err == (f"error: prompt set 'geneval_object_names' ({names.file}) is not downloaded; run `soarbench data "
+                   f"fetch geneval_object_names`, or place the file by hand: download {names.url} elsewhere and copy "
+                   f"it to {data / names.file} (sha256 {names.sha256})")
 
 
 @needs_shared

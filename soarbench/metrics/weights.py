@@ -378,6 +378,13 @@ def _resumed_at(response, offset: int) -> bool:
     return content_range.startswith(f"bytes {offset}-")
 
 
+def by_hand(f: WeightFile, dest: Path) -> str:
+    """Where to put a weight file without soarbench's download (an offline machine), and how it is checked."""
+    check = (f"sha256 {f.sha256}" if f.sha256 else f"sha256 starting {f.sha256_prefix}" if f.sha256_prefix
+             else "not pinned: its sha256 is recorded on first use")
+    return f"or place the file by hand: download {f.url} elsewhere and copy it to {dest} ({check})"
+
+
 def _fetch(f: WeightFile, part: Path, timeout: float, progress: Progress | None) -> None:
     """Bring `part` to the full content of f.url, continuing from whatever part already holds."""
     have = part.stat().st_size if part.exists() else 0
@@ -391,11 +398,13 @@ def _fetch(f: WeightFile, part: Path, timeout: float, progress: Progress | None)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:
             return  # nothing past what we hold: the part is complete (its hash decides)
-        raise UserError(f"download of {f.path} from {f.url} failed: HTTP {e.code} {e.reason}") from None
+        raise UserError(f"download of {f.path} from {f.url} failed: HTTP {e.code} {e.reason}; "
+                        f"{by_hand(f, part.parent / Path(f.path).name)}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise UserError(f"download of {f.path} from {f.url} failed: {reason}; run the command again to retry") \
-            from None
+        raise UserError(f"download of {f.path} from {f.url} failed: the network or the server is unreachable "
+                        f"({reason}); run the command again to retry, "
+                        f"{by_hand(f, part.parent / Path(f.path).name)}") from None
     with response:
         if have and not _resumed_at(response, have):
             have = 0  # the server sent the whole file: start over
