@@ -587,6 +587,25 @@ def data_shapes(
         typer.echo(write_test_metadata(test_metadata))
 
 
+@app.command("export")
+def export_(
+    model: str = typer.Argument(..., help="A soarbench checkpoint folder, a pipeline folder or a Hub id owner/name[@rev]."),
+    out: Path = typer.Option(..., "--out", help="Folder to create: a complete diffusers pipeline."),
+    dtype: str = typer.Option("fp32", "--dtype", help="How the weights are stored: fp32 | fp16 | bf16 (they load "
+                                                      "in float32 unless torch_dtype is given)."),
+):
+    """Write a checkpoint as a whole diffusers pipeline folder (LoRA merged), loadable by
+    DiffusionPipeline.from_pretrained(OUT, text_encoder_3=None, tokenizer_3=None) where there is no T5.
+
+    Example:
+
+      soarbench export runs/sft/checkpoints/step_000700 --out exported/sft
+    """
+    from soarbench.export import export_pipeline
+
+    typer.echo(export_pipeline(model, out, dtype=dtype))
+
+
 @app.command()
 def env():
     """Versions, devices and git sha, for bug reports.

@@ -80,6 +80,7 @@ def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     """Full pipeline folder = the run's base folder (VAE, scheduler, tokenizers) + its last checkpoint, in fp16."""
     from diffusers import StableDiffusion3Pipeline
 
+    from soarbench.export import declare_float32_loading
     from soarbench.harness.checkpoint import latest_checkpoint
     from soarbench.models.sd3 import SUMS_FILE, SD3Adapter, sha256sums_text
 
@@ -89,6 +90,8 @@ def export(run_dir: Path, out: Path, recipe_text: str) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp)
+    # stored in fp16, loaded in float32 by a plain from_pretrained (as diffusers loads the transformer and VAE)
+    declare_float32_loading(tmp)
     (tmp / "recipe.toml").write_text(recipe_text)
     # trained without T5 tokens: evaluation must use the same (zero) length
     (tmp / "soarbench_model.json").write_text(json.dumps({"max_sequence_length": adapter.max_sequence_length}) + "\n")

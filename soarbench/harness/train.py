@@ -173,7 +173,7 @@ class Run:
         self.ecfg = ecfg
         self.schedule = Schedule(self.budget, self.cost_of, int(ecfg.get("points", 4)) if ecfg.get("benchmark") else 0)
         self.step, self.unit, self.evals_passed, self.pending_eval = 0, 0, 0, None
-        self.base_model = Path(cfg["model"]["path"])
+        self.base_model = self.adapter.source  # the local folder (a Hub id's cached snapshot), as checkpoints name it
         if resume and (ckpt := latest_checkpoint(self.out_dir, warn=log)) is not None:
             self.restore(ckpt)
             log(f"resumed from {ckpt} at step {self.step}")

@@ -58,8 +58,11 @@ def resolve_model_folder(path: str | Path) -> tuple[Path, dict | None]:
 
     A checkpoint record names its base model relative to the checkpoint folder (`base_model`), so a run folder
     moved together with its base keeps working, and keeps the absolute path it was trained from
-    (`base_model_absolute`) as a fallback for a run folder moved alone."""
-    path = Path(path)
+    (`base_model_absolute`) as a fallback for a run folder moved alone. A Hugging Face Hub id (owner/name[@rev])
+    that is no local path is resolved to its cached snapshot (soarbench.hub)."""
+    from soarbench.hub import local_model_path
+
+    path = local_model_path(path)
     if not path.exists():
         raise UserError(f"{path}: model folder does not exist")
     if (path / CHECKPOINT_FILE).is_file():
@@ -152,6 +155,9 @@ def weights_fingerprint(path: str | Path) -> str:
     path: a checkpoint replaced at the same path gets another fingerprint."""
     import hashlib
 
+    from soarbench.hub import local_model_path
+
+    path = local_model_path(path)
     base, record = resolve_model_folder(path)
     folders = [("base", base)] + ([("checkpoint", Path(path))] if record is not None else [])
     h = hashlib.sha256()
@@ -211,6 +217,9 @@ class SD3Adapter:
         from diffusers.utils import logging as dlogging
         from transformers.utils import logging as tlogging
 
+        from soarbench.hub import local_model_path
+
+        path = local_model_path(path)  # a Hub id: its cached snapshot
         base, record = resolve_model_folder(path)
         verify_sha256sums(base)
         if record is not None:
