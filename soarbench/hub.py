@@ -42,29 +42,29 @@ def _fetch_command(repo: str, revision: str | None, files: str = "") -> str:
     return f"hf download {repo}{f' --revision {revision}' if revision else ''}{files}"
 
 
-def hub_error(e: BaseException, what: str, repo: str, revision: str | None, fetch: str) -> UserError | None:
-    """One UserError line for huggingface_hub's failures, or None for an error that is not the Hub's."""
+def hub_error(e: BaseException, subject: str, revision: str | None, fetch: str) -> UserError | None:
+    """One UserError line for huggingface_hub's failures (`subject` names what was asked for), or None for an
+    error that is not the Hub's."""
     from huggingface_hub import errors
 
-    at = f"{repo}@{revision}" if revision else repo
     if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)):
-        return UserError(f"{what} {at}: no such local path, and as a Hub id it is not in the local Hugging Face "
-                         f"cache ({cache_dir()}) while the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network); run the command again where the Hub is "
+        return UserError(f"{subject} is not in the local Hugging Face cache ({cache_dir()}) and the Hub cannot be "
+                         f"reached (HF_HUB_OFFLINE=1 or no network); run the command again where the Hub is "
                          f"reachable, or fetch it with `{fetch}` (same HF_HOME / HF_HUB_CACHE)")
     if isinstance(e, errors.GatedRepoError):
-        return UserError(f"{what} {at} is gated on the Hub: accept its license on huggingface.co/{repo}, then log "
-                         "in (`hf auth login`) or set HF_TOKEN")
+        return UserError(f"{subject} is gated on the Hub: accept its license on the repository's page, then log in "
+                         "(`hf auth login`) or set HF_TOKEN")
     if isinstance(e, errors.RepositoryNotFoundError):
-        return UserError(f"{what} {at}: no such local path, and no such repository on the Hub (a private one "
-                         "needs HF_TOKEN or `hf auth login`)")
+        return UserError(f"{subject}: no such repository on the Hub (a private one needs HF_TOKEN or "
+                         "`hf auth login`)")
     if isinstance(e, errors.RevisionNotFoundError):
-        return UserError(f"{what} {at}: the repository has no revision '{revision}' (give a commit hash, tag or "
+        return UserError(f"{subject}: the repository has no revision '{revision}' (give a commit hash, tag or "
                          "branch)")
     if isinstance(e, errors.RemoteEntryNotFoundError):
-        return UserError(f"{what} {at}: {str(e).splitlines()[0]}")
+        return UserError(f"{subject}: not in the repository ({str(e).splitlines()[0]})")
     if isinstance(e, (errors.HfHubHTTPError, OSError)):
-        return UserError(f"{what} {at}: the Hub could not be reached ({str(e).splitlines()[0] or type(e).__name__}); "
-                         f"run the command again to retry, or fetch it with `{fetch}`")
+        return UserError(f"{subject}: the Hub could not be reached ({str(e).splitlines()[0] or type(e).__name__});"
+                         f" run the command again to retry, or fetch it with `{fetch}`")
     return None
 
 
@@ -81,7 +81,8 @@ def snapshot_model(text: str) -> Path:
         folder = snapshot_download(repo, revision=revision, ignore_patterns=_SKIP,
                                    allow_patterns=_EXTRA_FILES + [f"{name}/*" for name in components])
     except Exception as e:  # noqa: BLE001  (huggingface_hub's own errors become one line each)
-        error = hub_error(e, "model", repo, revision, fetch)
+        at = f"{repo}@{revision}" if revision else repo
+        error = hub_error(e, f"model {at} (no such local path; as a Hub id)", revision, fetch)
         if error is None:
             raise
         raise error from None

@@ -74,8 +74,8 @@ def test_model_hub_id_not_in_the_cache_is_one_line(offline_cache):
     proc = _soarbench(["export", "soarbench-test/not-cached", "--out", "x"], env)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model soarbench-test/not-cached: no such local path, "
-                                                   "and as a Hub id it is not in the local Hugging Face cache (")
+    assert len(lines) == 1 and lines[0].startswith("error: model soarbench-test/not-cached (no such local path; "
+                                                   "as a Hub id) is not in the local Hugging Face cache (")
     assert "hf download soarbench-test/not-cached" in lines[0]
 
 

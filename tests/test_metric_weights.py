@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -333,6 +334,78 @@ def test_ckpts_download_offline_says_retry_and_where_to_place_each_file(tmp_path
                           "server is unreachable (")
     assert err.endswith(f"or place the file by hand: download {url}/tiny/blob.bin elsewhere and copy it to "
                         f"{root / 'tiny' / 'blob.bin'} (not pinned: its sha256 is recorded on first use)")
+
+
+# ------------------------------------------------------------------------------------- Hugging Face Hub files
+HUB_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture()
+def hub_offline(tmp_path, monkeypatch):
+    """An offline huggingface_hub over a cache laid out as the Hub lays it: soarbench-test/heads holds head.pth at
+    HUB_COMMIT, and different bytes at the newer commit its main branch points to."""
+    from huggingface_hub import constants
+    from test_hub import hub_cache
+
+    cache = tmp_path / "hub"
+    hub_cache(cache, "soarbench-test/heads", {"head.pth": b"a newer head"}, commit="f" * 40)
+    hub_cache(cache, "soarbench-test/heads", {"head.pth": HEAD}, commit=HUB_COMMIT)
+    (cache / "models--soarbench-test--heads" / "refs" / "main").write_text("f" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    manifest = tmp_path / "hub.toml"
+    manifest.write_text(f"""
+[weights.head]
+file = "heads/head.pth"
+repo = "soarbench-test/heads"
+revision = "{HUB_COMMIT}"
+sha256 = "{sha(HEAD)}"
+
+[weights.absent]
+folder = "absent"
+repo = "soarbench-test/absent"
+revision = "{HUB_COMMIT}"
+files = [{{ name = "config.json" }}]
+""", encoding="utf-8")
+    return cache, manifest
+
+
+def test_hub_weights_come_from_the_cache_at_the_pinned_revision(hub_offline, root):
+    cache, manifest = hub_offline
+    entry = w.load_manifest(manifest).get("head")
+    assert entry.files[0].hub == ("soarbench-test/heads", HUB_COMMIT, "head.pth")
+    assert entry.files[0].url == f"https://huggingface.co/soarbench-test/heads/resolve/{HUB_COMMIT}/head.pth"
+    path = w.download("head", root, manifest)
+    assert path == root / "heads" / "head.pth" and path.read_bytes() == HEAD  # the pinned commit, not main's
+    # a link into the cache: the weights are stored once, in huggingface_hub's cache
+    assert path.is_symlink() and path.resolve().parent == cache / "models--soarbench-test--heads" / "blobs"
+    assert w.resolve_weights("head", root, manifest) == path
+    assert [c.status for c in w.verify(["head"], root, manifest)] == ["ok"]
+
+
+def test_hub_weights_not_in_the_cache_offline_are_one_line(hub_offline, root):
+    _, manifest = hub_offline
+    with pytest.raises(UserError) as e:
+        w.download("absent", root, manifest)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"config.json of soarbench-test/absent@{HUB_COMMIT} is not in the local Hugging Face "
+                              "cache (")
+    assert f"fetch it with `hf download soarbench-test/absent config.json --revision {HUB_COMMIT}`" in message
+    assert message.endswith(f"(weights 'absent'), or place the file by hand: download https://huggingface.co/"
+                            f"soarbench-test/absent/resolve/{HUB_COMMIT}/config.json elsewhere and copy it to "
+                            f"{root / 'absent' / 'config.json'} (not pinned: its sha256 is recorded on first use)")
+    assert not (root / "absent").exists() or not list((root / "absent").iterdir())
+
+
+def test_project_manifest_fetches_hub_files_at_pinned_commits():
+    manifest = w.load_manifest()
+    for name in ("clip-vit-large-patch14", "pickscore-v1", "clip-vit-h-14-processor", "hpsv2.1", "imagereward-v1",
+                 "bert-base-uncased-tokenizer"):
+        for f in manifest.get(name).files:
+            assert f.hub is not None and re.fullmatch(r"[0-9a-f]{40}", f.hub[1]), (name, f.hub)
+    # on no Hub repository: raw URLs
+    assert manifest.get("aesthetic-mlp").files[0].hub is None and manifest.get("mask2former-mmdet").files[0].hub is None
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -53,6 +53,9 @@ class WeightFile:
     # The leading hex digits of the sha256 where only those are published, as in OpenMMLab's checkpoint names
     # (`..._20220504_001756-743b7d99.pth`: the first 8 digits of the file's sha256). A partial pin.
     sha256_prefix: str | None = None
+    # (repository, pinned revision, path in the repository) for files published on the Hugging Face Hub: fetched
+    # through huggingface_hub (its cache, HF_ENDPOINT, HF_TOKEN); None for other sources (a raw URL)
+    hub: tuple[str, str, str] | None = None
 
     @property
     def pinned(self) -> bool:
@@ -159,17 +162,29 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest") -> Manifest
         if not isinstance(t, Mapping):
             raise UserError(f"{at} must be a table")
         unknown = set(t) - {"file", "folder", "url", "base_url", "size", "sha256", "sha256_prefix", "source",
-                            "description", "files"}
+                            "description", "files", "repo", "revision", "repo_file"}
         if unknown:
             raise UserError(f"{at}: unknown keys {sorted(unknown)}")
+        repo, revision = t.get("repo"), t.get("revision")
+        if (repo is None) != (revision is None) or (repo is not None and (
+                not isinstance(repo, str) or not isinstance(revision, str) or "/" not in repo or not revision)):
+            raise UserError(f"{at}: a Hub entry needs both `repo = \"owner/name\"` and `revision` (a commit hash)")
+
+        def hub(name: str):
+            return (repo, revision, name) if repo else None
+
+        def hub_url(name: str) -> str:
+            return f"https://huggingface.co/{repo}/resolve/{revision}/{name}" if repo else ""
         if ("file" in t) == ("folder" in t):
             raise UserError(f"{at}: give exactly one of `file` or `folder`")
         if "file" in t:
             rel = _checked_relpath(t["file"], at)
-            if not t.get("url"):
-                raise UserError(f"{at}: `url` is required")
-            files = (WeightFile(rel, str(t["url"]), _checked_size(t.get("size"), at),
-                                _checked_hex(t.get("sha256"), at), _checked_prefix(t.get("sha256_prefix"), at)),)
+            in_repo = _checked_relpath(t.get("repo_file") or rel.rsplit("/", 1)[-1], at)
+            if not t.get("url") and not repo:
+                raise UserError(f"{at}: `url` is required (or `repo` and `revision` for a Hub file)")
+            files = (WeightFile(rel, str(t.get("url") or hub_url(in_repo)), _checked_size(t.get("size"), at),
+                                _checked_hex(t.get("sha256"), at), _checked_prefix(t.get("sha256_prefix"), at),
+                                hub(in_repo)),)
         else:
             rel = _checked_relpath(t["folder"], at)
             base = str(t.get("base_url", ""))
@@ -181,12 +196,12 @@ def parse_manifest(data: Mapping[str, Any], where: str = "manifest") -> Manifest
                 if not isinstance(item, Mapping) or "name" not in item:
                     raise UserError(f"{at}: each of `files` needs a `name`")
                 inner = _checked_relpath(item["name"], at)
-                url = str(item.get("url") or (base.rstrip("/") + "/" + inner if base else ""))
+                url = str(item.get("url") or (base.rstrip("/") + "/" + inner if base else hub_url(inner)))
                 if not url:
-                    raise UserError(f"{at}: file {inner!r} has no `url` and the entry no `base_url`")
+                    raise UserError(f"{at}: file {inner!r} has no `url` and the entry no `base_url` or `repo`")
                 files.append(WeightFile(f"{rel}/{inner}", url, _checked_size(item.get("size"), f"{at} {inner}"),
                                         _checked_hex(item.get("sha256"), f"{at} {inner}"),
-                                        _checked_prefix(item.get("sha256_prefix"), f"{at} {inner}")))
+                                        _checked_prefix(item.get("sha256_prefix"), f"{at} {inner}"), hub(inner)))
             files = tuple(files)
         entries[name] = WeightsEntry(name=name, path=rel, is_folder="folder" in t, source=str(t.get("source", "")),
                                      description=str(t.get("description", "")), files=files)
@@ -428,6 +443,31 @@ def _fetch(f: WeightFile, part: Path, timeout: float, progress: Progress | None)
                         "resume")
 
 
+def _from_hub(f: WeightFile, name: str, part: Path, dest: Path) -> None:
+    """Fetch a Hub file at its pinned revision into huggingface_hub's cache (reused when already there) and make
+    `part` point at it: a symbolic link to the cached file, or a copy where links cannot be made."""
+    import shutil
+
+    from huggingface_hub import hf_hub_download
+
+    from soarbench.hub import hub_error
+
+    repo, revision, in_repo = f.hub
+    try:
+        cached = Path(hf_hub_download(repo, in_repo, revision=revision)).resolve()
+    except Exception as e:  # noqa: BLE001  (huggingface_hub's own errors become one line each)
+        error = hub_error(e, f"{in_repo} of {repo}@{revision}", revision,
+                          f"hf download {repo} {in_repo} --revision {revision}")
+        if error is None:
+            raise
+        raise UserError(f"{error} (weights '{name}'), {by_hand(f, dest)}") from None
+    part.unlink(missing_ok=True)
+    try:
+        part.symlink_to(cached)
+    except OSError:
+        shutil.copyfile(cached, part)
+
+
 def download(name: str, root: str | os.PathLike | None = None,
              manifest: Manifest | str | os.PathLike | None = None, progress: Progress | None = None,
              timeout: float = 60.0) -> Path:
@@ -448,7 +488,10 @@ def download(name: str, root: str | os.PathLike | None = None,
             dest = base / f.path
             dest.parent.mkdir(parents=True, exist_ok=True)
             part = dest.with_name(f".{dest.name}.part")
-            _fetch(f, part, timeout, progress)
+            if f.hub is not None:
+                _from_hub(f, name, part, dest)
+            else:
+                _fetch(f, part, timeout, progress)
             size, digest = part.stat().st_size, sha256_file(part)
             if (f.size is not None and size != f.size) or not f.hash_matches(digest):
                 part.unlink()
