@@ -109,3 +109,14 @@ def test_an_owned_folder_is_written_again_even_after_a_write_killed_half_way(tmp
     assert shapes.owns_folder(tmp_path / "empty")
     (tmp_path / "empty" / "notes.txt").write_text("mine")
     assert not shapes.owns_folder(tmp_path / "empty")
+
+
+def test_soarbench_data_shapes_refuses_a_users_folder_too(cli, tmp_path):
+    folder = _user_folder(tmp_path)
+    before = _snapshot(folder)
+    code, _, err = cli("data", "shapes", "--out", folder, "--n-images", "2")
+    assert code == 2 and len(err.splitlines()) == 1 and "did not write (no shapes_world.json)" in err
+    assert _snapshot(folder) == before
+    assert cli("data", "shapes", "--out", tmp_path / "new", "--n-images", "2")[0] == 0
+    assert cli("data", "shapes", "--out", tmp_path / "new", "--n-images", "3")[0] == 0  # its own folder: rewritten
+    assert len((tmp_path / "new" / "train.jsonl").read_text().splitlines()) == 3
