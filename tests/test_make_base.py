@@ -34,6 +34,14 @@ def test_micro_recipe_builds_a_loadable_base_whose_decoder_alone_was_fine_tuned(
     assert "caption_dropout = 0.1" in (base / "recipe.toml").read_text()
     adapter = SD3Adapter.from_pretrained(base)
     assert adapter.transformer.dtype == torch.float32  # loaded for training in fp32 from the fp16 files
+    # stored in fp16, and declared to load in float32 as diffusers loads the transformer: a plain
+    # StableDiffusion3Pipeline.from_pretrained gets one dtype throughout (tests/test_export.py runs it)
+    from safetensors import safe_open
+
+    for name in ("text_encoder", "text_encoder_2"):
+        assert json.loads((base / name / "config.json").read_text())["dtype"] == "float32"
+        with safe_open(str(base / name / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     # the pretraining ran with caption dropout, from the decoder-tuned init
     import tomllib
 
