@@ -2,7 +2,9 @@
 
 `reward_ckpts/manifest.toml` lists every weight set by name. An entry is one file (`file = ...`) or a folder of
 files (`folder = ...`, e.g. a transformers model folder), each file with its public URL and, where known, its
-size and sha256:
+size and sha256. An entry published on the Hugging Face Hub names `repo` and a pinned `revision` (a commit) and is
+fetched with huggingface_hub.hf_hub_download, so its cache (HF_HOME / HF_HUB_CACHE), HF_ENDPOINT (a mirror),
+HF_TOKEN and HF_HUB_OFFLINE apply; the file under the weights root is then a link to the cached file:
 
     path = resolve_weights("clip-vit-large-patch14")   # <root>/clip-vit-large-patch14, checked
     download("aesthetic-mlp")                          # resumable (HTTP Range), hash-checked, atomic rename
