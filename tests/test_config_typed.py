@@ -78,7 +78,8 @@ def test_non_utf8_config_is_one_line(tmp_path):
 def test_defaults_are_filled_in_as_documented():
     cfg = C.validate_train_config(BASE)
     assert cfg["model"] == {"path": "m", "load_t5": True, "text_encoder_precision": "auto"}
-    assert cfg["data"] == {"jsonl": "d.jsonl", "random_flip": False, "caption_dropout": 0.0, "text_cache": "auto"}
+    assert cfg["data"] == {"jsonl": "d.jsonl", "random_flip": False, "caption_dropout": 0.0, "text_cache": "auto",
+                           "prompt_sampling": "unique"}
     assert cfg["train"] == {
         "seed": 0, "batch_size": 8, "gradient_accumulation_steps": 1, "global_batch_size": 0, "lr": 2e-5,
         "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0, "warmup_steps": 0,
@@ -87,8 +88,8 @@ def test_defaults_are_filled_in_as_documented():
         "device": "auto", "threads": 0, "checkpoint_every": 0, "nonfinite": "stop", "check_replicas": False,
         "compile": False}
     assert cfg["budget"] == {"unit": "fwd_bwd", "amount": 10, "no_grad_fraction": 1 / 3}
-    assert cfg["eval"] == {"benchmark_options": {}, "points": 4, "seed": 0, "batch_size": 64, "include_base": False,
-                           "precision": "auto", "metrics": []}
+    assert cfg["eval"] == {"benchmark_options": {}, "extra_benchmarks": {}, "points": 4, "seed": 0, "batch_size": 64,
+                           "include_base": False, "precision": "auto", "metrics": []}
     assert cfg["log"] == {"tensorboard": True, "wandb": False, "wandb_project": "soarbench", "every": 10}
     assert cfg["run"] == {}
     assert cfg["method"] == {"name": "sft", "weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0,
