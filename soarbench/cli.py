@@ -62,14 +62,20 @@ class Progress:
     """The progress callback the harness and evaluation drive: progress(done, total, **values).
 
     On a terminal: a rich bar (values such as loss shown beside it). Elsewhere (CI, nohup, a pipe): one plain
-    line every `every` calls and at the end, e.g. "step 120/700 loss 0.0123 grad_norm 0.41", so a log file shows
-    how far a run got (every = 0: no plain lines, for commands whose output is read by scripts). `values` are
-    whatever the caller has (the training loop passes loss=..., etc.)."""
+    line every `every` calls, every `interval_s` seconds and at the end, e.g. "step 120/700 loss 0.0123
+    grad_norm 0.41 | 2.1 step/s, ETA 0:04:46", so a log file shows how far a run got and how long it has left
+    (every = 0 and interval_s = 0: no plain lines). `values` are whatever the caller has (the training loop passes
+    loss=..., etc.)."""
 
-    def __init__(self, description: str, every: int = 1, unit: str | None = None, tty: bool | None = None):
+    def __init__(self, description: str, every: int = 1, unit: str | None = None, tty: bool | None = None,
+                 interval_s: float = 0.0, clock=None):
+        import time
+
         self.description, self.every, self.unit = description, max(int(every), 0), unit or description
         self.tty = sys.stderr.isatty() if tty is None else tty
+        self.interval_s, self.clock = float(interval_s), clock or time.monotonic
         self.progress, self.task = None, None
+        self._start = self._last_line = None  # (time, done) of the first call; time of the last plain line
 
     @staticmethod
     def format_values(values: dict) -> str:
@@ -80,14 +86,34 @@ class Progress:
             parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
         return " ".join(parts)
 
+    def _pace(self, now: float, done: int, total: Optional[int]) -> str:
+        """'| R unit/s, ETA H:MM:SS' measured since the first call ('' until there is a rate to tell)."""
+        start_t, start_done = self._start
+        if now <= start_t or done <= start_done:
+            return ""
+        rate = (done - start_done) / (now - start_t)
+        unit = self.unit.split()[-1]
+        text = f"| {rate:.3g} {unit}/s"
+        if total is not None and done < total:
+            left = int(round((total - done) / rate))
+            text += f", ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        return text
+
     def __call__(self, done: int, total: Optional[int], **values) -> None:
         if self.tty:
             self._bar(done, total, values)
             return
+        now = self.clock()
+        if self._start is None:
+            # the clock starts at the first report, so the rate counts the units done since then
+            self._start, self._last_line = (now, done), now
         last = total is not None and done >= total
-        if self.every and (done % self.every == 0 or last):
+        due = (self.every and done % self.every == 0) or (self.interval_s and now - self._last_line >= self.interval_s)
+        if due or (last and (self.every or self.interval_s)):
+            self._last_line = now
             where = f"{done}/{total}" if total is not None else f"{done}"
-            _log(" ".join(p for p in (self.unit, where, self.format_values(values)) if p))
+            _log(" ".join(p for p in (self.unit, where, self.format_values(values), self._pace(now, done, total))
+                          if p))
 
     def _bar(self, done: int, total: Optional[int], values: dict) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \

@@ -358,16 +358,38 @@ def test_run_help_shows_the_experiment_tables(cli, monkeypatch):
 def test_progress_prints_plain_lines_every_n_steps_off_a_terminal(capsys):
     from soarbench.cli import Progress
 
-    progress = Progress("training", every=2, unit="step", tty=False)
+    now = [0.0]
+    progress = Progress("training", every=2, unit="step", tty=False, clock=lambda: now[0])
     for step in range(1, 6):
+        now[0] = 10.0 * step  # 0.1 step/s from the first call on
         progress(step, 5, loss=0.0123 * step, grad_norm=None, images=step * 4)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["step 2/5 loss 0.0246 images 8", "step 4/5 loss 0.0492 images 16",
-                     "step 5/5 loss 0.0615 images 20"]
-    unbounded = Progress("training", every=3, unit="step", tty=False)
+    assert lines == ["step 2/5 loss 0.0246 images 8 | 0.1 step/s, ETA 0:00:30",
+                     "step 4/5 loss 0.0492 images 16 | 0.1 step/s, ETA 0:00:10",
+                     "step 5/5 loss 0.0615 images 20 | 0.1 step/s"]
+    unbounded = Progress("training", every=3, unit="step", tty=False, clock=lambda: 0.0)
     for step in range(1, 7):
         unbounded(step, None)
     assert capsys.readouterr().err.strip().splitlines() == ["step 3", "step 6"]
+
+
+def test_progress_off_a_terminal_prints_a_line_per_interval_with_rate_and_eta(capsys):
+    """`eval` passes every=0 and interval_s: a log file still hears from it (rate and ETA) while it works."""
+    from soarbench.cli import Progress
+
+    now = [0.0]
+    progress = Progress("eval shapes", every=0, unit="eval shapes images", tty=False, interval_s=30,
+                        clock=lambda: now[0])
+    for done in range(0, 40, 4):  # 4 images per 10 s
+        now[0] = done * 2.5
+        progress(done, 40)
+    now[0] = 100.0
+    progress(40, 40)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "eval shapes images 12/40 | 0.4 images/s, ETA 0:01:10",
+        "eval shapes images 24/40 | 0.4 images/s, ETA 0:00:40",
+        "eval shapes images 36/40 | 0.4 images/s, ETA 0:00:10",
+        "eval shapes images 40/40 | 0.4 images/s"]
 
 
 def test_progress_on_a_terminal_draws_no_plain_lines(capsys):

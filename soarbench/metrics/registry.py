@@ -1,10 +1,12 @@
 """Every metric soarbench knows, as lazy entries: heavy imports happen only when a metric is built."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from soarbench.metrics.base import Metric
 from soarbench.registry import LazyRegistry
+
+if TYPE_CHECKING:  # metrics.base imports torch: naming and checking metrics must not
+    from soarbench.metrics.base import Metric
 
 METRICS = LazyRegistry("metric")
 METRICS.add("geneval", "soarbench.metrics.geneval:GenEvalMetric",
