@@ -46,8 +46,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid TOML ({e})") from None
 
 
-def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A TOML file with its `extends` chain resolved (the extending file wins); the `extends` key removed."""
+def load_config(path: str | Path, _chain: tuple[Path, ...] = (), *, file_paths: bool = True) -> dict[str, Any]:
+    """A TOML file with its `extends` chain resolved (the extending file wins); the `extends` key removed.
+
+    With `file_paths` (the default) the path-valued fields (PATH_FIELDS) of each file in the chain have
+    `${VAR}` / `${VAR:-default}` expanded from the environment and, when relative, are read against that file's
+    folder (see resolve_file_paths). A run folder's recorded config.toml holds paths already resolved: read it
+    with file_paths=False."""
     path = Path(path)
     key = path.resolve()
     if key in _chain:
@@ -55,6 +60,8 @@ def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
         raise UserError(f"{path}: extends forms a cycle ({cycle})")
     cfg = _read_toml(path)
     parent = cfg.pop(EXTENDS, None)
+    if file_paths:
+        cfg = resolve_file_paths(cfg, path)
     if parent is None:
         return cfg
     if not isinstance(parent, str) or not parent.strip():
@@ -62,12 +69,68 @@ def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
     target = path.parent / parent
     if not target.is_file():
         raise UserError(f"{path}: extends = '{parent}': no such file {target}")
-    return deep_merge(load_config(target, (*_chain, key)), cfg)
+    return deep_merge(load_config(target, (*_chain, key), file_paths=file_paths), cfg)
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+def load_toml(path: str | Path, *, file_paths: bool = True) -> dict[str, Any]:
     """Kept for callers of the old name: the same as load_config (extends resolved)."""
-    return load_config(path)
+    return load_config(path, file_paths=file_paths)
+
+
+# Fields holding a file or folder: in a config file they are relative to that file's folder. The same fields
+# inside an experiment's [common] and [runs.NAME] tables, and the experiment's probe data and report folder.
+PATH_FIELDS = (("model", "path"), ("data", "jsonl"), ("data", "image_dir"))
+EXPERIMENT_PATH_FIELDS = (("experiment", "probe", "jsonl"), ("experiment", "report"))
+_ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def resolve_file_paths(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`cfg` (one file's tables, as read from `path`) with its path fields made usable from any working directory:
+    `${VAR}` and `${VAR:-default}` replaced from the environment (an unset VAR without a default is one line),
+    `~` expanded, and a relative path joined to the file's folder. The result is relative to the working directory
+    when it lies under it (so configs read from the repository root record the paths they always did), else
+    absolute. A model.path that names no local file and reads as a Hub id (owner/name[@revision]) stays as
+    written. Values given with --set are applied after loading and stay relative to the working directory."""
+    cfg = copy.deepcopy(cfg)
+    fields = list(PATH_FIELDS)
+    for table in ("common", *(f"runs.{name}" for name in cfg.get("runs", {}) if isinstance(cfg.get("runs"), dict))):
+        fields += [(*table.split(".", 1), *f) for f in PATH_FIELDS]
+    fields += EXPERIMENT_PATH_FIELDS
+    for keys in fields:
+        node = cfg
+        for part in keys[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(keys[-1]), str):
+            continue
+        node[keys[-1]] = _resolve_path(node[keys[-1]], path, ".".join(keys))
+    return cfg
+
+
+def _resolve_path(value: str, path: Path, where: str) -> str:
+    import os
+
+    def env(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        got = os.environ.get(name)
+        if got:
+            return got
+        if default is not None:
+            return default
+        raise UserError(f"{path}: {where} = {_show(value)}: the environment variable {name} is not set; "
+                        f"export {name}=... or pass --set {where}=PATH")
+
+    text = os.path.expanduser(_ENV_VAR.sub(env, value))
+    if not text or os.path.isabs(text):
+        return text
+    joined = path.parent / text
+    if where.endswith("model.path") and not joined.exists():
+        from soarbench.hub import parse_hub_id
+
+        if parse_hub_id(text) is not None:
+            return text  # a Hub id (README: "Models and weights from the Hugging Face Hub")
+    full = Path(os.path.normpath(joined.absolute()))
+    cwd = Path.cwd()
+    return os.path.relpath(full, cwd) if full.is_relative_to(cwd) else str(full)
 
 
 def parse_value(text: str) -> Any:

@@ -58,7 +58,7 @@ def refuse_changed_run(run_dir: Path, cfg: dict) -> None:
         _refuse_changed_config(run_dir, cfg)
         return
     asked = json.loads(json.dumps(cfg, default=str))
-    changed = {key: pair for key, pair in _diff(C.load_config(path), asked).items()
+    changed = {key: pair for key, pair in _diff(C.load_config(path, file_paths=False), asked).items()
                if not any(key == k or key.startswith(k) for k in RESULT_NEUTRAL)}
     if changed:
         keys = ", ".join(f"{key}={_shown(before)} (now {_shown(after)})" for key, (before, after) in changed.items())

@@ -90,3 +90,52 @@ def test_experiment_runs_pass_typed_validation(name):
     for _, cfg in plan_runs(exp):
         amount = C.validate_train_config(cfg)["budget"]["amount"]
         assert amount == (2800 if cfg["run"]["group"] == control else 11200)
+
+
+SD35M = ROOT / "sd35m"
+
+
+def test_sd35m_configs_name_no_machine_paths(monkeypatch):
+    """The SD3.5-M configs read model.path from $SD35M_MODEL (else the Hub id) and their data under
+    $SOARBENCH_DATA (else the clone's data/): no absolute path of one machine."""
+    monkeypatch.delenv("SD35M_MODEL", raising=False)
+    monkeypatch.delenv("SOARBENCH_DATA", raising=False)
+    monkeypatch.chdir(ROOT.parent)
+    for path in sorted(SD35M.glob("*.toml")):
+        text = path.read_text()
+        assert '"/models' not in text and '"/data' not in text, path.name
+        cfg = C.load_config(path)
+        sections = [cfg] if "common" not in cfg else [cfg["common"], *cfg["runs"].values()]
+        for sec in sections:
+            if "model" in sec and "path" in sec["model"]:
+                assert sec["model"]["path"] == "stabilityai/stable-diffusion-3.5-medium", path.name
+            if "data" in sec and "jsonl" in sec["data"]:
+                assert Path(sec["data"]["jsonl"]).parts[0] == "data", (path.name, sec["data"]["jsonl"])
+    monkeypatch.setenv("SD35M_MODEL", "/srv/sd35m")
+    monkeypatch.setenv("SOARBENCH_DATA", "/srv/data")
+    cfg = C.load_config(SD35M / "soar.toml")
+    assert (cfg["model"]["path"], cfg["data"]["image_dir"]) == ("/srv/sd35m", "/srv/data/hy-soar/images")
+
+
+def test_sd35m_compare_matches_one_budget():
+    """benchmarks/sd35m/compare.toml: SFT, SOAR, Flow-GRPO and DiffusionNFT under one fwd_bwd_equiv budget equal to
+    SOAR's reference run (5,000 steps of 32), the steps each method affords as its comments state, with controls."""
+    exp = C.load_config(SD35M / "compare.toml")
+    plan = plan_runs(exp)
+    _check_controls(exp["experiment"], plan, SD35M / "compare.toml")
+    assert {cfg["method"]["name"] for _, cfg in plan} == {"sft", "soar", "flow_grpo", "diffusion_nft"}
+    compared = [cfg for _, cfg in plan if cfg["run"]["group"] != "sft_lr0"]
+    assert {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for cfg in compared} == {("fwd_bwd_equiv", 1173334)}
+    affordable = {}
+    for _, cfg in plan:
+        C.validate_train_config(cfg)
+        # the reward weights are not needed to count the budget (a reward call is its own counter): build with
+        # the weight-free GenEval rules reward so that the test runs without reward_ckpts/
+        if "rewards" in cfg["method"]:
+            cfg = C.deep_merge(cfg, {"method": {"rewards": {}}})
+            cfg["method"]["rewards"] = {"geneval": 1.0}
+        affordable[cfg["run"]["group"]] = _check(cfg)
+    # SOAR: 32 x 7 fwd_bwd + 32 no-grad (1/3) = 234.67 per step; SFT 32; Flow-GRPO's epoch 1152 x 9 x 2 fwd_bwd
+    # + 1152 x 10 x 2 rollout and 1152 x 9 x 2 reference forwards (no grad); DiffusionNFT likewise (units: epochs)
+    assert affordable == {"soar": 5000, "sft": 1173334 // 32, "sft_lr0": 11733 // 32, "flow_grpo": 33,
+                          "diffusion_nft": 55}

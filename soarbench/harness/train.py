@@ -482,7 +482,7 @@ def _refuse_changed_config(out_dir: Path, cfg: dict) -> None:
     path = Path(out_dir) / "config.toml"
     if not path.is_file():
         return
-    old = C.load_toml(path)
+    old = C.load_toml(path, file_paths=False)  # recorded paths are already resolved
     before, after = old.get("method", {}).get("name"), cfg.get("method", {}).get("name")
     if before != after:  # every option of the method differs then: name the method, not the first option
         raise UserError(f"--resume: {path} records a {before} run and this config trains {after}; resume with "
