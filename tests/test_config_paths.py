@@ -116,3 +116,30 @@ def test_shipped_shapes_configs_work_from_any_directory(tmp_path, monkeypatch):
     cfg = C.load_config(REPO / "benchmarks" / "shapes" / "sft.toml")
     assert Path(cfg["model"]["path"]) == REPO / "benchmarks" / "shapes" / "base"
     assert (Path(cfg["model"]["path"]) / "model_index.json").is_file()
+
+
+def test_readme_hy_soar_snippet_writes_data_soarbench_reads(tmp_path, monkeypatch):
+    """The README's snippet (section "SD3.5-Medium") turns a folder of NAME.jpg + NAME.txt into HY-SOAR's layout."""
+    from PIL import Image
+
+    from soarbench.harness.data import read_records
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("**The HY-SOAR data.**")
+    code = text[text.index("```python\n", start) + len("```python\n"):]
+    code = code[:code.index("```")]
+    src = tmp_path / "my_images"
+    src.mkdir()
+    for name, colour, caption in (("a", "red", "a red square"), ("b", "blue", "a blue square")):
+        Image.new("RGB", (600, 500), colour).save(src / f"{name}.jpg")
+        (src / f"{name}.txt").write_text(caption + "\n")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    records = read_records(tmp_path / "data" / "hy-soar" / "train.jsonl")
+    assert sorted(r.caption for r in records) == ["a blue square", "a red square"]
+    import hashlib
+
+    for r in records:
+        source = src / ("a.jpg" if "red" in r.caption else "b.jpg")
+        assert r.image.name == hashlib.md5(source.read_bytes()).hexdigest() + ".jpg"
+        assert r.image.read_bytes() == source.read_bytes() and (r.bw, r.bh) == (512, 512)
