@@ -16,19 +16,24 @@ from soarbench.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   pretty_exceptions_show_locals=False,
-                  help="soarbench: post-train rectified-flow text-to-image models (SFT, SOAR, Flow-GRPO) under one "
-                       "matched budget, and score them as the papers do.\n\n"
+                  help="soarbench: post-train rectified-flow text-to-image models (SFT, SOAR, Flow-GRPO, DiffusionNFT, "
+                       "DanceGRPO, Direct-Align / SRPO and two reconstructed methods: `soarbench methods list`) under "
+                       "one matched budget, and score them as the papers do.\n\n"
                        "Examples:\n\n"
+                       "  soarbench methods show soar\n\n"
                        "  soarbench run benchmarks/shapes/experiment.toml --out runs/shapes\n\n"
                        "  soarbench train --config benchmarks/shapes/soar.toml --out runs/soar\n\n"
                        "  soarbench eval --model benchmarks/shapes/base --benchmark shapes --out evals/base\n\n"
                        "  soarbench report runs/shapes --out reports/shapes")
+methods_app = typer.Typer(no_args_is_help=True, help="The training methods and their options.\n\nExamples:\n\n"
+                                                        "  soarbench methods list\n\n  soarbench methods show soar")
 metrics_app = typer.Typer(no_args_is_help=True, help="The metric registry.\n\nExample:\n\n  soarbench metrics list")
 data_app = typer.Typer(no_args_is_help=True, help="Prompt sets and training data.\n\nExamples:\n\n"
                                                   "  soarbench data fetch all\n\n"
                                                   "  soarbench data shapes --out data/shapes --n-images 4000")
 ckpts_app = typer.Typer(no_args_is_help=True, help="Reward and metric model weights (reward_ckpts/).\n\nExamples:\n\n"
                                                    "  soarbench ckpts download aesthetic-mlp\n\n  soarbench ckpts verify")
+app.add_typer(methods_app, name="methods")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(ckpts_app, name="ckpts")
 app.add_typer(data_app, name="data")
@@ -76,6 +81,7 @@ class Progress:
         self.interval_s, self.clock = float(interval_s), clock or time.monotonic
         self.progress, self.task = None, None
         self._start = self._last_line = None  # (time, done) of the first call; time of the last plain line
+        self._printed = False
 
     @staticmethod
     def format_values(values: dict) -> str:
@@ -109,8 +115,9 @@ class Progress:
             self._start, self._last_line = (now, done), now
         last = total is not None and done >= total
         due = (self.every and done % self.every == 0) or (self.interval_s and now - self._last_line >= self.interval_s)
-        if due or (last and (self.every or self.interval_s)):
-            self._last_line = now
+        # the closing line: always with `every`; with `interval_s` alone only once a line said the job was going
+        if due or (last and (self.every or self._printed)):
+            self._last_line, self._printed = now, True
             where = f"{done}/{total}" if total is not None else f"{done}"
             _log(" ".join(p for p in (self.unit, where, self.format_values(values), self._pace(now, done, total))
                           if p))
@@ -187,13 +194,25 @@ def _check_device(device: str) -> None:
         raise UserError(f"--device {device}: {problem}")
 
 
+def _method_names() -> str:
+    from soarbench.methods import METHODS
+
+    return " | ".join(METHODS.names())
+
+
 @app.command()
 def train(
     config: Path = typer.Option(..., "--config", help="TOML config file."),
     out: Path = typer.Option(..., "--out", help="Run folder to create (or resume with --resume)."),
-    method: Optional[str] = typer.Option(None, "--method", help="Override method.name: sft | soar | flow_grpo."),
+    method: Optional[str] = typer.Option(
+        None, "--method", help=f"Override method.name: {_method_names()} (options: soarbench methods show NAME)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config value: key=value (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config (after extends and --set) and "
+                                                          "the budget plan, then exit: no model or data is loaded "
+                                                          "and nothing is written."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Train without evaluating: ignore the config's [eval] "
+                                                          "benchmarks (no evaluation at any point, the end included)."),
 ):
     """Train one method under the config's budget; prints the budget arithmetic before spending anything.
 
@@ -201,12 +220,15 @@ def train(
 
       soarbench train --config benchmarks/shapes/soar.toml --out runs/soar
 
+      soarbench train --config benchmarks/shapes/soar.toml --dry-run --out runs/soar
+
       soarbench train --config benchmarks/shapes/soar.toml --method sft --set budget.amount=20000 --out runs/sft
+
+      soarbench train --config benchmarks/shapes/sft.toml --no-eval --out runs/sft-noeval
 
       torchrun --nproc_per_node 8 -m soarbench train --config sd35m.toml --set train.mixed_precision=bf16 --out runs/x
     """
     from soarbench import config as C
-    from soarbench.harness.train import train as run_train
     from soarbench.methods import METHODS
 
     cfg = C.apply_overrides(C.load_config(config), list(set_))
@@ -215,12 +237,65 @@ def train(
         cfg.setdefault("method", {})["name"] = method
     elif "method" in cfg and "name" in cfg["method"]:
         METHODS.check(cfg["method"]["name"])
+    if no_eval:
+        cfg = _without_eval(cfg)
     checked = C.validate_train_config(cfg)  # every key, type and range, before anything is loaded or written
+    if dry_run:
+        typer.echo(_dry_run_text(checked, f"{config} (train --out {out})"))
+        return
     _check_out(out)
     _lock_out(out)
+    from soarbench.harness.train import train as run_train
+
     run_train(cfg, out, resume=resume, log=_log, progress=Progress("training", every=checked["log"]["every"],
                                                                    unit="step"))
     _log(f"done: {out}")
+
+
+def _without_eval(cfg: dict) -> dict:
+    """The config without evaluation: its [eval] benchmarks dropped (the other eval settings mean nothing then)."""
+    cfg = dict(cfg)
+    cfg.pop("eval", None)
+    return cfg
+
+
+class _UnbuiltMetric:
+    """Stands in for a reward model while a dry run plans: the plan needs the rewards' names, not their weights."""
+
+    differentiable = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _dry_run_text(cfg: dict, what: str) -> str:
+    """A checked config and its budget plan, as `--dry-run` prints them: the method is built with its reward
+    models left unloaded, and the plan is the one training prints first (for WORLD_SIZE processes, default 1)."""
+    from soarbench import config as C
+    from soarbench.harness.budget import Budget
+    from soarbench.harness.train import accumulation_steps
+    from soarbench.methods import build_method
+    from soarbench.methods.base import RunShape
+    from soarbench.rl import rewards
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    options = dict(cfg["method"])
+    name = options.pop("name")
+    real = rewards.build_metric
+    rewards.build_metric = lambda metric, **_: _UnbuiltMetric(metric)
+    try:
+        method = build_method(name, options)
+    finally:
+        rewards.build_metric = real
+    shape = RunShape(world, accumulation_steps(cfg["train"], world), int(cfg["train"]["batch_size"]))
+    budget = Budget.from_config(cfg["budget"])
+    plan = budget.arithmetic(method.plan(shape), world, shape.accumulation, lambda u: method.unit_plan(shape, u))
+    evals = cfg.get("eval", {}).get("benchmark")
+    points = max(cfg["eval"]["points"], 1)  # whatever the points, the end is evaluated
+    evals = (f"{evals}, at {points} fraction(s) of the budget (1/{points} .. 1: the end)" if evals else
+             "none (no [eval] benchmark, or --no-eval)")
+    return "\n".join([f"# dry run: {what}; nothing was loaded or written", "# resolved config:",
+                       C.dumps_toml(cfg).rstrip(), "", "# plan:", plan, f"  evaluation: {evals}"])
 
 
 @app.command("eval")
@@ -275,8 +350,9 @@ def eval_(
 
       soarbench eval --model benchmarks/shapes/base --benchmark shapes --option min_images_per_task=64 --out evals/b
     """
+    # every input check first, with cheap imports only: torch, diffusers and the metrics load after them
     from soarbench.benchmarks import BENCHMARKS, build_benchmark
-    from soarbench.metrics.registry import METRICS, require_weights
+    from soarbench.metrics.registry import METRICS
 
     if model is not None and images is not None:
         raise UserError("--model and --images are mutually exclusive: give --model (generate, then score) or "
@@ -299,6 +375,9 @@ def eval_(
     _check_range("--max-pixels", max_pixels, low=1)
     if images is None:
         _check_device(device)
+        _check_model_path(model)
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got '{precision}'")
     if steer is not None:
         from soarbench.models.value_head import parse_steer
 
@@ -311,12 +390,15 @@ def eval_(
     for name in names or []:
         METRICS.check(name)
     bench = build_benchmark(benchmark, **bench_options)
+    from soarbench.metrics.registry import require_weights
+
     require_weights(names or list(bench.metrics), bench.metrics)  # before any model loads
+    progress = Progress(f"eval {benchmark}", every=0, unit=f"eval {benchmark} images", interval_s=30)
     if images is not None:
         from soarbench.evaluate import score_images
 
         summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
-                               on_progress=Progress(f"score {benchmark}", every=0), log=_log,
+                               on_progress=progress, log=_log,
                                **({"max_pixels": max_pixels} if max_pixels is not None else {}))
         if not summary["benchmark"]["covers_benchmark"]:
             _log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
@@ -329,8 +411,6 @@ def eval_(
 
         from soarbench.harness.engine import Engine, resolve_device
 
-        if precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got '{precision}'")
         dev = resolve_device(device)
         if precision == "auto":
             precision = "bf16" if dev.startswith("cuda") else "fp32"
@@ -346,12 +426,21 @@ def eval_(
                            batch_size=batch_size,
                            model_info={"path": str(model), "label": model.name, "method": "eval", "step": None,
                                        "weights_sha256": weights_fingerprint(model)},  # reuse keyed to content
-                           num_steps=steps, guidance=guidance, on_progress=Progress(f"eval {benchmark}", every=0),
+                           num_steps=steps, guidance=guidance, on_progress=progress,
                            precision=precision, engine=engine, steering=steering, log=_log)
         if summary is None:
             return  # not the main process: the main one writes and prints the summary
     for key, value in summary["scores"].items():
         typer.echo(f"{key}\t{value:.4f}")
+    typer.echo(f"out\t{out}")  # the folder last: summary.json, samples.jsonl and the images are there
+
+
+def _check_model_path(model: Path) -> None:
+    """A --model that is neither a local folder nor a Hub id, refused before torch and diffusers load."""
+    from soarbench.hub import parse_hub_id
+
+    if not model.exists() and parse_hub_id(str(model)) is None:
+        raise UserError(f"{model}: model folder does not exist")
 
 
 def _benchmark_options(benchmark: str, items: list[str]) -> dict:
@@ -399,21 +488,66 @@ def run(
     experiment: Path = typer.Argument(..., help=escape("Experiment TOML: [common], [runs.NAME], [experiment].")),
     out: Path = typer.Option(..., "--out", help="Experiment folder (runs, base eval)."),
     set_: List[str] = typer.Option([], "--set", help="Override a value of the experiment file: key=value."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every run's resolved config and budget plan, then "
+                                                          "exit: no model or data is loaded and nothing is written."),
 ):
     """Every method of an experiment from the same base under the same budget, then eval, then the report.
+
+    Ends with the folder, the report and a table of each run's last evaluation (stdout).
 
     Examples:
 
       soarbench run benchmarks/shapes/experiment.toml --out runs/shapes
 
+      soarbench run benchmarks/shapes/experiment.toml --dry-run --out runs/shapes
+
       soarbench run benchmarks/shapes/experiment.toml --set common.budget.amount=4000 --out runs/quick
     """
-    from soarbench.experiment import run_experiment
+    from soarbench import config as C
+    from soarbench.experiment import plan_runs
 
+    if dry_run:
+        exp = C.apply_overrides(C.load_config(experiment), list(set_))
+        meta = C.section(exp, "experiment")
+        plan = plan_runs(exp)
+        typer.echo(f"# experiment {experiment}: {len(plan)} run(s) ({', '.join(n for n, _ in plan)}); the base model "
+                   f"{'is' if meta.get('evaluate_base', True) else 'is not'} evaluated first; report to "
+                   f"{meta.get('report', out / 'report')}\n")
+        for name, cfg in plan:
+            try:
+                text = _dry_run_text(C.validate_train_config(cfg), f"{experiment} run '{name}' (--out {out / name})")
+            except UserError as e:
+                raise UserError(f"{experiment} run '{name}': {e}") from None
+            typer.echo(text + "\n")
+        return
     _check_out(out)
     _lock_out(out)
-    run_experiment(experiment, out, list(set_), log=_log,
-                   progress_factory=lambda name: Progress(name, every=10, unit=f"[{name}] step"))
+    from soarbench.experiment import run_experiment
+
+    report_dir = run_experiment(experiment, out, list(set_), log=_log,
+                                progress_factory=lambda name: Progress(name, every=10, unit=f"[{name}] step"))
+    for line in results_table(sorted(p for p in out.iterdir() if (p / "evals").is_dir())):
+        typer.echo(line)
+    typer.echo(f"report\t{report_dir}")
+    typer.echo(f"out\t{out}")
+
+
+def results_table(folders: list[Path]) -> list[str]:
+    """Tab-separated lines: run, step, benchmark and its scores, from each folder's last evaluation
+    (evals/step_N/BENCHMARK/summary.json)."""
+    import json
+
+    lines = []
+    for folder in folders:
+        steps = sorted((folder / "evals").glob("step_*"))
+        if not steps:
+            continue
+        for summary_file in sorted(steps[-1].glob("*/summary.json")):
+            scores = json.loads(summary_file.read_text(encoding="utf-8")).get("scores", {})
+            shown = " ".join(f"{k}={v:.4f}" for k, v in list(scores.items())[:3] if isinstance(v, (int, float)))
+            lines.append(f"{folder.name}\tstep {int(steps[-1].name.removeprefix('step_'))}\t"
+                         f"{summary_file.parent.name}\t{shown}")
+    return ["run\tstep\tbenchmark\tscores", *lines] if lines else []
 
 
 @app.command()
@@ -455,6 +589,59 @@ def probe(
         typer.echo(f"{row['guidance']:g}\t{row['sigma']:g}\t{row['euler_steps']}\t{row['mse_mean']:.5f}\t"
                    f"{row['mse_std']:.5f}\t{acc}")
     typer.echo(f"probe.json\t{Path(out) / 'probe.json'}")
+
+
+@methods_app.command("list")
+def methods_list():
+    """Each training method: its paper, whether it is reconstructed (no public code: our reading of the paper),
+    its reference code and what it trains on (images of a dataset, or prompts for online RL).
+
+    Example:
+
+      soarbench methods list
+    """
+    from soarbench.methods import METHODS, method_info
+
+    typer.echo("method\tpaper\treconstructed\treference code\ttrains on")
+    for name in METHODS.names():
+        info = method_info(name)
+        typer.echo(f"{name}\t{info['paper']}\t{'yes' if info['reconstructed'] else 'no'}\t{info['source']}\t"
+                   f"{info['trains_on']}")
+
+
+@methods_app.command("show")
+def methods_show(name: str = typer.Argument(..., help="A method name (soarbench methods list).")):
+    """A method's summary and every option of its [method] table: type, default and meaning, read from the same
+    constructor signature the config check uses.
+
+    Examples:
+
+      soarbench methods show soar
+
+      soarbench train --config benchmarks/shapes/soar.toml --set method.lambda_aux=0.5 --out runs/soar-half
+    """
+    from soarbench.methods import METHODS, method_info
+
+    METHODS.check(name)
+    info = method_info(name)
+    typer.echo(f"{name}: {info['summary']}")
+    typer.echo(f"paper: {info['paper']}; reconstructed: {'yes' if info['reconstructed'] else 'no'}; reference code: "
+               f"{info['source']}; trains on: {info['trains_on']}; version: {info['version']}; class: {info['class']}")
+    typer.echo("")
+    typer.echo("option\ttype\tdefault\tmeaning")
+    for key, option in info["options"].items():
+        default = option["default"]
+        shown = default if isinstance(default, str) and default == "(required)" else _toml_value(default)
+        typer.echo(f"{key}\t{option['type']}\t{shown}\t{option['meaning'] or '-'}")
+
+
+def _toml_value(value) -> str:
+    """A default as it is written in a config file (true, 4.5, "flow_sde", [..], {..})."""
+    from soarbench import config as C
+
+    if value is None:
+        return "(none)"
+    return C.dumps_toml({"x": value}).split("=", 1)[1].strip() if not isinstance(value, dict) else str(value)
 
 
 @metrics_app.command("list")
