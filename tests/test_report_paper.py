@@ -131,13 +131,14 @@ def test_published_rows_are_their_own_labelled_block_with_sources(paper_report):
     # every measured row comes first, then the published block: never interleaved
     assert list(frame["block"]) == ["measured"] * 3 + ["published"] * len(rows)
     soar = published.loc["SD3.5-M + SOAR"]
-    assert (soar["geneval"], soar["ocr"], soar["pickscore"], soar["imagereward"]) == (0.78, 0.67, 22.86, 1.09)
+    # only GenEval ran under the published rows' protocol ('paper') here: the official columns stay empty for them
+    assert soar["geneval"] == 0.78 and pd.isna(soar["ocr"]) and pd.isna(soar["pickscore"])
     assert "arXiv 2604.12617" in soar["source"] and set(published["geneval_protocol"]) == {"paper"}
     assert "arXiv 2505.05470" in published.loc["SD3.5-M + Flow-GRPO (per-task models)", "source"]
     assert published.loc["SD3.5-M + DiffusionNFT", "geneval"] == 0.98
     md = paths["markdown"].read_text(encoding="utf-8")
     block = md.split("**published (papers' numbers, 'paper' protocol)**", 1)[1].split("\n- ", 1)[0]
-    assert "| SD3.5-M + SOAR | 10k |  | 0.780 | 0.670 | 22.86 | **0.295** | **0.289** | 5.46 | **1.09** |\n" in block
+    assert "| SD3.5-M + SOAR | 10k |  | 0.780 |  |  |  |  |  |  |\n" in block
     assert f"sft@{STEP}" not in block  # no measured row in the published block
 
 
@@ -203,6 +204,24 @@ def test_all_official_report_compares_no_published_row(tmp_path):
     published = [c for c in table.comparisons if c.kind == "published"]
     assert published and not any(c.compared for c in published)
     assert "GenEval ↑ (official)" == table.columns[0].header
+    # nor shows one: no measured column ran under the published rows' protocol, so none stands beside them
+    assert table.published == ()
+    assert any(n.startswith("Published values are shown only beside measured values of the same benchmark and "
+                            "protocol; none qualifies here: GenEval (measured under protocol 'official', published "
+                            "under 'paper')") for n in table.notes)
+
+
+def test_published_rows_stay_out_of_another_benchmarks_column(tmp_path):
+    """A shapes report's GenEval (measured on the shapes world) never sits beside the papers' SD3.5 GenEval."""
+    for run, value in (("base", 0.30), ("sft-s0", 0.35)):
+        _summary(tmp_path / "exp" / run, run, "shapes", {"geneval": value}, "paper", 0 if run == "base" else STEP)
+    table = build_paper_table(collect([tmp_path / "exp"]))
+    assert [r.label for r in table.measured] == ["base", f"sft@{STEP}"] and table.published == ()
+    assert table.columns[0].header == "GenEval ↑ (paper, on shapes)"
+    assert any("none qualifies here: GenEval (measured on shapes, published on geneval)" in n for n in table.notes)
+    assert not any(n.startswith("Published: ") for n in table.notes)
+    reasons = {c.reason for c in table.comparisons if c.kind == "published"}
+    assert reasons == {"not compared: measured on shapes, published on geneval"}
 
 
 def test_paired_comparisons_state_their_mde(paper_report):

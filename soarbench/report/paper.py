@@ -11,8 +11,10 @@ official one), the benchmark it was read from when that is not the paper's (Draw
 metrics), and for OCR the engine. A measured row is each group's last checkpoint: the mean over its seeds with a
 95% bootstrap interval from two seeds on. The best measured value of each column is bold.
 
-Published rows (published.toml) form a block of their own. One is compared with a measured row only when both are
-of the same method and the measured column ran under the published row's protocol; every other pairing is listed
+Published rows (published.toml) form a block of their own, holding only the values that stand beside a measured
+column of the same benchmark (the paper's for that metric) and protocol; a row left without one is not shown. One
+is compared with a measured row only when both are of the same method and the measured column ran on that
+benchmark under the published row's protocol; every other pairing is listed
 as not compared, with the reason. Each comparison states its minimum detectable difference (80% power, two-sided
 alpha 0.05): from the seeds' spread with two or more seeds, else from the per-prompt scores.
 """
@@ -145,13 +147,45 @@ def build_paper_table(data: ReportData, published: Sequence[PublishedRow] | None
     unit = data.budget_unit()
     measured = _measured_rows(data, finals, columns, unit)
     counters = tuple(c for c in RAW_COUNTERS if any(r.counters.get(c) is not None for r in measured))
-    pub_rows = tuple(_published_row(p) for p in published)
+    every_pub = tuple(_published_row(p) for p in published)
+    pub_rows = _beside_measured(every_pub, columns)
     best = {**_best(measured, columns, MEASURED), **_best(pub_rows, columns, PUBLISHED)}
     reference = _reference(measured, reference_group)
     comparisons = (*_paired_comparisons(finals, columns, reference, measured),
-                   *_published_comparisons(measured, pub_rows, columns))
+                   *_published_comparisons(measured, every_pub, columns))
     return PaperTable(columns, measured, pub_rows, best, tuple(comparisons), unit, counters,
-                      tuple(_notes(columns, pub_rows, comparisons)))
+                      tuple(_notes(columns, pub_rows, comparisons, every_pub)))
+
+
+def _paper_benchmark(metric: str) -> str:
+    return PAPER_BENCHMARK.get(metric, PREFERENCE_BENCHMARK)
+
+
+def _why_not_beside(column: PaperColumn, protocol: str) -> str | None:
+    """Why a published value (under `protocol`) does not belong in this measured column, or None when it does:
+    it must have been measured on the paper's benchmark for the metric and under the same protocol."""
+    if column.benchmark is None:
+        return "not measured"
+    if column.benchmark != _paper_benchmark(column.metric):
+        return f"measured on {column.benchmark}, published on {_paper_benchmark(column.metric)}"
+    if column.protocol != protocol:
+        return f"measured under protocol '{column.protocol}', published under '{protocol}'"
+    return None
+
+
+def _beside_measured(published: Sequence[PaperRow], columns: Sequence[PaperColumn]) -> tuple[PaperRow, ...]:
+    """The published rows cut to the columns whose measured values they can stand beside (same benchmark, same
+    protocol); a row left without a value is dropped. A shapes-world GenEval never sits beside SD3.5's."""
+    out = []
+    for row in published:
+        cells = {m: c for m, c in row.cells.items()
+                 if (col := next((k for k in columns if k.metric == m), None)) is not None
+                 and _why_not_beside(col, row.protocols[m]) is None}
+        if cells:
+            out.append(PaperRow(block=row.block, label=row.label, group=row.group, method=row.method, cells=cells,
+                                protocols={m: row.protocols[m] for m in cells}, iters=row.iters,
+                                citation=row.citation, note=row.note))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,6 +330,11 @@ def _published_comparisons(measured, published, columns) -> list[Comparison]:
                 if cell is None or pub_cell is None:
                     continue
                 mine, theirs = row.protocols.get(column.metric, ""), pub.protocols[column.metric]
+                if column.benchmark != _paper_benchmark(column.metric):
+                    out.append(Comparison(column.metric, row.label, pub.label, PUBLISHED, False, reason=(
+                        f"not compared: measured on {column.benchmark}, published on "
+                        f"{_paper_benchmark(column.metric)}")))
+                    continue
                 if mine != theirs:
                     out.append(Comparison(column.metric, row.label, pub.label, PUBLISHED, False, reason=(
                         f"not compared: measured under protocol '{mine}', published under '{theirs}'")))
@@ -311,7 +350,7 @@ def _published_comparisons(measured, published, columns) -> list[Comparison]:
     return out
 
 
-def _notes(columns, published, comparisons) -> list[str]:
+def _notes(columns, published, comparisons, every_published=()) -> list[str]:
     notes = [
         "Measured rows: each group's last checkpoint; with two or more seeds the mean over seeds and a 95% bootstrap "
         "interval. Bold: the best value of a column within its block (measured and published are ranked apart).",
@@ -322,6 +361,18 @@ def _notes(columns, published, comparisons) -> list[str]:
         "approximation): 2.80 x sd / sqrt(n), from the per-prompt paired differences (prompts) or the seeds' spread "
         "(seeds, sqrt(s_a^2/n_a + s_b^2/n_b)). A difference smaller than its MDE is not evidence either way.",
     ]
+    hidden = {}
+    for row in every_published:
+        for metric in row.cells:
+            column = next((k for k in columns if k.metric == metric), None)
+            if column is not None and column.benchmark is not None and (
+                    why := _why_not_beside(column, row.protocols[metric])):
+                hidden.setdefault(column.title, why)
+    if hidden:
+        which = "; ".join(f"{title} ({why})" for title, why in hidden.items())
+        lead = "Published values are shown only beside measured values of the same benchmark and protocol; " + (
+            "none qualifies here" if not published else "left out here")
+        notes.append(f"{lead}: {which}.")
     for citation in dict.fromkeys(p.citation for p in published):
         rows = [p for p in published if p.citation == citation]
         note = f" ({rows[0].note})" if rows[0].note else ""
