@@ -393,7 +393,9 @@ def eval_(
     from soarbench.metrics.registry import require_weights
 
     require_weights(names or list(bench.metrics), bench.metrics)  # before any model loads
-    progress = Progress(f"eval {benchmark}", every=0, unit=f"eval {benchmark} images", interval_s=30)
+    # under accelerate / torchrun only the main process reports (each process would report its own share)
+    progress = (Progress(f"eval {benchmark}", every=0, unit=f"eval {benchmark} images", interval_s=30)
+                if int(os.environ.get("RANK", "0")) == 0 else None)
     if images is not None:
         from soarbench.evaluate import score_images
 

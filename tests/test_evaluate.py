@@ -147,11 +147,13 @@ def test_an_eval_folder_redoes_everything_when_the_checkpoint_at_its_path_was_re
                                         "evaluated (weights sha256 ")
     assert err.endswith(f"all {n} samples are redone") and "\n" not in err
     code, fresh, _ = cli("eval", "--model", ckpt, *args, "--out", tmp_path / "fresh")
-    assert again == fresh and len(_samples(tmp_path / "e")) == n
+    # the scores, then the folder they are in
+    assert again.splitlines()[-1] == f"out\t{tmp_path / 'e'}" and fresh.splitlines()[-1] == f"out\t{tmp_path / 'fresh'}"
+    assert again.splitlines()[:-1] == fresh.splitlines()[:-1] and len(_samples(tmp_path / "e")) == n
     assert (tmp_path / "e" / "images" / "00000_0.png").read_bytes() == (
         tmp_path / "fresh" / "images" / "00000_0.png").read_bytes() != image
     # the same weights again: everything reused, nothing said
-    assert cli("eval", "--model", ckpt, *args, "--out", tmp_path / "e") == (0, fresh, "")
+    assert cli("eval", "--model", ckpt, *args, "--out", tmp_path / "e") == (0, again, "")
     # a folder from before weights were recorded cannot vouch for its samples: redone, said once
     settings = json.loads((tmp_path / "e" / "settings.json").read_text())
     del settings["weights_sha256"]

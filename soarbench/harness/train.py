@@ -294,7 +294,7 @@ class Run:
             append_jsonl(self.out_dir / "train_log.jsonl", row)
             if self.writer is not None:
                 self.writer.scalars(row, self.step)
-        if self.progress is not None:
+        if self.progress is not None and self.engine.is_main:  # one progress line per step, not one per process
             numbers = {k: v for k, v in self._last.items() if isinstance(v, float) and k not in ("loss", "lr")}
             self.progress(self.step, self.total_steps, loss=self._last["loss"], **numbers)
 
