@@ -16,7 +16,7 @@ else:
 
 __version__ = "0.1.0"
 
-_API = ("train", "evaluate", "report")
+_API = ("train", "evaluate", "report", "dry_run")
 
 
 def __getattr__(name: str):

@@ -228,10 +228,26 @@ def train(
 
       torchrun --nproc_per_node 8 -m soarbench train --config sd35m.toml --set train.mixed_precision=bf16 --out runs/x
     """
+    text = run_training(config, out, method=method, overrides=list(set_), resume=resume, dry_run=dry_run,
+                        no_eval=no_eval)
+    if dry_run:
+        typer.echo(text)
+        return
+    _log(f"done: {out}")
+
+
+def run_training(config, out: Path, *, method: Optional[str] = None, overrides: list[str] = (),
+                 resume: bool = False, dry_run: bool = False, no_eval: bool = False, log=None, progress=None):
+    """`soarbench train` without the printing (also soarbench.train's path). `config`: a TOML file or a dict of
+    sections. Returns the dry run's text with dry_run, else the run folder."""
     from soarbench import config as C
     from soarbench.methods import METHODS
 
-    cfg = C.apply_overrides(C.load_config(config), list(set_))
+    out = Path(out)
+    if isinstance(config, dict):
+        cfg = C.apply_overrides(C.deep_merge({}, config), list(overrides))
+    else:
+        cfg = C.apply_overrides(C.load_config(config), list(overrides))
     if method is not None:
         METHODS.check(method)
         cfg.setdefault("method", {})["name"] = method
@@ -241,15 +257,14 @@ def train(
         cfg = _without_eval(cfg)
     checked = C.validate_train_config(cfg)  # every key, type and range, before anything is loaded or written
     if dry_run:
-        typer.echo(_dry_run_text(checked, f"{config} (train --out {out})"))
-        return
+        return _dry_run_text(checked, f"{'the config' if isinstance(config, dict) else config} (train --out {out})")
     _check_out(out)
     _lock_out(out)
     from soarbench.harness.train import train as run_train
 
-    run_train(cfg, out, resume=resume, log=_log, progress=Progress("training", every=checked["log"]["every"],
-                                                                   unit="step"))
-    _log(f"done: {out}")
+    if progress is None:
+        progress = Progress("training", every=checked["log"]["every"], unit="step")
+    return run_train(cfg, out, resume=resume, log=log or _log, progress=progress)
 
 
 def _without_eval(cfg: dict) -> dict:
@@ -350,6 +365,27 @@ def eval_(
 
       soarbench eval --model benchmarks/shapes/base --benchmark shapes --option min_images_per_task=64 --out evals/b
     """
+    summary = run_eval(model=model, images=images, prompts=prompts, benchmark=benchmark, out=out, metrics=metrics,
+                       seed=seed, steps=steps, guidance=guidance, batch_size=batch_size,
+                       max_sequence_length=max_sequence_length, device=device, precision=precision, steer=steer,
+                       options=option, max_pixels=max_pixels)
+    if summary is None:
+        return  # not the main process: the main one writes and prints the summary
+    for key, value in summary["scores"].items():
+        typer.echo(f"{key}\t{value:.4f}")
+    typer.echo(f"out\t{out}")  # the folder last: summary.json, samples.jsonl and the images are there
+
+
+def run_eval(*, model: Optional[Path], images: Optional[Path], prompts: Optional[Path], benchmark: str, out: Path,
+             metrics: Optional[str], seed: Optional[int], steps: Optional[int], guidance: Optional[float],
+             batch_size: int, max_sequence_length: Optional[int], device: str, precision: str, steer: Optional[str],
+             options, max_pixels: Optional[int], log=None) -> Optional[dict]:
+    """`soarbench eval` without the printing (also soarbench.evaluate's path): the summary, or None on a process
+    other than the main one. `options`: --option KEY=VALUE strings, or a dict of benchmark options."""
+    log = log or _log
+    model = None if model is None else Path(model)
+    images = None if images is None else Path(images)
+    out = Path(out)
     # every input check first, with cheap imports only: torch, diffusers and the metrics load after them
     from soarbench.benchmarks import BENCHMARKS, build_benchmark
     from soarbench.metrics.registry import METRICS
@@ -383,12 +419,12 @@ def eval_(
 
         steer_setting = parse_steer(steer)
     BENCHMARKS.check(benchmark)
-    bench_options = _benchmark_options(benchmark, option)
-    _check_out(out)
-    _lock_out(out)
+    bench_options = _benchmark_options(benchmark, options)
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     for name in names or []:
         METRICS.check(name)
+    _check_out(out)
+    _lock_out(out)
     bench = build_benchmark(benchmark, **bench_options)
     from soarbench.metrics.registry import require_weights
 
@@ -400,10 +436,10 @@ def eval_(
         from soarbench.evaluate import score_images
 
         summary = score_images(images, bench, out, prompts_file=prompts, metric_names=names, batch_size=batch_size,
-                               on_progress=progress, log=_log,
+                               on_progress=progress, log=log,
                                **({"max_pixels": max_pixels} if max_pixels is not None else {}))
         if not summary["benchmark"]["covers_benchmark"]:
-            _log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
+            log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
                  f"{bench.images_per_prompt} images): the scores are not its official numbers")
     else:
         import torch
@@ -429,12 +465,8 @@ def eval_(
                            model_info={"path": str(model), "label": model.name, "method": "eval", "step": None,
                                        "weights_sha256": weights_fingerprint(model)},  # reuse keyed to content
                            num_steps=steps, guidance=guidance, on_progress=progress,
-                           precision=precision, engine=engine, steering=steering, log=_log)
-        if summary is None:
-            return  # not the main process: the main one writes and prints the summary
-    for key, value in summary["scores"].items():
-        typer.echo(f"{key}\t{value:.4f}")
-    typer.echo(f"out\t{out}")  # the folder last: summary.json, samples.jsonl and the images are there
+                           precision=precision, engine=engine, steering=steering, log=log)
+    return summary
 
 
 def _check_model_path(model: Path) -> None:
@@ -445,12 +477,13 @@ def _check_model_path(model: Path) -> None:
         raise UserError(f"{model}: model folder does not exist")
 
 
-def _benchmark_options(benchmark: str, items: list[str]) -> dict:
-    """--option KEY=VALUE pairs (values read as TOML), checked like a config's eval.benchmark_options."""
+def _benchmark_options(benchmark: str, items) -> dict:
+    """--option KEY=VALUE pairs (values read as TOML), or a dict of them, checked like a config's
+    eval.benchmark_options."""
     from soarbench import config as C
 
-    options = {}
-    for item in items:
+    options = dict(items) if isinstance(items, dict) else {}
+    for item in [] if isinstance(items, dict) else items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--option '{item}': expected KEY=VALUE, e.g. min_images_per_task=64")

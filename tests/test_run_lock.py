@@ -93,19 +93,22 @@ def test_the_installed_command_is_refused_in_a_real_second_process(tmp_path, tin
     assert second.stderr.startswith(f"error: {out}: in use by pid {proc.pid} ") and "Traceback" not in second.stderr
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_line(tmp_path, tiny_model_dir, cli, no_model_loads):
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_line(tmp_path, tiny_model_dir, cli, no_model_loads,
+                                                                  monkeypatch):
+    monkeypatch.setenv("SOARBENCH_REWARD_CKPTS", str(tmp_path / "ckpts"))
     out = tmp_path / "out"
     out.mkdir()
     dead = _dead_pid()
     (out / LOCK_FILE).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "command": "soarbench eval",
                                              "started": "2026-01-01 00:00:00 UTC", "launch": None}))
-    # an unknown metric fails right after the lock is taken: no model is needed to see the takeover
-    code, _, err = cli("eval", "--model", tiny_model_dir, "--benchmark", "shapes", "--out", out, "--metrics", "nope")
+    # missing metric weights fail right after the lock is taken: no model is needed to see the takeover
+    code, _, err = cli("eval", "--model", tiny_model_dir, "--benchmark", "shapes", "--out", out, "--metrics",
+                       "clipscore")
     lines = err.splitlines()
     assert code == 2 and len(lines) == 2, err
     assert lines[0] == (f"note: {out}: taking over the lock of pid {dead} on {socket.gethostname()} "
                         f"(`soarbench eval`, since 2026-01-01 00:00:00 UTC), which is no longer running")
-    assert lines[1].startswith("error: unknown metric 'nope'")
+    assert lines[1].startswith("error: metric 'clipscore': ")
     assert list(out.iterdir()) == []  # released at the end of the command
 
 

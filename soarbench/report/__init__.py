@@ -100,3 +100,7 @@ def _figures(data: ReportData, out: Path) -> tuple[list, dict[str, bytes]]:
         png, _ = figure.save(out / FIGURES_DIR)
         pngs[figure.name] = png.read_bytes()
     return figures, pngs
+
+
+# `soarbench.report(...)` is the API function (soarbench/api.py); this module, once imported, must not shadow it
+__import__("soarbench.api").api.callable_module(__name__)
