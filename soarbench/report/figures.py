@@ -51,6 +51,9 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 BASE_COLOR = "#6b6b6b"
 DPI = 100
 GRID_PROMPTS = 6  # prompts (columns) in an image grid
+GRID_CELL = 2.0  # inches per image: 6 prompts make a 1,320 px figure, shown at its own size on a 1,400 px page
+# Text sizes (points at DPI 100) chosen so that a figure shown at its own size reads like the page's 14 px text
+TITLE_SIZE, LABEL_SIZE, TICK_SIZE, LEGEND_SIZE = 13, 12, 11, 10
 GRID_MAX_ROWS = 8
 LOSS_SMOOTHING_POINTS_PER_SPAN = 20  # EMA span = points / 20: light smoothing, none below 40 points
 LOSS_MAX_SPAN = 50
@@ -70,6 +73,11 @@ class ReportFigure:
     kind: str
     benchmark: str | None = None  # the benchmark it belongs to; None for figures across benchmarks
 
+    @property
+    def width_px(self) -> int:
+        """The PNG's width: the page shows a figure wider than half a column across the whole page."""
+        return int(round(self.figure.get_size_inches()[0] * DPI))
+
     def png(self) -> bytes:
         buffer = io.BytesIO()
         self.figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
@@ -88,6 +96,13 @@ class ReportFigure:
 
 
 def build_figures(data: ReportData) -> list[ReportFigure]:
+    with matplotlib.rc_context({"axes.titlesize": TITLE_SIZE, "axes.labelsize": LABEL_SIZE,
+                                "xtick.labelsize": TICK_SIZE, "ytick.labelsize": TICK_SIZE,
+                                "legend.fontsize": LEGEND_SIZE, "figure.titlesize": TITLE_SIZE}):
+        return _build_figures(data)
+
+
+def _build_figures(data: ReportData) -> list[ReportFigure]:
     colors = group_colors(data)
     figures: list[ReportFigure] = []
     for bench in data.benchmarks():
@@ -125,7 +140,17 @@ def _figure(n_panels: int, width: float = 5.2, height: float = 3.4, columns: int
     axes = fig.subplots(rows, columns, squeeze=False).ravel().tolist()
     for ax in axes[n_panels:]:
         ax.remove()
+    for ax in axes[:n_panels]:
+        _readable(ax)
     return fig, axes[:n_panels]
+
+
+def _readable(ax) -> None:
+    """Text sizes for axes drawn later (titles and labels set with ax.set(...) take these defaults)."""
+    ax.tick_params(labelsize=TICK_SIZE)
+    ax.xaxis.label.set_fontsize(LABEL_SIZE)
+    ax.yaxis.label.set_fontsize(LABEL_SIZE)
+    ax.title.set_fontsize(TITLE_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,7 +218,7 @@ def curve_figures(bench: str, evals: Sequence[EvalSummary], data: ReportData,
         plot_metric(by_budget, cps, key, lambda cp: None if (c := cp.budget(unit)) is None else c.value, colors)
         by_step.set(xlabel="gradient steps", ylabel=key, title=f"{bench}: {key} vs steps")
         by_budget.set(xlabel=f"budget spent ({unit})", ylabel=key, title=f"{bench}: {key} vs budget")
-        by_budget.legend(fontsize=8, loc="best")
+        by_budget.legend(fontsize=LEGEND_SIZE, loc="best")
         out.append(ReportFigure(
             f"curves_{_slug(bench)}_{_slug(key)}", f"{bench}: {key} during training",
             f"{key} on {bench} against gradient steps and against the budget spent ({unit}); lines are means "
@@ -226,7 +251,7 @@ def geneval_task_figure(bench: str, evals: Sequence[EvalSummary], data: ReportDa
                label=f"{cp.label} (overall {cp.score(GENEVAL_METRIC).value:.3f})", capsize=2)
     ax.set_xticks(np.arange(len(tasks)), [t.replace("_", " ") for t in tasks])
     ax.set(ylabel="accuracy", ylim=(0, 1.05), title=f"{bench}: GenEval accuracy per task")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=LEGEND_SIZE)
     ax.grid(True, axis="y", alpha=0.3)
     return ReportFigure(f"geneval_tasks_{_slug(bench)}", f"{bench}: GenEval per task",
                         "GenEval accuracy per task at each group's last checkpoint (error bars: the seeds' 95% "
@@ -259,6 +284,9 @@ def distribution_figures(bench: str, evals: Sequence[EvalSummary], data: ReportD
         samples = [(cp, v) for cp, v in samples if v]
         if not samples:
             continue
+        if _binary(samples):
+            out.append(_share_figure(bench, key, samples, colors))
+            continue
         fig, (ax,) = _figure(1, width=max(4.0, 1.3 * len(samples) + 2))
         rng = np.random.default_rng(0)  # jitter only; fixed so the figure is the same every time
         ax.boxplot([v for _, v in samples], widths=0.5, showfliers=False)
@@ -273,6 +301,32 @@ def distribution_figures(bench: str, evals: Sequence[EvalSummary], data: ReportD
                                 f"Per-sample {key} at each group's last checkpoint, seeds pooled (box: quartiles; "
                                 "black bar: mean).", fig, "distribution", bench))
     return out
+
+
+def _binary(samples: Sequence[tuple[Checkpoint, list[float]]]) -> bool:
+    """Every per-sample score is 0 or 1 (GenEval's per-image verdicts): quartiles of such data say nothing."""
+    return all(v in (0.0, 1.0) for _, values in samples for v in values)
+
+
+def _share_figure(bench: str, key: str, samples: Sequence[tuple[Checkpoint, list[float]]],
+                  colors: Mapping[str, str]) -> ReportFigure:
+    """A 0/1 metric per group: the share of images scored 1, a bar with its 95% bootstrap interval over images."""
+    from soarbench.report.stats import bootstrap_ci
+
+    fig, (ax,) = _figure(1, width=max(5.0, 1.4 * len(samples) + 2))
+    for i, (cp, values) in enumerate(samples):
+        ci = bootstrap_ci(values)
+        ax.bar(i, ci.mean, 0.6, yerr=[[ci.mean - ci.lo], [ci.hi - ci.mean]], capsize=6,
+               color=colors.get(cp.group, PALETTE[0]))
+        ax.text(i, ci.hi + 0.02, f"{ci.mean:.3f}\n{int(sum(values))}/{len(values)}", ha="center", va="bottom",
+                fontsize=TICK_SIZE)
+    ax.set_xticks(range(len(samples)), [cp.label for cp, _ in samples])
+    ax.set(ylabel=f"{key}: share of images scored 1", ylim=(0, 1.15), title=f"{bench}: {key} per image (0 or 1)")
+    ax.grid(True, axis="y", alpha=0.3)
+    return ReportFigure(f"distribution_{_slug(bench)}_{_slug(key)}", f"{bench}: {key} per image",
+                        f"{key} scores each image 0 or 1: the bar is the share of images scored 1 at each group's "
+                        "last checkpoint (seeds pooled; k/n above it), the error bar its 95% bootstrap interval "
+                        "over images.", fig, "distribution", bench)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +352,7 @@ def _grid(rows: Sequence[tuple[str, EvalSummary]], title: str) -> tuple[Figure, 
     if not firsts:
         return None
     same_seeds = all(len({samples[i].get("seed") for _, _, samples in tables}) == 1 for i in firsts)
-    fig = Figure(figsize=(1.6 * len(firsts) + 1.2, 1.6 * len(tables) + 0.6), layout="constrained")
+    fig = Figure(figsize=(GRID_CELL * len(firsts) + 1.2, GRID_CELL * len(tables) + 1.0), layout="constrained")
     axes = fig.subplots(len(tables), len(firsts), squeeze=False)
     for r, (label, e, samples) in enumerate(tables):
         for c, sample_id in enumerate(firsts):
@@ -308,10 +362,10 @@ def _grid(rows: Sequence[tuple[str, EvalSummary]], title: str) -> tuple[Figure, 
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(_wrap(samples[sample_id].get("prompt", sample_id)), fontsize=7)
+                ax.set_title(_wrap(samples[sample_id].get("prompt", sample_id)), fontsize=LABEL_SIZE - 1)
             if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-    fig.suptitle(title, fontsize=10)
+                ax.set_ylabel(label, fontsize=LABEL_SIZE)
+    fig.suptitle(title, fontsize=TITLE_SIZE)
     return fig, same_seeds
 
 
@@ -385,7 +439,7 @@ def reward_hacking_figures(data: ReportData, colors: Mapping[str, str]) -> list[
                        if any(e.group == group and key in e.scores for e in evals)]
         if not panels:
             continue
-        fig, axes = _figure(len(panels), width=4.2, height=3.0, columns=min(3, len(panels)))
+        fig, axes = _figure(len(panels), width=4.4, height=3.2, columns=min(3, len(panels)))
         for ax, (bench, key, evals) in zip(axes, panels):
             plot_metric(ax, checkpoints(evals, data.group_methods), key, lambda cp: cp.step, colors)
             trained_on = key in rewards or key.split("/")[0] in rewards
@@ -393,7 +447,7 @@ def reward_hacking_figures(data: ReportData, colors: Mapping[str, str]) -> list[
                    title=f"{key} ({bench})" + (" — trained on" if trained_on else ""))
             if trained_on:
                 ax.title.set_color("#D55E00")
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=LEGEND_SIZE)
         names = ", ".join(f"{k} x {w:g}" for k, w in rewards.items())
         out.append(ReportFigure(f"reward_hacking_{_slug(group)}", f"{group}: every metric while training on {names}",
                                 f"{group} was trained on the reward {names}; each panel is another measured metric "
@@ -417,7 +471,7 @@ def signal_figures(logs: Sequence[TrainLog], colors: Mapping[str, str]) -> list[
         names = [n for n in dict.fromkeys(names)]
         if not names:
             continue
-        fig, axes = _figure(len(names), width=4.0, height=2.8, columns=min(4, len(names)))
+        fig, axes = _figure(len(names), width=4.4, height=3.2, columns=min(3, len(names)))
         color = colors.get(group, PALETTE[0])
         for ax, name in zip(axes, names):
             for i, log in enumerate(members):
@@ -433,7 +487,7 @@ def signal_figures(logs: Sequence[TrainLog], colors: Mapping[str, str]) -> list[
                     ax.plot(log.steps, ema(np.asarray(values, dtype=float), span), linewidth=1.4, **style)
             ax.set(xlabel="optimizer step", title=name)
             ax.grid(True, alpha=0.3)
-        axes[0].legend(fontsize=7)
+        axes[0].legend(fontsize=LEGEND_SIZE)
         out.append(ReportFigure(f"signals_{_slug(group)}", f"{group}: training signals",
                                 f"What {group}'s training logged at every optimizer step (one line per seed; from "
                                 f"{2 * LOSS_SMOOTHING_POINTS_PER_SPAN} steps on, faint raw values under an "

@@ -17,6 +17,8 @@ from soarbench.report.paper import PaperTable
 from soarbench.report.paper_render import comparisons_html, paper_html
 from soarbench.report.tables import STATS_NOTES, BenchmarkTables, Table, cell_parts, provenance_items
 
+WIDE_FIGURE_PX = 660  # half of the page's 1,352 px column, less the gap
+WIDE = ' class="wide"'
 # Figure kinds shown inside a benchmark's section (the others get sections of their own)
 BENCHMARK_KINDS = ("curves", "geneval_tasks", "distribution")
 OWN_SECTIONS = (("reward_hacking", "Reward hacking: every metric while training on a reward"),
@@ -86,7 +88,7 @@ def _benchmark_section(bench: BenchmarkTables, figures: Sequence[ReportFigure], 
     if figures:
         parts.append("<h3>Figures</h3>")
         parts.append(_figure_grid(figures, pngs))
-    parts.append(_table_block(bench.main))
+    parts.append(_table_block(bench.main, stacked=True))
     return _section(f"Benchmark: {bench.benchmark}", anchor, parts)
 
 
@@ -98,7 +100,8 @@ def _probe_section(probes) -> str:
     for title, header, rows in probe_tables(probes):
         head = "".join(f"<th>{escape(c)}</th>" for c in header)
         body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        parts.append(f'<h3>{escape(title)}</h3><table class="data"><tr>{head}</tr>{body}</table>')
+        parts.append(f'<h3>{escape(title)}</h3><div class="table-wrap"><table class="data"><tr>{head}</tr>{body}'
+                     "</table></div>")
     parts.append("<ul>" + "".join(f"<li>{escape(n)}</li>" for n in probe_notes(probes)) + "</ul>")
     return _section("Exposure-bias probe", "probe", parts)
 
@@ -110,11 +113,14 @@ def _controls_block(results) -> str:
         f'<tr><td class="label">{escape(r.kind)}</td><td>{escape(r.group)}</td><td>{escape(r.check)}</td>'
         f'<td>{escape(r.finding)}</td><td class="verdict-{escape(r.verdict.split()[0].lower())}">{escape(r.verdict)}'
         "</td></tr>" for r in results)
-    return f'<h3>Controls</h3><table class="data"><tr>{head}</tr>{rows}</table>'
+    return f'<h3>Controls</h3><div class="table-wrap"><table class="data"><tr>{head}</tr>{rows}</table></div>'
 
 
-def _table_block(table: Table) -> str:
-    head = "".join(f"<th>{escape(t)}</th>" for t in ("model", "seeds", *(c.title for c in table.columns)))
+def _table_block(table: Table, stacked: bool = False) -> str:
+    """A table in a box that scrolls sideways when wider than the page; `stacked` puts each interval under its
+    value (narrower columns, for the table of every checkpoint). Headers may break after a '/'."""
+    head = "".join(f"<th>{escape(t).replace('/', '/<wbr>')}</th>"
+                   for t in ("model", "seeds", *(c.title for c in table.columns)))
     body = []
     for row in table.rows:
         cells = [f'<td class="label">{escape(row.label)}</td>', f"<td>{row.n_seeds}</td>"]
@@ -124,13 +130,17 @@ def _table_block(table: Table) -> str:
             cells.append(f"<td>{escape(value)}{ci}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f'<p class="muted">{escape(note)}</p>' for note in table.notes)
-    return (f"<h3>{escape(table.title)}</h3>\n<div class=\"table-wrap\"><table class=\"data\">"
+    kind = "data stacked" if stacked else "data"
+    return (f"<h3>{escape(table.title)}</h3>\n<div class=\"table-wrap\"><table class=\"{kind}\">"
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>{notes}")
 
 
 def _figure_grid(figures: Sequence[ReportFigure], pngs) -> str:
+    # a figure wider than half the page spans the whole page, so that it is shown near its own size and its text
+    # stays as large as it was drawn; narrower ones sit two abreast
     items = "\n".join(
-        f'<figure id="fig-{escape(f.name)}"><img src="{data_uri(pngs[f.name])}" alt="{escape(f.title)}">'
+        f'<figure id="fig-{escape(f.name)}"{WIDE if f.width_px > WIDE_FIGURE_PX else ""}>'
+        f'<img src="{data_uri(pngs[f.name])}" alt="{escape(f.title)}" width="{f.width_px}">'
         f"<figcaption>{escape(f.caption)} <span class=\"muted\">(figures/{escape(f.name)}.png, .svg)</span>"
         "</figcaption></figure>"
         for f in figures
@@ -171,11 +181,13 @@ h3 { font-size: 15px; margin: 20px 0 6px; }
 .provenance dt { color: #666; }
 .provenance dd { margin: 0; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
                  word-break: break-all; }
-.table-wrap { overflow-x: auto; }
+.table-wrap { overflow-x: auto; max-width: 100%; }  /* a wide table scrolls in its own box, not the page */
 table.data { border-collapse: collapse; font-variant-numeric: tabular-nums; background: #fff; }
 table.data th, table.data td { padding: 4px 10px; border-bottom: 1px solid #e6e6e6; text-align: right;
                                white-space: nowrap; }
 table.data th { background: #f0f0f0; font-weight: 600; }
+table.data thead th { white-space: normal; min-width: 48px; vertical-align: bottom; }
+table.data.stacked .ci { display: block; font-size: 11px; }
 table.data th:first-child, table.data td.label { text-align: left; }
 td.verdict-failed { color: #b00020; font-weight: bold; }
 td.verdict-passed { color: #1b5e20; }
@@ -193,7 +205,8 @@ table.paper .ci { display: block; font-size: 11px; }  /* interval under its valu
 .proto { font-weight: 400; font-size: 11px; color: #555; }
 .ci { color: #777; font-size: 12px; }
 .figures { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr)); gap: 16px; }
-figure { margin: 0; padding: 8px; background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; }
+figure.wide { grid-column: 1 / -1; }
+figure { min-width: 0; margin: 0; padding: 8px; background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; }
 figure img { display: block; max-width: 100%; height: auto; }
 figcaption { font-size: 12px; color: #444; margin-top: 4px; }
 .warnings { background: #fff4e5; border-left: 4px solid #e69f00; padding: 8px 12px; }
