@@ -237,3 +237,19 @@ def test_python_api_trains_evaluates_and_reports(tmp_path, tiny_model_dir, shape
     with pytest.raises(soarbench.errors.UserError, match="model folder does not exist"):
         soarbench.evaluate(tmp_path / "nope", benchmark="shapes", out=tmp_path / "e2")
     assert "dry run" in soarbench.dry_run(cfg)
+
+
+def test_the_readme_python_snippet_runs_as_written(tmp_path):
+    """README.md's "From Python" example, run as written from a folder beside the checkout's benchmarks/."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```python\n", readme.index("**From Python**")) + len("```python\n")
+    snippet = readme[start:readme.index("```", start)]
+    (tmp_path / "benchmarks").symlink_to(REPO / "benchmarks")
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    # each print's comment in the README says what it prints
+    assert lines[0] == "runs/api-sft/checkpoints/step_000010 16"
+    score, out = lines[1].split()
+    assert 0 <= float(score) <= 1 and out == "evals/api-sft"
+    assert lines[2] == "reports/api-sft/index.html" and (tmp_path / lines[2]).is_file()
