@@ -36,8 +36,9 @@ def test_extends_chain_deep_merges_with_the_extending_file_winning(tmp_path):
     (tmp_path / "sub" / "b.toml").write_text('extends = "../a.toml"\n[train]\nlr = 2.0\n[train.nested]\ny = 20\n')
     (tmp_path / "sub" / "c.toml").write_text('extends = "b.toml"\n[train.nested]\nz = 300\n[method]\nname = "sft"\n')
     cfg = C.load_config(tmp_path / "sub" / "c.toml")
-    assert cfg == {"train": {"lr": 2.0, "seed": 3, "nested": {"x": 1, "y": 20, "z": 300}}, "model": {"path": "a"},
-                   "method": {"name": "sft"}}
+    # model.path is relative to a.toml, the file that sets it (tests/test_config_paths.py)
+    assert cfg == {"train": {"lr": 2.0, "seed": 3, "nested": {"x": 1, "y": 20, "z": 300}},
+                   "model": {"path": str(tmp_path / "a")}, "method": {"name": "sft"}}
 
 
 def test_extends_cycle_and_missing_target_are_one_line(tmp_path):
@@ -64,7 +65,7 @@ def test_experiment_files_may_extend(tmp_path):
     plan = dict(plan_runs(C.load_config(tmp_path / "exp.toml")))
     assert list(plan) == ["sft-s0", "soar-s4"]
     assert plan["soar-s4"]["train"] == {"seed": 4, "lr": 0.5}
-    assert plan["sft-s0"]["model"] == {"path": "m"}
+    assert plan["sft-s0"]["model"] == {"path": str(tmp_path / "m")}
 
 
 def test_non_utf8_config_is_one_line(tmp_path):
