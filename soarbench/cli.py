@@ -256,6 +256,10 @@ def run_training(config, out: Path, *, method: Optional[str] = None, overrides: 
     if no_eval:
         cfg = _without_eval(cfg)
     checked = C.validate_train_config(cfg)  # every key, type and range, before anything is loaded or written
+    try:  # before diffusers loads (the method's options needed torch: their check imports the method)
+        _check_model_path(Path(str(checked["model"]["path"])))
+    except UserError as e:
+        raise UserError(f"config: model.path = {e}") from None
     if dry_run:
         return _dry_run_text(checked, f"{'the config' if isinstance(config, dict) else config} (train --out {out})")
     _check_out(out)
@@ -613,6 +617,7 @@ def probe(
 
       soarbench probe --model runs/soar/checkpoints/step_000095 --data data/heldout/train.jsonl --n 128 --out probes/soar
     """
+    _check_model_path(model)  # before torch loads
     from soarbench.probes.exposure import parse_sigmas, run_probe
 
     summary = run_probe(model, data, out, device=device, n=n, sigmas=parse_sigmas(sigmas), guidance=guidance,
@@ -849,6 +854,7 @@ def export_(
 
       soarbench export runs/sft/checkpoints/step_000700 --out exported/sft
     """
+    _check_model_path(Path(model))  # before torch loads
     from soarbench.export import export_pipeline
 
     typer.echo(export_pipeline(model, out, dtype=dtype))

@@ -190,15 +190,20 @@ print("HEAVY", code, [m for m in {heavy!r} if m in sys.modules])
     (["eval", "--model", "{missing}", "--benchmark", "shapes", "--out", "{out}"], 2),
     (["eval", "--model", "{model}", "--benchmark", "shapes", "--metrics", "nope", "--out", "{out}"], 2),
     (["train", "--config", "{missing}.toml", "--out", "{out}"], 2),
+    (["export", "{missing}", "--out", "{out}"], 2),
+    # a config's method options are checked against the method's class, which imports torch: not diffusers
+    (["train", "--config", "{cfg}", "--out", "{out}"], 2),  # its model.path is missing
+    (["train", "--config", "{cfg}", "--dry-run", "--out", "{out}"], 2),
 ])
 def test_help_and_input_checks_import_no_torch(args, code, tmp_path, tiny_model_dir):
     subs = {"{missing}": str(tmp_path / "no-such-model"), "{out}": str(tmp_path / "out"),
-            "{model}": str(tiny_model_dir)}
+            "{model}": str(tiny_model_dir), "{cfg}": str(_config(tmp_path, tmp_path / "no-model", tmp_path / "d.jsonl"))}
     argv = [subs.get(a, a.replace("{missing}", str(tmp_path / "none"))) for a in args]
     proc = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     last = proc.stdout.strip().splitlines()[-1]
-    assert last == f"HEAVY {code} []", (proc.stdout[-500:], proc.stderr[-500:])
+    expected = "['torch']" if "{cfg}" in args else "[]"
+    assert last == f"HEAVY {code} {expected}", (proc.stdout[-500:], proc.stderr[-500:])
     if code == 2:
         assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
