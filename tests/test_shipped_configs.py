@@ -139,3 +139,19 @@ def test_sd35m_compare_matches_one_budget():
     # + 1152 x 10 x 2 rollout and 1152 x 9 x 2 reference forwards (no grad); DiffusionNFT likewise (units: epochs)
     assert affordable == {"soar": 5000, "sft": 1173334 // 32, "sft_lr0": 11733 // 32, "flow_grpo": 33,
                           "diffusion_nft": 55}
+
+
+def test_sd35m_compare_dry_run_prints_the_readme_plan(cli, tmp_path, monkeypatch):
+    """The README's `soarbench run benchmarks/sd35m/compare.toml --out ... --dry-run`, run as written from the clone:
+    no weights, no data, nothing written; each run's plan as README "SD3.5-Medium" states it."""
+    monkeypatch.chdir(ROOT.parent)
+    monkeypatch.delenv("SD35M_MODEL", raising=False)
+    monkeypatch.delenv("SOARBENCH_DATA", raising=False)
+    code, out, err = cli("run", "benchmarks/sd35m/compare.toml", "--out", tmp_path / "sd35m", "--dry-run")
+    assert code == 0, err
+    for line in ("32 fwd_bwd_equiv -> 36666 optimizer steps", "234.667 fwd_bwd_equiv -> 5000 optimizer steps",
+                 "one epoch = 35328 fwd_bwd_equiv -> 66 optimizer steps in 33 unit(s)",
+                 "21120 fwd_bwd_equiv -> 55 optimizer steps"):
+        assert line in out, line
+    assert 'path = "stabilityai/stable-diffusion-3.5-medium"' in out and 'jsonl = "data/hy-soar/train.jsonl"' in out
+    assert not (tmp_path / "sd35m").exists()
