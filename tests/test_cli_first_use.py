@@ -66,11 +66,24 @@ def test_methods_show_lists_every_constructor_option_with_its_default(cli):
     assert shown["lambda_aux"][1:3] == ["a number", "1.0"]
     assert shown["trajectory_length"][1:3] == ["an integer", "6"]
     assert shown["sde_type"][1:3] == ["a string", '"flow_sde"']
+    assert shown["lambda_aux"][3].startswith("weight of the auxiliary")
     code, out, err = cli("methods", "show", "flow_grpo")
     assert "global_std\ttrue or false\ttrue\t" in out and "rewards\ta table of numbers\t(none)\t" in out
     code, _, err = cli("methods", "show", "soarr")
     assert code == 2 and err == ("error: unknown method 'soarr' (valid: " + ", ".join(METHODS.names()) +
                                  "); did you mean 'soar'?")
+
+
+def test_every_option_of_every_method_has_a_meaning_and_no_meaning_is_stale():
+    from soarbench import config as C
+    from soarbench.methods import _METHOD_OPTIONS, method_info
+
+    for name in METHODS.names():
+        params = set(C._constructor_parameters(METHODS.load(name)))
+        assert set(_METHOD_OPTIONS.get(name, {})) <= params, name  # a renamed option leaves no orphan line
+        info = method_info(name)
+        assert set(info["options"]) == params
+        assert [k for k, o in info["options"].items() if not o["meaning"]] == [], name
 
 
 # ------------------------------------------------------------------------------------------------ --dry-run
