@@ -171,6 +171,10 @@ def _shapes_eval(run_dir, run, group, seed, step, rng):
 
 def write_shapes_experiment(root: Path) -> Path:
     rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    # the controls table's long findings are one line each (nowrap): it must scroll in its box, not the page
+    (root / "experiment.toml").write_text('[experiment]\nname = "shapes"\n'
+                                          'controls = { positive = "flow_grpo" }\n')
     _shapes_eval(root / "base", "base", "base", 0, 0, rng)
     for group in ("sft", "soar", "flow_grpo"):
         for seed in (0, 1):
@@ -224,7 +228,9 @@ def test_shapes_report_fits_a_1400_px_window(shapes_page):
     # the page's right padding (24 px) stays background from top to bottom: nothing runs past the column
     margin = pixels[:, PAGE_WIDTH - 20:]
     assert (np.abs(margin - np.array([0xFA, 0xFA, 0xFA])).sum(axis=2) <= 30).all()
-    assert 'class="data stacked"' in page.read_text(encoding="utf-8")  # every checkpoint: intervals under values
+    text = page.read_text(encoding="utf-8")
+    assert 'class="data stacked"' in text  # every checkpoint: intervals under values
+    assert '<h3>Controls</h3><div class="table-wrap"><table class="data controls">' in text
 
 
 def test_shapes_report_shows_grids_and_signals_near_their_drawn_size(shapes_page):

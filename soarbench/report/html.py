@@ -113,7 +113,8 @@ def _controls_block(results) -> str:
         f'<tr><td class="label">{escape(r.kind)}</td><td>{escape(r.group)}</td><td>{escape(r.check)}</td>'
         f'<td>{escape(r.finding)}</td><td class="verdict-{escape(r.verdict.split()[0].lower())}">{escape(r.verdict)}'
         "</td></tr>" for r in results)
-    return f'<h3>Controls</h3><div class="table-wrap"><table class="data"><tr>{head}</tr>{rows}</table></div>'
+    return (f'<h3>Controls</h3><div class="table-wrap"><table class="data controls"><tr>{head}</tr>{rows}'
+            "</table></div>")
 
 
 def _table_block(table: Table, stacked: bool = False) -> str:
@@ -189,6 +190,7 @@ table.data th { background: #f0f0f0; font-weight: 600; }
 table.data thead th { white-space: normal; min-width: 48px; vertical-align: bottom; }
 table.data.stacked .ci { display: block; font-size: 11px; }
 table.data th:first-child, table.data td.label { text-align: left; }
+table.controls td, table.controls th { white-space: normal; text-align: left; min-width: 90px; }  /* long findings wrap */
 td.verdict-failed { color: #b00020; font-weight: bold; }
 td.verdict-passed { color: #1b5e20; }
 table.paper tr.block th { text-align: left; background: #e8eef6; font-style: italic; }
