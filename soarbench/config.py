@@ -10,6 +10,11 @@ A file may start with `extends = "other.toml"`: the other file is loaded first (
 cycle is refused) and this file's tables are deep-merged over it, so the extending file wins key by key.
 Experiment files ([common], [runs.NAME], [experiment]) may use `extends` the same way.
 
+Paths in a file (model.path, data.jsonl, data.image_dir, in an experiment also inside [common] and [runs.NAME],
+[experiment.probe] jsonl and [experiment] report) are relative to that file's folder and may use `${VAR}` or
+`${VAR:-default}` from the environment (resolve_file_paths); a path given with --set is relative to the working
+directory.
+
 `validate_train_config` knows every section and key the trainer reads (TRAIN_SCHEMA below) and refuses unknown
 keys with a did-you-mean, values of the wrong type ("config: train.lr = 'abc': expected a number"), values out
 of range and unknown names (benchmarks, metrics, methods, budget units). The method's own options are checked
