@@ -271,3 +271,23 @@ def test_the_readme_python_snippet_runs_as_written(tmp_path):
     score, out = lines[1].split()
     assert 0 <= float(score) <= 1 and out == "evals/api-sft"
     assert lines[2] == "reports/api-sft/index.html" and (tmp_path / lines[2]).is_file()
+
+
+def test_run_ends_with_a_results_table_the_report_and_the_folder(cli, tmp_path, tiny_model_dir, shapes_data):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'[experiment]\nname = "t"\nreport = "{tmp_path / "report"}"\n'
+                   f'[common.model]\npath = "{tiny_model_dir}"\nmax_sequence_length = 0\n'
+                   f'[common.data]\njsonl = "{shapes_data}"\n[common.budget]\nunit = "fwd_bwd"\namount = 8\n'
+                   f'[common.train]\nbatch_size = 4\n[common.eval]\nbenchmark = "shapes"\nnum_steps = 1\n'
+                   f'[common.eval.benchmark_options]\nn_per_tag = 1\nimages_per_prompt = 1\n'
+                   f'[runs.sft.method]\nname = "sft"\n')
+    out = tmp_path / "out"
+    code, stdout, err = cli("run", exp, "--out", out)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    scores = {name: json.loads((out / name / "evals" / f"step_{step:06d}" / "shapes" / "summary.json").read_text())
+              ["scores"]["geneval"] for name, step in (("base", 0), ("sft-s0", 2))}
+    assert lines[0] == "run\tstep\tbenchmark\tscores"
+    assert lines[1].startswith(f"base\tstep 0\tshapes\tgeneval={scores['base']:.4f}")
+    assert lines[2].startswith(f"sft-s0\tstep 2\tshapes\tgeneval={scores['sft-s0']:.4f}")
+    assert lines[3:] == [f"report\t{tmp_path / 'report'}", f"out\t{out}"]
