@@ -87,7 +87,7 @@ def _planned_units(cfg: dict) -> tuple[int, int, int]:
     return units, cost.images // method.group_size, method.group_size
 
 
-@pytest.mark.parametrize("path", ["flow_grpo.toml"])
+@pytest.mark.parametrize("path", ["flow_grpo.toml", "flow_grpo_control.toml"])
 def test_the_shipped_flow_grpo_configs_roll_out_every_task_about_equally(path):
     """Over a whole run, each GenEval task gets 1/6 +- 0.06 of the rollout prompts (the records of the generated
     data cycle the six tasks; their prompts are recomputed here without rendering a pixel)."""

@@ -41,11 +41,18 @@ def test_experiments_plan_matched_budgets(name):
     plan = plan_runs(exp)
     controls = exp["experiment"].get("controls", {})
     _check_controls(exp["experiment"], plan, ROOT / "shapes" / name)
-    compared = [cfg for _, cfg in plan if cfg["run"]["group"] != controls.get("negative")]
+    compared = [cfg for _, cfg in plan if cfg["run"]["group"] not in controls.values()]
     budgets = {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for cfg in compared}
-    assert len(budgets) == 1  # one matched budget for every method (a learning-rate-0 control may spend less)
+    assert len(budgets) == 1  # one matched budget for every method (the controls have budgets of their own)
     if name != "experiment.toml":  # the comparisons carry both controls and the exposure-bias probe
         assert set(controls) == {"negative", "positive"}
+        positive = [cfg for _, cfg in plan if cfg["run"]["group"] == controls["positive"]]
+        # the positive control: Flow-GRPO on the reward it is scored with, in the matched unit, scored on the
+        # held-out split and on prompts it trained on
+        assert [cfg["method"]["name"] for cfg in positive] == ["flow_grpo"]
+        assert positive[0]["method"]["rewards"] == {"geneval": 1.0}
+        assert C.deep_merge(exp["common"]["budget"], positive[0]["budget"])["unit"] == budgets.pop()[0]
+        assert "shapes_train" in positive[0]["eval"]["extra_benchmarks"]
         options = probe_options(exp["experiment"].get("probe"), plan, ROOT / "shapes" / name)
         assert options["n"] == 64 and options["num_steps"] == 40 and options["guidance"] == 4.5
     expected = {"sft", "soar"} | ({"flow_grpo"} if name != "experiment.toml" else set()) | \
@@ -86,10 +93,11 @@ def test_train_configs_pass_typed_validation(path):
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_experiment_runs_pass_typed_validation(name):
     exp = C.load_config(ROOT / "shapes" / name)
-    control = exp["experiment"].get("controls", {}).get("negative")
+    controls = exp["experiment"].get("controls", {})
+    own = {controls.get("negative"): 2800, controls.get("positive"): 54614}
     for _, cfg in plan_runs(exp):
         amount = C.validate_train_config(cfg)["budget"]["amount"]
-        assert amount == (2800 if cfg["run"]["group"] == control else 11200)
+        assert amount == own.get(cfg["run"]["group"], 11200)
 
 
 SD35M = ROOT / "sd35m"
