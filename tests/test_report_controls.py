@@ -148,3 +148,26 @@ def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model
         assert all(c in row for c in cells) and len(cells) == 2
     assert probes["base"]["rows"][0]["per_pair_mse"] == probes["sft_lr0"]["rows"][0]["per_pair_mse"]
     assert "sft_lr0 minus base" in section and "+0.0000 [+0.0000, +0.0000]" in section
+
+
+def test_a_control_scored_on_a_second_benchmark_is_checked_there_alone_and_labelled(tmp_path):
+    """The positive control is also scored on prompts it trained on (shapes_train) with its base: that section
+    checks it there, and does not list the negative control, which was evaluated on the held-out split only. Its
+    row in the final tables says it is a control, not a matched-budget comparison."""
+    gain = [[s + 0.2 + 0.01 * i for i, s in enumerate(BASE_SCORES)]]
+    exp = _experiment(tmp_path / "exp", dict(BASE_IMAGES), gain)
+    for run, group, method, step, scores in (("base", "base", "base", 0, BASE_SCORES),
+                                             ("grpo-s0", "grpo", "flow_grpo", 10, gain[0])):
+        folder = exp / run / "evals" / f"step_{step:06d}" / "shapes_train"
+        _summary(folder, run, group, method, 0, step, scores, BASE_IMAGES)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["benchmark"]["name"] = "shapes_train"
+        (folder / "summary.json").write_text(json.dumps(summary))
+    md = write_report([exp], tmp_path / "out", formats=["md"])["markdown"].read_text()
+    sections = {part.split("\n", 1)[0].strip(): part for part in md.split("\n## ")[1:]}
+    held_out, trained = sections["Benchmark: shapes"], sections["Benchmark: shapes_train"]
+    assert [line.split(" |")[0] for line in _controls_section(held_out)] == ["| negative", "| positive"]
+    (positive,) = _controls_section(trained)
+    assert positive.startswith("| positive | grpo | shapes_train |") and positive.endswith("| passed |")
+    for text in (held_out, trained):
+        assert "grpo is the positive control" in text and "not one of the matched-budget comparisons" in text
