@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test base clean perf perf-train
+.PHONY: install demo test base clean perf perf-train gpu-check
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ perf: $(STAMP)
 # the harness's SFT step over a bare diffusers loop, and SOAR's step over SFT's beside the budget's ratio
 perf-train: $(STAMP)
 	$(BIN)/python benchmarks/perf/train_step.py --device $(DEVICE) --json runs/perf/train_step.json
+
+# every figure owed at scale on one lent H100/H200 in one command (~9 min): harness/bare, MFU, memory, the
+# micro-batch sweep, evaluation images/s, the DDP/ZeRO-2/ZeRO-3/FSDP2 smoke runs; benchmarks/perf/gpu_check.py
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/perf/gpu_check.py --out runs/perf/gpu_check
 
 clean:
 	rm -rf runs .cache reports/shapes

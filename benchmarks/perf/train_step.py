@@ -49,15 +49,21 @@ def harness_step_time(method: dict, args, data: Path, out: Path) -> tuple[float,
     return (t1 - t0) / args.steps, per_step
 
 
-def bare_step_time(args, latent_shape) -> tuple[float, float]:
-    """Seconds per step of a plain fwd+bwd+AdamW loop on the model's transformer; and its forward FLOPs."""
+def bare_step_time(args, latent_shape, adapter=None) -> tuple[float, float]:
+    """Seconds per step of a plain fwd+bwd+AdamW loop on the model's transformer; and its forward FLOPs.
+
+    `adapter`: an already loaded model to reuse (gpu_check.py sweeps micro-batches on one load); its transformer
+    is trained in place."""
     from soarbench.models import SD3Adapter
 
-    adapter = SD3Adapter.from_pretrained(args.model, device=args.device_resolved,
-                                         max_sequence_length=args.max_sequence_length)
+    if adapter is None:
+        adapter = SD3Adapter.from_pretrained(args.model, device=args.device_resolved,
+                                             max_sequence_length=args.max_sequence_length)
     net = adapter.transformer.requires_grad_(True).train()
     if args.gradient_checkpointing:
         net.enable_gradient_checkpointing()
+    else:
+        net.disable_gradient_checkpointing()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=args.device_resolved.startswith("cuda"))
     text = adapter.encode_prompts(["a photo of a red circle"] * args.batch)
     g = torch.Generator().manual_seed(0)
