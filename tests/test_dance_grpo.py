@@ -272,3 +272,73 @@ def test_bad_option_through_the_cli_exits_2(cli, tiny_model_dir, shapes_data, tm
                       '[method]\nname = "dance_grpo"\ngroup_size = 1\n[budget]\nunit = "optimizer_steps"\namount = 1\n')
     code, _, err = cli("train", "--config", config, "--out", tmp_path / "r")
     assert code == 2 and "group_size must be >= 2" in err and "Traceback" not in err
+
+
+# ---- issue 24: the reference's timestep rounding and EMA ----------------------------------------------------
+def test_rounded_timesteps_reach_the_model_and_the_sde_keeps_exact_sigmas(adapter):
+    from soarbench.methods.dance_grpo import RoundedTimesteps
+
+    prompts = ["a photo of a red circle", "a photo of two squares"]
+    text = adapter.encode_prompts(prompts)
+    noise = torch.randn(2, *adapter.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
+    N, sigmas = 5, dance_sigmas(5)
+    seen, real = [], adapter.velocity
+
+    def spy(z, sigma, text, transformer=None):
+        seen.append(sigma.detach().reshape(-1)[0].item())
+        return real(z, sigma, text, transformer)
+
+    adapter.velocity = spy
+    try:
+        rounded = RoundedTimesteps(adapter)
+        traj = sde_rollout(rounded, text, noise, num_steps=N, guidance=4.5, variant="dance", noise_level=0.3,
+                           sde_window=(0, N - 1), noise_fn=lambda i: torch.zeros_like(noise), sigmas=sigmas)
+        # the reference (train_grpo_flux.py): timestep_value = int(sigma * 1000) on the fp32 sigma, fed as /1000
+        want = [float(torch.tensor(int(s * 1000)) / 1000) for s in sigmas[:N]]
+        assert seen == pytest.approx(want, abs=1e-7)
+        assert seen[1] != pytest.approx(float(sigmas[1]), abs=1e-7)  # the grid is not already on the 1/1000 lattice
+        assert torch.equal(traj.sigmas, sigmas.float())  # the SDE step's arithmetic keeps the exact sigmas
+        seen.clear()
+        for j in range(N - 1):  # the recomputation rounds alike: the ratio starts at exactly 1
+            out = step_log_prob_under(rounded, traj, j, text, guidance=4.5)
+            assert torch.equal(out.log_prob, traj.log_prob_at(j))
+        assert seen == pytest.approx(want[:N - 1], abs=1e-7)
+        exact = sde_rollout(adapter, text, noise, num_steps=N, guidance=4.5, variant="dance", noise_level=0.3,
+                            sde_window=(0, N - 1), noise_fn=lambda i: torch.zeros_like(noise), sigmas=sigmas)
+        assert not torch.equal(exact.latents, traj.latents)
+    finally:
+        adapter.velocity = real
+
+
+def test_epoch_ema_is_the_references_constant_decay_once_per_epoch():
+    from types import SimpleNamespace
+
+    from soarbench.methods.dance_grpo import ConstantEMA
+
+    method = build_method("dance_grpo", {"ema": True, "ema_schedule": "epoch", "ema_decay": 0.9})
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = ConstantEMA([p], decay=0.9, every=1)
+    ref = torch.zeros(3)  # the reference's FSDP_EMA.update: e = decay e + (1 - decay) p, after each epoch
+    step = 0
+    for unit in range(3):
+        for end in (False, True):  # two optimizer steps per epoch
+            step += 1
+            with torch.no_grad():
+                p.add_(float(step))
+            method.after_update(SimpleNamespace(roles=SimpleNamespace(ema=ema), unit=unit), step, end)
+        ref = 0.9 * ref + 0.1 * p.detach()
+        assert torch.allclose(ema.shadow[0], ref, atol=1e-6)
+    warm = build_method("dance_grpo", {"ema": True, "ema_decay": 0.995})
+    assert warm.ema_schedule == "step"  # the default keeps the warm-up decay every ema_every steps
+    with pytest.raises(UserError, match="ema_schedule"):
+        build_method("dance_grpo", {"ema_schedule": "daily"})
+
+
+def test_reference_options_run_and_are_recorded(tiny_model_dir, shapes_data, tmp_path):
+    train(_cfg(tiny_model_dir, shapes_data, units=1, lora=False, ema=True, ema_schedule="epoch",
+               round_timestep=True), tmp_path / "r", log=lambda m: None)
+    import tomllib
+
+    recorded = tomllib.loads((tmp_path / "r" / "config.toml").read_text())["method"]  # the run's resolved config
+    assert recorded["ema_schedule"] == "epoch" and recorded["round_timestep"] is True
+    assert _log(tmp_path / "r")[0]["ratio_dev"] == 0.0  # rounded alike in the rollout and the recomputation

@@ -13,8 +13,8 @@ from soarbench.harness.data import PromptShare
 from soarbench.harness.meter import Meter
 from soarbench.methods import build_method
 from soarbench.methods.base import Ctx, RunShape
-from soarbench.methods.direct_align import (SRPO, branch_sigmas, branch_x0, gap, one_step_x0, relative_reward,
-                                            training_grid)
+from soarbench.methods.direct_align import (SRPO, branch_sigmas, branch_x0, gap, noisy, one_step_x0,
+                                            relative_reward, shift_sigmas, training_grid)
 from soarbench.metrics.shapes_soft import ShapesSoftMetric
 
 RED_CIRCLE = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}],
@@ -136,7 +136,8 @@ def test_rollout_noise_is_shared_by_every_sample_and_keyed_by_the_unit(adapter):
     assert torch.equal(other_ids.eps, first.eps) and torch.equal(other_ids.x0, first.x0)
     later = method.collect(_ctx(adapter, unit=1), Share([0, 1], prompts, rows))
     assert not torch.equal(later.eps, first.eps)
-    assert 5 <= first.m <= 995 and first.dj == gap(first.m)
+    assert all(5 <= m <= 995 for m in first.m.tolist())
+    assert first.dj.tolist() == [gap(m) for m in first.m.tolist()]
 
 
 def test_one_step_reaches_the_transformer_through_decode_and_reward(adapter):
@@ -325,3 +326,113 @@ def test_cli_refuses_a_non_differentiable_reward_in_one_line(tiny_model_dir, sha
                       '[budget]\nunit = "optimizer_steps"\namount = 1\n')
     code, _, err = cli("train", "--config", config, "--out", tmp_path / "r")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "'geneval' is not differentiable" in err
+
+
+# ------------------------------------------------------------- issue 24: timesteps, words, rounding (reference)
+def test_timestep_is_drawn_per_sample_by_global_index_or_once_per_step():
+    from soarbench.harness.rng import keyed_generator
+
+    def expected(*key):  # the draw re-implemented here: uniform in [5, 995] from the keyed generator
+        return int(torch.randint(5, 996, (1,), generator=keyed_generator(*key)))
+
+    per_sample = build_method("direct_align", {})
+    assert per_sample.timestep_per == "sample"
+    m = per_sample.draw_m(4, 3, [0, 1, 2, 3])
+    assert m.tolist() == [expected(4, 3, "timestep", i) for i in range(4)]
+    assert len(set(m.tolist())) > 1  # a step averages several timesteps
+    # the same sample draws the same m whichever process holds it (1 process: ids 0..3; 2 processes: 0..1, 2..3)
+    assert torch.equal(torch.cat([per_sample.draw_m(4, 3, [0, 1]), per_sample.draw_m(4, 3, [2, 3])]), m)
+    per_step = build_method("direct_align", {"timestep_per": "step"})
+    assert per_step.draw_m(4, 3, [0, 5, 9]).tolist() == [expected(4, 3, "timestep")] * 3
+    with pytest.raises(UserError, match="timestep_per"):
+        build_method("direct_align", {"timestep_per": "epoch"})
+
+
+def test_per_sample_branches_use_each_samples_own_sigmas(adapter):
+    method = build_method("srpo", {"num_steps": 2, "guidance": 1.0, "rewards": {"clipscore": 1.0}})
+    ctx = _ctx(adapter)
+    method.metrics, method.meter = {"clipscore": WordEmbed()}, ctx.meter
+    method.control_words, method.negative_words = ("Real",), ("Anime",)
+    rollouts = method.collect(ctx, Share([0, 1], ["a red circle", "a blue square"], [None, None]))
+    rollouts.m = torch.tensor([100, 700])  # two different timesteps in one micro-batch
+    rollouts.dj = torch.tensor([gap(100), gap(700)])
+    seen = []
+    real = adapter.velocity
+
+    def spy(z, sigma, text, transformer=None):
+        seen.append(sigma.detach().cpu().double().reshape(-1))
+        return real(z, sigma, text, transformer)
+
+    adapter.velocity = spy
+    try:
+        (micros,) = list(method.updates(ctx, rollouts))
+        for micro in micros:
+            method.loss(ctx, micro)
+    finally:
+        adapter.velocity = real
+    grid = training_grid()
+    # the grid by hand: s_hi = g[1000 - m - dj] (denoise), m' = max(m - dj, 1) and s_lo' = g[1000 - m'] (inversion)
+    want_denoise = [float(grid[1000 - m - gap(m)]) for m in (100, 700)]
+    want_inversion = [float(grid[1000 - max(m - gap(m), 1)]) for m in (100, 700)]
+    assert seen[0].tolist() == pytest.approx(want_denoise, abs=1e-7)
+    assert seen[1].tolist() == pytest.approx(want_inversion, abs=1e-7)
+
+
+def test_control_words_follow_the_reference_counter_from_one(adapter):
+    method = build_method("srpo", {"num_steps": 1, "guidance": 1.0, "rewards": {"clipscore": 1.0}})
+    ctx = _ctx(adapter, unit=0)
+    rollouts = method.collect(ctx, Share([0], ["a cat"], [None]))
+    # the reference: realism_adjectives[step % 4], cg_oily_adjectives[step % 5] with step = 1 on the first step
+    realism = ["Natural-lighting", "Detail", "Detailed", "Real"]
+    cg_oily = ["Concept art", "Painting", "Anime", "Flat", "Oil"]
+    assert rollouts.words == (realism[1 % 4], cg_oily[1 % 5])
+    rollouts = method.collect(_ctx(adapter, unit=4), Share([0], ["a cat"], [None]))
+    assert rollouts.words == (realism[5 % 4], cg_oily[5 % 5])
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+def test_model_timestep_is_rounded_as_the_reference_and_the_update_is_not(adapter, rounded):
+    method = build_method("direct_align", {"num_steps": 3, "guidance": 1.0, "round_timestep": rounded})
+    ctx = _ctx(adapter)
+    method.metrics = {"shapes_soft": ShapesSoftMetric()}
+    seen = []
+    real = adapter.velocity
+
+    def spy(z, sigma, text, transformer=None):
+        seen.append(sigma.detach().cpu().double().reshape(-1))
+        return real(z, sigma, text, transformer)
+
+    adapter.velocity = spy
+    try:
+        rollouts = method.collect(ctx, Share([0, 1], [RED_CIRCLE["prompt"]] * 2, [RED_CIRCLE] * 2))
+        rollouts.m, rollouts.dj = torch.tensor([123, 871]), torch.tensor([gap(123), gap(871)])
+        (micros,) = list(method.updates(ctx, rollouts))
+        out = method.loss(ctx, micros[0])
+    finally:
+        adapter.velocity = real
+
+    def ref(sigma):  # the reference's timestep input: int(sigma * 1000) / 1000
+        return int(sigma * 1000) / 1000 if rounded else sigma
+
+    rollout_grid = [float(s) for s in shift_sigmas(3.0, 3)][:-1]
+    for got, sigma in zip(seen[:3], rollout_grid):
+        assert got.tolist() == pytest.approx([ref(sigma)] * len(got), abs=1e-7)
+    grid = training_grid()
+    s_hi = [float(grid[1000 - m - gap(m)]) for m in (123, 871)]
+    assert seen[3].tolist() == pytest.approx([ref(s) for s in s_hi], abs=1e-7)
+    if rounded:
+        assert seen[3].tolist() != pytest.approx(s_hi, abs=1e-7)  # the rounding did change the model's input
+    assert torch.isfinite(out.loss)
+    assert method.describe()["round_timestep"] is rounded
+
+
+def test_one_step_x0_with_per_sample_sigmas_matches_the_scalar_formula():
+    torch.manual_seed(0)
+    x0, eps, v = (torch.randn(2, 4, 3, 3, dtype=torch.float64) for _ in range(3))
+    s_from, s_to = torch.tensor([0.9, 0.8], dtype=torch.float64), torch.tensor([0.85, 0.78], dtype=torch.float64)
+    x = noisy(x0, eps, s_from)
+    got = one_step_x0(x, v, eps, s_from, s_to)
+    for b in range(2):  # x' = x + (s_to - s_from) v; x0_hat = (x' - s_to eps) / (1 - s_to), per sample by hand
+        xb = float(s_from[b]) * eps[b] + (1 - float(s_from[b])) * x0[b]
+        want = (xb + (float(s_to[b]) - float(s_from[b])) * v[b] - float(s_to[b]) * eps[b]) / (1 - float(s_to[b]))
+        assert torch.allclose(got[b], want, rtol=0, atol=1e-12)

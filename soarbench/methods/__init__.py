@@ -87,6 +87,8 @@ _SHARED_OPTIONS = {
     "ema_decay": "EMA decay per update",
     "ema_every": "optimizer steps between EMA updates",
     "resolution": "rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)",
+    "round_timestep": "feed the model the timestep int(sigma x 1000) / 1000, as DanceGRPO's and SRPO's reference "
+                      "code (the update keeps the exact sigma); false: the exact sigma",
 }
 _METHOD_OPTIONS = {
     "soar": {
@@ -120,6 +122,8 @@ _METHOD_OPTIONS = {
         "init_same_noise": "every sample of a group starts from the same initial noise",
         "adv_eps": "added to the group std when advantages are normalised",
         "rollout_batch_size": "images per sampling call; 0: a process's whole share at once (the reference: 1)",
+        "ema_schedule": "step: warm-up decay min((1 + k) / (10 + k), ema_decay) every ema_every optimizer steps | "
+                        "epoch: the constant ema_decay once per epoch (the reference's)",
     },
     "diffusion_nft": {
         "guidance": "CFG scale of the rollouts (1: none; the paper's setting)",
@@ -137,6 +141,8 @@ _METHOD_OPTIONS = {
         "shift": "the shift of the rollout and training sigma grids",
         "m_range": "[lo, hi]: the training grid index m is drawn uniformly in it",
         "groundtruth_ratio": "sets the step gap dj = min(int((1 - ratio) x 1000) + 1, 1000 - m, m)",
+        "timestep_per": "sample: m drawn for each sample (keyed by its global index; a step averages many "
+                        "timesteps, as the reference's one per GPU) | step: one m for the whole optimizer step",
     },
     "srpo": {
         "rewards": "CLIP-type reward metrics and their weights (clipscore, pickscore, hpsv2), e.g. { hpsv2 = 1.0 }",

@@ -23,7 +23,12 @@ One unit of work is an epoch:
      micro-batch with PPO-clip loss max(-A ratio, -A clip(ratio, 1 - 1e-4, 1 + 1e-4)) pooled over samples and
      timesteps (the reference's division by accumulation x trained timesteps). There is no KL term and no
      reference forward. Only the first step of an epoch is strictly on-policy (ratio exactly 1).
-LoRA (default, r 32) or full fine-tuning (`lora = false`, the reference's FLUX recipe); optional EMA for evaluation.
+LoRA (default, r 32) or full fine-tuning (`lora = false`, the reference's FLUX recipe); optional EMA for evaluation:
+`ema_schedule = "step"` folds the weights in every `ema_every` optimizer steps with the warm-up decay
+min((1 + k) / (10 + k), ema_decay); `"epoch"` is the reference's (train_grpo_flux.py, FSDP_EMA): the constant
+`ema_decay` (0.995) once per epoch, after its last optimizer step. `round_timestep = true` feeds the model the
+reference's timestep int(sigma * 1000) / 1000 in the rollouts and the recomputation alike (train_grpo_flux.py);
+the SDE arithmetic keeps the exact sigmas.
 
 Each epoch's distinct prompts are encoded once and the same embeddings serve the rollouts and the recomputation,
 and `rollout_batch_size` (0: a process's whole share per sampling call; the reference uses 1) lets the rollouts run
@@ -44,12 +49,40 @@ from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
 from soarbench.rl.rewards import RewardFunction, parse_weights
+from soarbench.rl.lora import EMA
 from soarbench.methods.flow_grpo import Epoch  # the same epoch of gathered rollouts
 from soarbench.rl.rollout import encode_once, Trajectory, sde_rollout, step_log_prob_under
 from soarbench.sampling.ode import sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS
 
 SIGMA_GRIDS = ("linspace", "scheduler")
+EMA_SCHEDULES = ("step", "epoch")
+
+
+class ConstantEMA(EMA):
+    """The reference's EMA: e <- d e + (1 - d) p with the constant d = decay (no warm-up)."""
+
+    def decay_at(self, step: int) -> float:
+        return self.decay
+
+
+def reference_timestep(sigma: torch.Tensor) -> torch.Tensor:
+    """The reference's model input int(sigma * 1000) / 1000, in float32 as it computes it (sigma >= 0)."""
+    return torch.floor(sigma.float() * 1000) / 1000
+
+
+class RoundedTimesteps:
+    """The adapter, except that its velocity sees the reference's rounded timestep (every other attribute is the
+    adapter's own): the rollout and the recomputation round alike, the step arithmetic keeps the exact sigma."""
+
+    def __init__(self, adapter):
+        self._adapter = adapter
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def velocity(self, z, sigma, text, transformer=None):
+        return self._adapter.velocity(z, reference_timestep(sigma).to(sigma.device), text, transformer)
 
 
 def dance_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -85,7 +118,8 @@ class DanceGRPO(MethodBase):
                  cfg_train: bool = True, rewards: dict[str, float] | None = None,
                  reward_options: dict[str, dict] | None = None, lora: bool = True, lora_r: int = 32,
                  lora_alpha: float = 64, ema: bool = False, ema_decay: float = 0.995, ema_every: int = 1,
-                 resolution: int = 0, rollout_batch_size: int = 0):
+                 resolution: int = 0, rollout_batch_size: int = 0, ema_schedule: str = "step",
+                 round_timestep: bool = False):
         # batch_size = images per epoch over all processes = (unique prompts per epoch) x group_size
         if group_size < 2:
             raise UserError(f"[method] group_size must be >= 2 (the unbiased std of a group of one is undefined), "
@@ -103,6 +137,8 @@ class DanceGRPO(MethodBase):
         if num_steps < 2 or not 0 < timestep_fraction <= 1 or trained < 1:
             raise UserError(f"[method] num_steps = {num_steps} and timestep_fraction = {timestep_fraction} train "
                             f"int((num_steps - 1) x fraction) = {trained} timesteps; need at least 1")
+        if ema_schedule not in EMA_SCHEDULES:
+            raise did_you_mean("[method] ema_schedule", str(ema_schedule), EMA_SCHEDULES)
         if rollout_batch_size < 0:
             raise UserError(f"[method] rollout_batch_size must be >= 0 (0: a process's whole share), "
                             f"got {rollout_batch_size}")
@@ -118,6 +154,7 @@ class DanceGRPO(MethodBase):
         self.cfg_train = bool(cfg_train)  # false: train the conditional velocity alone (ratios then start off 1)
         self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
         self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
+        self.ema_schedule, self.round_timestep = str(ema_schedule), bool(round_timestep)
         self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
         # images per sampling call; 0: this process's whole share at once. The reference samples one at a time and
         # trains one at a time; equal batch sizes keep bf16 ratios at exactly 1 where kernels depend on the batch.
@@ -149,6 +186,8 @@ class DanceGRPO(MethodBase):
         params = roles.lora(self.lora_r, self.lora_alpha) if self.use_lora else roles.full(("transformer",))
         if self.use_ema:
             roles.add_ema(params, self.ema_decay, self.ema_every)
+            if self.ema_schedule == "epoch":  # the reference's: constant decay, once per epoch
+                roles.ema = ConstantEMA(params, decay=self.ema_decay, every=1)
         self.reward_fn = RewardFunction.from_config(self.reward_weights, self.reward_options)
         self.reward_fn.meter = ctx.meter  # reward calls are counted where they are made
         return [ParamGroup(params)]
@@ -161,7 +200,7 @@ class DanceGRPO(MethodBase):
     @torch.no_grad()
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
-        adapter = ctx.adapter
+        adapter = self.model(ctx)
         require_geneval_rows(share.metadata, self.reward_weights)
         prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
         table = encode_once(adapter, prompts)
@@ -211,7 +250,7 @@ class DanceGRPO(MethodBase):
         j = epoch.steps[idx, column]
         guidance = self.g if self.cfg_train else 1.0
         with ctx.roles.use("policy") as net:
-            out = step_log_prob_under(ctx.adapter, traj, j, text, guidance, transformer=net)
+            out = step_log_prob_under(self.model(ctx), traj, j, text, guidance, transformer=net)
         policy = clipped_policy_loss(out.log_prob, traj.log_prob_at(j), epoch.advantages[idx], self.clip)
         n = len(idx)
         logs = {"policy_loss": log_pair(policy.per_sample.sum(), n), "approx_kl": log_pair(policy.approx_kl * n, n),
@@ -220,8 +259,17 @@ class DanceGRPO(MethodBase):
         return LossOutput(loss=policy.per_sample.sum(), logs=logs)
 
     def after_update(self, ctx: Ctx, step: int, end_of_unit: bool) -> None:
-        if ctx.roles.ema is not None:
+        if ctx.roles.ema is None:
+            return
+        if self.ema_schedule == "epoch":
+            if end_of_unit:
+                ctx.roles.ema.step(ctx.unit)  # every = 1 and a constant decay: the index only names the epoch
+        else:
             ctx.roles.ema.step(step - 1)  # 0-based index of the optimizer step just taken
+
+    def model(self, ctx: Ctx):
+        """The adapter the rollouts and the recomputation call (its timestep rounded with `round_timestep`)."""
+        return RoundedTimesteps(ctx.adapter) if self.round_timestep else ctx.adapter
 
     def _size(self, adapter) -> tuple[int, int]:
         size = self.resolution or int(adapter.vae.config.sample_size)

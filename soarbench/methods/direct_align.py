@@ -10,7 +10,10 @@ One unit of work is one optimizer step over the global batch (one image per prom
      (the reference broadcasts it from rank 0; here it is keyed by (seed, unit) alone), a `num_steps` (25) Euler
      ODE on the shift-3 grid shift(linspace(1, 0, N + 1)) with CFG `guidance` -> the clean latent x0;
   2. the training grid g = linspace(s~_5, s~_25, 1000) of the 50-step shift-3 grid s~ (sigma from about 0.964
-     down to 0.75); m is drawn uniformly in 5..995 once per step (keyed by (seed, unit)), the gap
+     down to 0.75); m is drawn uniformly in 5..995 for each sample (`timestep_per = "sample"`, keyed by (seed,
+     unit, global sample index), so a step averages as many timesteps as it has images whatever the number of
+     processes; the reference draws one m per process and step, i.e. one per GPU, with a per-rank seed) or once
+     per step for all samples (`timestep_per = "step"`, keyed by (seed, unit)); the gap
      dj = min(int((1 - 0.9) * 1000) + 1, 1000 - m, m)
      (= 100 in floating point, as the reference computes it);
   3. denoise branch (with gradient): s_hi = g[1000 - m - dj], s_lo = g[1000 - m]; x_hi = s_hi eps + (1 - s_hi) x0;
@@ -24,11 +27,15 @@ One unit of work is one optimizer step over the global batch (one image per prom
 
 Semantic relative reward (SRPO), for CLIP-type rewards (clipscore, pickscore, hpsv2: metrics with
 embed_images_tensor / embed_texts / relative_scale): p+ = "<control word>. prompt", p- = "<negative word>. prompt"
-(words chosen by the step index from `control_words` / `negative_words`, defaults the reference's lists),
+(words chosen by the 1-based step counter, word[(unit + 1) % len], as the reference's counter starting at 1, from
+`control_words` / `negative_words`, defaults the reference's lists),
     R  = scale * img . [(1 + k) txt(p+) - txt(p-)],   k  = linspace(0.1, 0.25, 1000)[m]      (denoise)
     R' = scale * img . [(1 + k') txt(p-) - txt(p+)],  k' = linspace(0.3, 0.01, 1000)[m']    (inversion)
 with scale = exp(logit_scale) / 20 for transformers CLIPs (ClipScore, PickScore) and 1 for HPS v2.1, as the
 reference. The denoiser always sees the original prompt; control words are reward-side only.
+
+`round_timestep = true` feeds the model the timestep int(sigma * 1000) / 1000, as the reference does in the rollout
+and in both branches (fastvideo/SRPO.py); the sigmas of the update arithmetic stay exact.
 
 Direct-Align alone (`--method direct_align`) is the denoise branch with the plain weighted reward
 sum_k w_k score_tensor_k, for any differentiable metric (e.g. "shapes_soft" in the shapes world). A reward that
@@ -46,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from soarbench.errors import UserError
+from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator, keyed_randn
 from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
@@ -57,6 +64,7 @@ GRID_SIZE = 1000  # the reference's timestep_length
 CONTROL_WORDS = ("Natural-lighting", "Detail", "Detailed", "Real")
 NEGATIVE_WORDS = ("Concept art", "Painting", "Anime", "Flat", "Oil")
 RELATIVE_METHODS = ("embed_images_tensor", "embed_texts", "relative_scale")
+TIMESTEP_PER = ("sample", "step")  # m drawn per sample (many timesteps per step) or once per optimizer step
 
 
 # ------------------------------------------------------------------------------------------- the arithmetic
@@ -92,21 +100,45 @@ def branch_sigmas(grid: torch.Tensor, m: int, dj: int, inversion: bool) -> tuple
     return float(grid[n - m_inv]), float(grid[n - min(m_inv + dj, n)]), m_inv
 
 
+def branch_sigmas_per_sample(grid: torch.Tensor, m: torch.Tensor, dj: torch.Tensor,
+                             inversion: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`branch_sigmas` for one (m, dj) per sample: three (B,) tensors (float64, float64, long)."""
+    rows = [branch_sigmas(grid, int(a), int(b), inversion) for a, b in zip(m.tolist(), dj.tolist())]
+    s_from, s_to, k = zip(*rows) if rows else ((), (), ())
+    return (torch.tensor(s_from, dtype=torch.float64), torch.tensor(s_to, dtype=torch.float64),
+            torch.tensor(k, dtype=torch.long))
+
+
+def model_timestep(sigma: torch.Tensor, rounded: bool) -> torch.Tensor:
+    """The sigma the model is fed: exact, or the reference's int(sigma * 1000) / 1000 (sigma >= 0)."""
+    return torch.floor(sigma * 1000) / 1000 if rounded else sigma
+
+
+def _bcast(value, like: torch.Tensor):
+    """A float, or a (B,) tensor shaped to broadcast over (B, C, H, W)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    return float(value)
+
+
 def noisy(x0: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x_sigma = sigma eps + (1 - sigma) x0."""
-    return sigma * eps + (1 - sigma) * x0
+    """x_sigma = sigma eps + (1 - sigma) x0 (sigma a float or one per sample)."""
+    return _bcast(sigma, x0) * eps + _bcast(1 - sigma, x0) * x0
 
 
 def one_step_x0(x: torch.Tensor, v: torch.Tensor, eps: torch.Tensor, s_from: float, s_to: float) -> torch.Tensor:
     """One Euler step x' = x + (s_to - s_from) v, then the clean latent implied by the KNOWN noise:
     x0_hat = (x' - s_to eps) / (1 - s_to). Exact (x0_hat = x0) when v = eps - x0, whichever the direction."""
-    moved = x + (s_to - s_from) * v
-    return (moved - s_to * eps) / (1 - s_to)
+    moved = x + _bcast(s_to - s_from, x) * v  # differences taken before the cast to the latents' dtype
+    return (moved - _bcast(s_to, x) * eps) / _bcast(1 - s_to, x)
 
 
 def relative_reward(image: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, k: float,
                     scale: float = 1.0) -> torch.Tensor:
-    """(B,) SRPO's semantic relative reward scale * img . [(1 + k) txt+ - txt-] of (B, D) embeddings."""
+    """(B,) SRPO's semantic relative reward scale * img . [(1 + k) txt+ - txt-] of (B, D) embeddings; k a float
+    or one per sample."""
+    if isinstance(k, torch.Tensor) and k.dim() > 0:
+        k = k.to(image.device, image.dtype).reshape(-1, 1)
     return scale * (image * ((1 + k) * positive - negative)).sum(-1)
 
 
@@ -150,15 +182,15 @@ def check_rewards(method: str, weights: dict[str, float], relative: bool) -> Non
 
 @dataclass
 class Rollouts:
-    """This process's share of one step: clean latents, the shared noise, the step's m and words."""
+    """This process's share of one step: clean latents, the shared noise, each sample's m and gap, the words."""
 
     x0: torch.Tensor  # (n_local, C, H, W)
     eps: torch.Tensor  # (C, H, W), the same for every sample of the step
     text: TextEmbeddings
     prompts: list[str]
     metadata: list[Any]
-    m: int
-    dj: int
+    m: torch.Tensor  # (n_local,) long: each sample's training grid index (all equal with timestep_per = "step")
+    dj: torch.Tensor  # (n_local,) long: each sample's gap
     words: tuple[str, str]  # (control word, negative word)
     logs: dict[str, float] = field(default_factory=dict)
 
@@ -173,7 +205,7 @@ class DirectAlign(MethodBase):
                  loss_scale: float = 0.5, shift: float = 3.0, m_range: Sequence[int] = (5, 995),
                  groundtruth_ratio: float = 0.9, lora: bool = False, lora_r: int = 32, lora_alpha: float = 64,
                  ema: bool = False, ema_decay: float = 0.9, ema_every: int = 1, resolution: int = 0,
-                 **srpo: Any):
+                 timestep_per: str = "sample", round_timestep: bool = False, **srpo: Any):
         from soarbench.rl.rewards import parse_weights
 
         self.weights = parse_weights(rewards or {"shapes_soft": 1.0})
@@ -189,6 +221,9 @@ class DirectAlign(MethodBase):
         if not 1 <= lo <= hi <= GRID_SIZE - 1:
             raise UserError(f"[method] m_range must be [lo, hi] with 1 <= lo <= hi <= {GRID_SIZE - 1}, got "
                             f"{list(m_range)}")
+        if timestep_per not in TIMESTEP_PER:
+            raise did_you_mean("[method] timestep_per", str(timestep_per), TIMESTEP_PER)
+        self.timestep_per, self.round_timestep = str(timestep_per), bool(round_timestep)
         self.T, self.g, self.g_train = int(num_steps), float(guidance), float(train_guidance)
         self.threshold, self.loss_scale, self.shift = float(threshold), float(loss_scale), float(shift)
         self.m_range, self.ratio = (lo, hi), float(groundtruth_ratio)
@@ -248,15 +283,25 @@ class DirectAlign(MethodBase):
         was = adapter.transformer.training
         adapter.transformer.eval()
         with ctx.roles.use("policy") as net:
-            x0 = euler_rollout(lambda z, s: _velocity(adapter, z, s, text, self.g, net), noise,
+            x0 = euler_rollout(lambda z, s: _velocity(adapter, z, s, text, self.g, net, self.round_timestep), noise,
                                shift_sigmas(self.shift, self.T))
         adapter.transformer.train(was)
         adapter.meter.add("images", len(share.ids))
-        lo, hi = self.m_range
-        m = int(torch.randint(lo, hi + 1, (1,), generator=keyed_generator(ctx.seed, ctx.unit, "timestep")))
-        words = (self.control_word(ctx.unit), self.negative_word(ctx.unit))
+        m = self.draw_m(ctx.seed, ctx.unit, share.ids)
+        dj = torch.tensor([gap(int(v), GRID_SIZE, self.ratio) for v in m.tolist()], dtype=torch.long)
+        # the reference's step counter starts at 1 (fastvideo/SRPO.py), our unit at 0
+        words = (self.control_word(ctx.unit + 1), self.negative_word(ctx.unit + 1))
         return Rollouts(x0=x0, eps=eps, text=text, prompts=list(share.prompts), metadata=list(share.metadata),
-                        m=m, dj=gap(m, GRID_SIZE, self.ratio), words=words, logs={"m": float(m)})
+                        m=m, dj=dj, words=words, logs={"m": float(m.double().mean()) if len(m) else 0.0})
+
+    def draw_m(self, seed: int, unit: int, ids) -> torch.Tensor:
+        """(len(ids),) long: each sample's m, uniform in m_range, keyed by its global index (or one per step)."""
+        lo, hi = self.m_range
+        if self.timestep_per == "step":
+            m = int(torch.randint(lo, hi + 1, (1,), generator=keyed_generator(seed, unit, "timestep")))
+            return torch.full((len(ids),), m, dtype=torch.long)
+        return torch.tensor([int(torch.randint(lo, hi + 1, (1,), generator=keyed_generator(seed, unit, "timestep", int(i))))
+                             for i in ids], dtype=torch.long)
 
     def control_word(self, step: int) -> str:
         return ""
@@ -283,9 +328,10 @@ class DirectAlign(MethodBase):
         x0 = rollouts.x0[idx]
         eps = rollouts.eps.expand_as(x0)
         text = rollouts.text[idx]
-        s_from, s_to, k_index = branch_sigmas(self.grid, rollouts.m, rollouts.dj, inversion)
+        s_from, s_to, k_index = branch_sigmas_per_sample(self.grid, rollouts.m[idx], rollouts.dj[idx], inversion)
         with ctx.roles.use("policy") as net:
-            x0_hat = branch_x0(lambda z, s: _velocity(adapter, z, s, text, self.g_train, net), x0, eps, s_from, s_to)
+            x0_hat = branch_x0(lambda z, s: _velocity(adapter, z, s, text, self.g_train, net, self.round_timestep),
+                               x0, eps, s_from, s_to)
         pixels = adapter.decode(x0_hat, grad=True)
         prompts = [rollouts.prompts[i] for i in idx]
         metadata = [rollouts.metadata[i] for i in idx]
@@ -297,7 +343,7 @@ class DirectAlign(MethodBase):
         return LossOutput(loss=per_sample.sum(), logs=logs)
 
     def reward(self, pixels: torch.Tensor, prompts: list[str], metadata: list, words: tuple[str, str],
-               k_index: int, inversion: bool) -> torch.Tensor:
+               k_index: torch.Tensor, inversion: bool) -> torch.Tensor:
         """(B,) the weighted reward of decoded pixels, on the graph; counted as reward forward+backward passes."""
         total = None
         for name, metric in self.metrics.items():
@@ -314,6 +360,7 @@ class DirectAlign(MethodBase):
 
     def describe(self) -> dict:
         return {**super().describe(), "rewards": dict(self.weights), "threshold": self.threshold,
+                "timestep_per": self.timestep_per, "round_timestep": self.round_timestep,
                 "branches": ["inversion" if b else "denoise" for b in self.branches]}
 
 
@@ -357,7 +404,7 @@ class SRPO(DirectAlign):
         negative = [f"{words[1]}. {p}" for p in prompts]
         if inversion:
             positive, negative = negative, positive
-        k = float((self.k_inv if inversion else self.k)[k_index])
+        k = (self.k_inv if inversion else self.k)[torch.as_tensor(k_index, dtype=torch.long)]
         total = None
         for name, metric in self.metrics.items():
             image = metric.embed_images_tensor(pixels)
@@ -371,10 +418,13 @@ class SRPO(DirectAlign):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-def _velocity(adapter, z: torch.Tensor, sigma: float | torch.Tensor, text: TextEmbeddings, guidance: float, net):
+def _velocity(adapter, z: torch.Tensor, sigma: float | torch.Tensor, text: TextEmbeddings, guidance: float, net,
+              rounded: bool = False):
     from soarbench.sampling.ode import cfg_velocity
 
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=z.device).reshape(1)
+    # only the model's timestep input is rounded (as the reference), never the sigmas of the update
+    s = model_timestep(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1), rounded)
+    s = s.to(device=z.device, dtype=torch.float32)
     null = adapter.null_embeddings() if guidance != 1.0 else None
     return cfg_velocity(adapter, z, s, text, null, guidance, transformer=net).to(z.dtype)
 
