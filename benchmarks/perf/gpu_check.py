@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny SD3 on the CPU: the code paths, no figures of worth")
     p.add_argument("--device", default="auto")
     p.add_argument("--sections", default="train,sweep,eval,engines")
-    p.add_argument("--keep-model", action="store_true", help="keep the synthetic folder under OUT/model")
+    p.add_argument("--keep-model", action="store_true", help="keep the built (synthetic or tiny) folder under OUT/model")
     a = p.parse_args(argv)
     from soarbench.harness.engine import resolve_device
 
@@ -391,7 +391,8 @@ def main(argv=None) -> int:
         elif a.tiny:
             from soarbench.models.tiny import TinySD3Config, build_tiny_sd3
 
-            model, note = build_tiny_sd3(tmp / "model", TinySD3Config()), "tiny SD3, random weights"
+            model = build_tiny_sd3((a.out if a.keep_model else tmp) / "model", TinySD3Config())
+            note = "tiny SD3, random weights"
         else:
             model = build_sd35_medium((a.out if a.keep_model else tmp) / "model")
             note = ("synthetic SD3.5-Medium: real architecture, random weights; no T5-XXL (its tokens are zeros of "
