@@ -342,3 +342,39 @@ def test_reference_options_run_and_are_recorded(tiny_model_dir, shapes_data, tmp
     recorded = tomllib.loads((tmp_path / "r" / "config.toml").read_text())["method"]  # the run's resolved config
     assert recorded["ema_schedule"] == "epoch" and recorded["round_timestep"] is True
     assert _log(tmp_path / "r")[0]["ratio_dev"] == 0.0  # rounded alike in the rollout and the recomputation
+
+
+# The reference scripts' flags (XueZeyue/DanceGRPO at 15cc71d, scripts/finetune/), copied here as they are written.
+LORA_SCRIPT = ("--learning_rate 3e-4 --sampling_steps 12 --eta 0.3 --max_grad_norm 1.0 --weight_decay 0.0001 "
+               "--num_generations 12 --shift 3 --timestep_fraction 0.6 --clip_range 1e-4 --adv_clip_max 5.0 "
+               "--lora_alpha 256 --lora_rank 128 --checkpointing_steps 60")  # finetune_flux_grpo_8gpus_lora.sh
+FULL_SCRIPT = ("--learning_rate 1e-5 --sampling_steps 16 --eta 0.3 --max_grad_norm 0.01 --weight_decay 0.0001 "
+               "--num_generations 12 --shift 3 --timestep_fraction 0.6 --clip_range 1e-4 --adv_clip_max 5.0 "
+               "--ema_decay 0.995 --checkpointing_steps 40")  # finetune_flux_grpo_8gpus.sh (--use_ema)
+
+
+@pytest.mark.parametrize("name, script, lora", [("dance_grpo", LORA_SCRIPT, True),
+                                                ("dance_grpo_full", FULL_SCRIPT, False)])
+def test_sd35m_configs_are_the_reference_scripts(name, script, lora):
+    from pathlib import Path
+
+    from soarbench import config as C
+
+    flags = dict(zip(script.split()[::2], (float(v) for v in script.split()[1::2])))
+    cfg = C.load_toml(Path(__file__).resolve().parents[1] / "benchmarks" / "sd35m" / f"{name}.toml")
+    train_, method = cfg["train"], cfg["method"]
+    assert train_["lr"] == flags["--learning_rate"] and train_["grad_clip"] == flags["--max_grad_norm"]
+    assert train_["weight_decay"] == flags["--weight_decay"]
+    assert train_["checkpoint_every"] == flags["--checkpointing_steps"]
+    assert method["num_steps"] == flags["--sampling_steps"] and method["eta"] == flags["--eta"]
+    assert method["group_size"] == flags["--num_generations"] and method["shift"] == flags["--shift"]
+    assert method["timestep_fraction"] == flags["--timestep_fraction"]
+    assert method["clip_range"] == flags["--clip_range"] and method["adv_clip"] == flags["--adv_clip_max"]
+    assert method["lora"] is lora and method["round_timestep"] is True
+    if lora:
+        assert method["lora_r"] == flags["--lora_rank"] and method["lora_alpha"] == flags["--lora_alpha"]
+        assert method["ema"] is False
+    else:
+        assert method["ema"] is True and method["ema_decay"] == flags["--ema_decay"]
+        assert method["ema_schedule"] == "epoch"
+    build_method("dance_grpo", {k: v for k, v in method.items() if k not in ("name", "rewards")})

@@ -436,3 +436,23 @@ def test_one_step_x0_with_per_sample_sigmas_matches_the_scalar_formula():
         xb = float(s_from[b]) * eps[b] + (1 - float(s_from[b])) * x0[b]
         want = (xb + (float(s_to[b]) - float(s_from[b])) * v[b] - float(s_to[b]) * eps[b]) / (1 - float(s_to[b]))
         assert torch.allclose(got[b], want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["srpo", "direct_align"])
+def test_sd35m_configs_follow_the_reference_script(name):
+    """Tencent-Hunyuan/SRPO at 81e5898, scripts/finetune/SRPO_training_hpsv2.sh, flags copied as written."""
+    from pathlib import Path
+
+    from soarbench import config as C
+
+    script = ("--learning_rate 5e-6 --sampling_steps 25 --max_grad_norm 0.1 --weight_decay 0.0001 --shift 3 "
+              "--h 720 --groundtruth_ratio 0.9")
+    flags = dict(zip(script.split()[::2], (float(v) for v in script.split()[1::2])))
+    cfg = C.load_toml(Path(__file__).resolve().parents[1] / "benchmarks" / "sd35m" / f"{name}.toml")
+    train_, method = cfg["train"], cfg["method"]
+    assert (train_["lr"], train_["grad_clip"], train_["weight_decay"]) == (
+        flags["--learning_rate"], flags["--max_grad_norm"], flags["--weight_decay"])
+    assert method["num_steps"] == flags["--sampling_steps"] and method["resolution"] == flags["--h"]
+    assert method["groundtruth_ratio"] == flags["--groundtruth_ratio"] and method["m_range"] == [5, 995]
+    assert method["round_timestep"] is True and method["timestep_per"] == "sample"
+    assert method["train_guidance"] == 1.0  # no CFG in the trained step (the reference's rollout: train_guidence 1)
