@@ -97,3 +97,20 @@ def test_config_errors_are_user_errors():
         RewardFunction.from_config({"geneval": 1.0}, metric_options={"ocr": {}})
     with pytest.raises(UserError, match="did you mean 'threshold'"):  # options reach the metric
         RewardFunction.from_config({"geneval": 1.0}, metric_options={"geneval": {"treshold": 0.5}})
+
+
+def test_geneval_can_reward_the_reported_0_1_accuracy_instead_of_partial_credit():
+    """A circle drawn right of the square for "a circle left of a square": partial credit by hand is the mean of
+    [1 (one circle), 1 (one square), 0 (relation failed), 1 (the upstream quirk's extra term)] = 0.75, while the
+    accuracy GenEval reports is 0. reward = "score" trains on the latter (a positive control's reward)."""
+    row = grammar.position("circle", "left of", "square")
+    right = np.asarray(render_metadata(row, np.random.default_rng(0), 32).image)
+    mirrored = Image.fromarray(right[:, ::-1].copy())
+    dense = RewardFunction.from_config({"geneval": 1.0})
+    exact = RewardFunction.from_config({"geneval": 1.0}, {"geneval": {"reward": "score"}})
+    for image, expected_dense, expected_exact in ((Image.fromarray(right), 1.0, 1.0), (mirrored, 0.75, 0.0)):
+        assert float(dense([image], [row["prompt"]], [row])[0][0]) == expected_dense
+        assert float(exact([image], [row["prompt"]], [row])[0][0]) == expected_exact
+    assert exact.describe()["geneval"]["field"] == "score" and dense.describe()["geneval"]["field"] == "partial_credit"
+    with pytest.raises(UserError, match="did you mean 'score'"):
+        GenEvalMetric(reward="scor")

@@ -73,9 +73,17 @@ class GenEvalMetric(Metric):
     """GenEval accuracy with the official rules; the backend supplies detection and colour naming."""
 
     reward_field = "partial_credit"  # Flow-GRPO trains on the dense partial credit, not the 0/1 score
+    REWARDS = ("partial_credit", "score")
 
-    def __init__(self, backend: str = "shapes", protocol: str = "official", **options: Any):
+    def __init__(self, backend: str = "shapes", protocol: str = "official", reward: str = "partial_credit",
+                 **options: Any):
+        """`reward`: the record field a training reward takes, "partial_credit" (Flow-GRPO's dense reward) or
+        "score" (the 0/1 accuracy GenEval reports: what a positive control trained on the reported metric uses;
+        partial credit pays 0.75 for two objects in the wrong relation, so it can trade positions away)."""
         self.protocol = check_protocol("GenEval", protocol)
+        if reward not in self.REWARDS:
+            raise did_you_mean("GenEval reward", str(reward), self.REWARDS)
+        self.reward_field = reward
         valid = [*_RULE_FIELDS, *backend_options(backend)]  # also rejects an unknown backend name
         for name in options:
             if name not in valid:

@@ -179,7 +179,7 @@ class RewardFunction:
         return float(record[field])
 
     def _field(self, name: str) -> str:
-        return REWARD_FIELDS.get(name, getattr(self.metrics[name], "reward_field", "score"))
+        return getattr(self.metrics[name], "reward_field", REWARD_FIELDS.get(name, "score"))
 
     def describe(self) -> dict[str, Any]:
         """What the reward was, for provenance: per metric its weight, reward field and version."""
