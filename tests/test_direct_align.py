@@ -3,6 +3,8 @@ reward, the gradient through decode and reward (against finite differences on th
 shared rollout noise, the CLIP-type embeddings, the shapes_soft reward, and the refusal of rewards it cannot use."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -348,14 +350,9 @@ def test_timestep_is_drawn_per_sample_by_global_index_or_once_per_step():
         build_method("direct_align", {"timestep_per": "epoch"})
 
 
-def test_per_sample_branches_use_each_samples_own_sigmas(adapter):
-    method = build_method("srpo", {"num_steps": 2, "guidance": 1.0, "rewards": {"clipscore": 1.0}})
-    ctx = _ctx(adapter)
-    method.metrics, method.meter = {"clipscore": WordEmbed()}, ctx.meter
-    method.control_words, method.negative_words = ("Real",), ("Anime",)
-    rollouts = method.collect(ctx, Share([0, 1], ["a red circle", "a blue square"], [None, None]))
-    rollouts.m = torch.tensor([100, 700])  # two different timesteps in one micro-batch
-    rollouts.dj = torch.tensor([gap(100), gap(700)])
+@contextlib.contextmanager
+def sigmas_seen(adapter):
+    """The sigma (timestep) input of every velocity call made inside the block, one (B,) float64 row per call."""
     seen = []
     real = adapter.velocity
 
@@ -365,11 +362,23 @@ def test_per_sample_branches_use_each_samples_own_sigmas(adapter):
 
     adapter.velocity = spy
     try:
+        yield seen
+    finally:
+        adapter.velocity = real
+
+
+def test_per_sample_branches_use_each_samples_own_sigmas(adapter):
+    method = build_method("srpo", {"num_steps": 2, "guidance": 1.0, "rewards": {"clipscore": 1.0}})
+    ctx = _ctx(adapter)
+    method.metrics, method.meter = {"clipscore": WordEmbed()}, ctx.meter
+    method.control_words, method.negative_words = ("Real",), ("Anime",)
+    rollouts = method.collect(ctx, Share([0, 1], ["a red circle", "a blue square"], [None, None]))
+    rollouts.m = torch.tensor([100, 700])  # two different timesteps in one micro-batch
+    rollouts.dj = torch.tensor([gap(100), gap(700)])
+    with sigmas_seen(adapter) as seen:
         (micros,) = list(method.updates(ctx, rollouts))
         for micro in micros:
             method.loss(ctx, micro)
-    finally:
-        adapter.velocity = real
     grid = training_grid()
     # the grid by hand: s_hi = g[1000 - m - dj] (denoise), m' = max(m - dj, 1) and s_lo' = g[1000 - m'] (inversion)
     want_denoise = [float(grid[1000 - m - gap(m)]) for m in (100, 700)]
@@ -395,21 +404,11 @@ def test_model_timestep_is_rounded_as_the_reference_and_the_update_is_not(adapte
     method = build_method("direct_align", {"num_steps": 3, "guidance": 1.0, "round_timestep": rounded})
     ctx = _ctx(adapter)
     method.metrics = {"shapes_soft": ShapesSoftMetric()}
-    seen = []
-    real = adapter.velocity
-
-    def spy(z, sigma, text, transformer=None):
-        seen.append(sigma.detach().cpu().double().reshape(-1))
-        return real(z, sigma, text, transformer)
-
-    adapter.velocity = spy
-    try:
+    with sigmas_seen(adapter) as seen:
         rollouts = method.collect(ctx, Share([0, 1], [RED_CIRCLE["prompt"]] * 2, [RED_CIRCLE] * 2))
         rollouts.m, rollouts.dj = torch.tensor([123, 871]), torch.tensor([gap(123), gap(871)])
         (micros,) = list(method.updates(ctx, rollouts))
         out = method.loss(ctx, micros[0])
-    finally:
-        adapter.velocity = real
 
     def ref(sigma):  # the reference's timestep input: int(sigma * 1000) / 1000
         return int(sigma * 1000) / 1000 if rounded else sigma
