@@ -149,7 +149,8 @@ class Run:
         lr = float(tcfg["lr"])
         self.optimizer = torch.optim.AdamW(
             [{"params": g.params, "lr": lr if g.lr is None else float(g.lr)} for g in groups],
-            lr=lr, betas=tuple(tcfg["betas"]), weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]))
+            lr=lr, betas=tuple(tcfg["betas"]), weight_decay=float(tcfg["weight_decay"]), eps=float(tcfg["eps"]),
+            fused=True if engine.device.type == "cuda" else None)  # one kernel for all tensors on CUDA; CPU as before
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_multiplier, warmup=int(tcfg["warmup_steps"]), decay=self.decay_steps, total=self.total_steps))
         net, self.optimizer = engine.prepare(self.roles.base, self.optimizer, self.cost.micro_batches,
@@ -168,6 +169,7 @@ class Run:
             k = int(getattr(self.method, "group_size", 1))
             self.data = PromptData(records, self.cost.images // k, k, engine, int(tcfg["seed"]),
                                    sampling=dcfg.get("prompt_sampling", "unique"))
+        _offload_text_encoders(self, components)
         self.counters = Counters(no_grad_fraction=self.budget.no_grad_fraction, devices=engine.world_size)
         ecfg = cfg.get("eval", {})
         self.ecfg = ecfg
@@ -425,6 +427,22 @@ def _seed_global_rngs(seed: int) -> None:
     torch.manual_seed(s)
     random.seed(s)
     np.random.seed(s % 2**32)
+
+
+def _offload_text_encoders(run: "Run", components) -> None:
+    """On CUDA, SFT and SOAR read every caption from the text cache once it is built: the frozen text encoders
+    (CLIP-L/G and T5-XXL, about 5.5 B parameters for SD3.5) then move to the CPU, freeing their GPU memory for the
+    transformer's activations. Runs that evaluate during training keep them (the benchmark's prompts)."""
+    data = getattr(run, "data", None)
+    if (run.engine.device.type != "cuda" or run.method_name not in ("sft", "soar") or run.cfg.get("eval", {}).get("benchmark")
+            or not getattr(data, "_text_cache", None) or any(c.startswith("text_encoder") for c in components)):
+        return
+    run.adapter.null_embeddings()  # SOAR's unconditional branch: computed while the encoders are on the GPU
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(run.adapter.pipe, name, None)
+        if module is not None:
+            module.to("cpu")
+    torch.cuda.empty_cache()
 
 
 def _set_text_encoder_precision(adapter: SD3Adapter, precision: str, engine: Engine, mixed: str, components) -> None:
