@@ -59,8 +59,19 @@ def test_every_section_with_sane_values(check):
         assert rows[zero]["status"] == "skipped"
         assert ("CUDA" if has_deepspeed else "deepspeed") in rows[zero]["reason"]
     assert rows["fsdp"]["status"] == "skipped" and "CUDA" in rows["fsdp"]["reason"]
+    assert "JointAttnProcessor2_0" in r["model"]["attention_processors"]  # torch SDPA
     for word in ("harness/bare", "micro-batch sweep", "images/s", "engine fsdp", "target"):
         assert word in stdout
+
+
+def test_spent_budget_skips_the_engine_rows(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "perf" / "gpu_check.py"), "--tiny", "--out",
+                           str(tmp_path), "--sections", "engines", "--budget-s", "0"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())["engines"]
+    assert rows[0]["engine"] == "ddp" and rows[0]["status"] == "skipped" and "--budget-s" in rows[0]["reason"]
+    assert not list(tmp_path.glob("*/engine_ddp"))
 
 
 def test_flop_count_equals_torch_flop_counter(check):
