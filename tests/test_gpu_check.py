@@ -127,3 +127,24 @@ def test_compile_trains_as_eager(tiny_model_dir, shapes_data, tmp_path):
 
     base = SD3Adapter.from_pretrained(tiny_model_dir).transformer.state_dict()
     assert any(not torch.equal(base[k], v) for k, v in eager.items())  # the steps trained: not both untouched
+
+
+def test_synthetic_sd35_medium_has_the_published_sizes():
+    """The synthetic folder's configs give SD3.5-Medium's parameter counts (built on the meta device: no memory):
+    MMDiT-X 2.243 B (the figure the last H200 measurement reported), CLIP-L 123.7 M, CLIP-G 694.7 M."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "perf"))
+    import gpu_check as g
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    with torch.device("meta"):
+        t = SD3Transformer2DModel(**g.SD35M_TRANSFORMER)
+        vae = AutoencoderKL(**g.SD35M_VAE)
+        clip_l, clip_g = (CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **c))
+                          for c in (g.SD35M_CLIP_L, g.SD35M_CLIP_G))
+    assert round(count(t) / 1e9, 3) == 2.243
+    assert round(count(clip_l) / 1e6, 1) == 123.7 and round(count(clip_g) / 1e6, 1) == 694.7
+    assert 80e6 < count(vae) < 90e6 and vae.config.latent_channels == t.config.in_channels == 16
