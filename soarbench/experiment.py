@@ -214,7 +214,7 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     from soarbench.evaluate import evaluate
     from soarbench.harness.budget import Counters
     from soarbench.harness.train import model_info, resolve_config
-    from soarbench.models.sd3 import SD3Adapter
+    from soarbench.models.sd3 import SD3Adapter, weights_fingerprint
 
     cfg = C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}})
     if extra_benchmarks:
@@ -223,19 +223,20 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     ecfg = cfg.get("eval", {})
     if not ecfg.get("benchmark"):
         return
-    todo = [(bench, folder / "evals" / "step_000000" / bench.name) for bench in eval_benchmarks(ecfg)]
-    todo = [(bench, target) for bench, target in todo if not (target / "summary.json").is_file()]
-    if not todo:
-        log("[base] eval already done, skipped")
-        return
-    log("[base] evaluating the base model")
+    # No shortcut on an existing summary: evaluate() reuses the finished samples of a folder made with the same
+    # settings and the same weights (keyed to their content), redoes them when the base changed, and refuses a
+    # folder made with other settings, so a rerun never reports a stale base.
+    log("[base] evaluating the base model (finished samples are reused)")
     device = "cuda" if torch.cuda.is_available() and cfg["train"]["device"] in ("auto", "cuda") else "cpu"
     adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=device,
                                          max_sequence_length=cfg["model"].get("max_sequence_length"))
-    info = model_info(cfg, "base", 0, Counters(), Path(cfg["model"]["path"]))
-    for bench, target in todo:
+    info = {**model_info(cfg, "base", 0, Counters(), Path(cfg["model"]["path"])),
+            "weights_sha256": weights_fingerprint(cfg["model"]["path"])}
+    for bench in eval_benchmarks(ecfg):
+        target = folder / "evals" / "step_000000" / bench.name
         summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
                            batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,
-                           num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"))
+                           num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"),
+                           log=lambda message: log(f"[base] {message}"))
         main = next(iter(summary["scores"].items()))
         log(f"[base] {bench.name} {main[0]} = {main[1]:.4f}")

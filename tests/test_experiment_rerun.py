@@ -58,3 +58,35 @@ def test_refuse_changed_run_compares_the_resolved_config(tmp_path):
     # a larger budget resumes an unfinished run but is another result for a finished one
     with pytest.raises(UserError, match=r"finished with budget.amount=4 \(now 8\)"):
         refuse_changed_run(run, C.validate_train_config({**cfg, "budget": {"amount": 8}}))
+
+
+def test_the_base_eval_is_reused_only_for_the_same_weights(tiny_model_dir, tmp_path):
+    """`soarbench run` evaluates the base once; a rerun reuses it while the base's weights are the same, and redoes
+    it (saying so) when the model at that path was replaced, rather than reporting the old numbers."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from soarbench.experiment import evaluate_base
+
+    base = tmp_path / "base_model"
+    shutil.copytree(tiny_model_dir, base)
+    cfg = {"model": {"path": str(base), "max_sequence_length": 0}, "data": {"jsonl": "unused.jsonl"},
+           "method": {"name": "sft"}, "train": {"threads": 2}, "budget": {"unit": "optimizer_steps", "amount": 1},
+           "eval": {"benchmark": "shapes", "num_steps": 2, "batch_size": 8, "benchmark_options": {"n_per_tag": 1}}}
+    folder = tmp_path / "out" / "base"
+    images = folder / "evals" / "step_000000" / "shapes" / "images"
+    lines: list[str] = []
+    evaluate_base(cfg, folder, lines.append)
+    first = {p.name: p.read_bytes() for p in sorted(images.glob("*.png"))}
+    stamps = {p.name: p.stat().st_mtime_ns for p in images.glob("*.png")}
+    evaluate_base(cfg, folder, lines.append)  # same weights: every image reused, none written again
+    assert {p.name: p.stat().st_mtime_ns for p in images.glob("*.png")} == stamps
+    weights = next((base / "transformer").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}, weights)
+    lines.clear()
+    evaluate_base(cfg, folder, lines.append)
+    assert any("[base]" in line and "redo" in line.lower() for line in lines), lines
+    assert {p.name: p.read_bytes() for p in sorted(images.glob("*.png"))} != first
