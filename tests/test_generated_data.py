@@ -32,12 +32,17 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_generation_refuses_a_users_folder_in_one_line_and_writes_nothing(cli, tmp_path):
+def test_generation_refuses_a_users_folder_in_one_line_and_writes_nothing(cli, tiny_model_dir, tmp_path):
     folder = _user_folder(tmp_path)
     before = _snapshot(folder)
-    # the shipped config's generate table; the model folder is missing too, but the data is refused first
+    # the shipped config's generate table, with a model folder that is missing (the case first reported: the
+    # command failed on the model after the data had been written over) and with one that exists
     code, _, err = cli("train", "--config", SHIPPED, "--set", f"data.jsonl={folder / 'train.jsonl'}",
                        "--set", f"model.path={tmp_path / 'no_model'}", "--out", tmp_path / "run")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert _snapshot(folder) == before and not (tmp_path / "run").exists()
+    code, _, err = cli("train", "--config", SHIPPED, "--set", f"data.jsonl={folder / 'train.jsonl'}",
+                       "--set", f"model.path={tiny_model_dir}", "--out", tmp_path / "run")
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: data.jsonl = {folder / 'train.jsonl'}: ") and "shapes_world.json" in err
     assert "--set data.generate=false" in err
@@ -60,7 +65,8 @@ def test_the_off_switch_trains_on_the_users_data_as_it_is(cli, tiny_model_dir, t
     code, _, err = cli("train", "--config", SHIPPED, "--set", f"data.jsonl={folder / 'train.jsonl'}",
                        "--set", "data.generate=false", "--set", f"model.path={tiny_model_dir}",
                        "--set", "budget.unit=optimizer_steps", "--set", "budget.amount=1",
-                       "--set", "train.batch_size=2", "--set", "eval.points=0", "--out", tmp_path / "run")
+                       "--set", "train.batch_size=2", "--set", "train.global_batch_size=2", "--set", "eval.points=0",
+                       "--out", tmp_path / "run")
     assert code == 0, err
     (row,) = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert row["budget"]["unique_prompts"] == 2  # one step of 2 of the user's 3 captions
