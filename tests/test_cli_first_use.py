@@ -30,7 +30,11 @@ def test_help_and_train_method_name_every_registered_method(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     code, out, _ = cli("train", "--help")
     assert code == 0
-    for name in METHODS.names():
+    # every built-in method (the help is written when the CLI is imported; a plugin's method, like the toy one a
+    # contract test registers, is listed by `soarbench methods list`)
+    builtin = [name for name in METHODS.names() if METHODS.load(name).__module__.startswith("soarbench.")]
+    assert len(builtin) >= 9
+    for name in builtin:
         assert name in out
     code, out, _ = cli("--help")
     assert code == 0 and "methods" in out and "DiffusionNFT" in out and "(SFT, SOAR, Flow-GRPO)" not in out
