@@ -362,7 +362,8 @@ class PromptData:
             raise UserError(f"method: {prompts_per_unit} prompts x group size {group_size} = "
                             f"{prompts_per_unit * group_size} samples do not divide over {world} processes")
         self.m, self.k, self.engine, self.seed = prompts_per_unit, group_size, engine, seed
-        self.sampling, self._decks = sampling, {}
+        self.sampling = sampling
+        self._last_deck: tuple[int, list[int]] | None = None  # (pass, its order): units walk one pass at a time
 
     @property
     def n(self) -> int:
@@ -380,7 +381,7 @@ class PromptData:
 
     def _deck(self, epoch: int) -> list[int]:
         """Pass `epoch` over the records: a stratified shuffle by GenEval task, keyed by (seed, pass)."""
-        if self._decks.get("epoch") != epoch:
+        if self._last_deck is None or self._last_deck[0] != epoch:
             rng = random.Random(key_seed(self.seed, epoch, "prompt deck"))
             strata: dict[str, list[int]] = {}
             for i, row in enumerate(self.metadata):
@@ -390,8 +391,8 @@ class PromptData:
                 rng.shuffle(members)
                 offset = rng.random()  # member j of n sits at (j + offset) / n: its share of every prefix, +-1
                 keyed += [((j + offset) / len(members), i) for j, i in enumerate(members)]
-            self._decks = {"epoch": epoch, "deck": [i for _, i in sorted(keyed)]}
-        return self._decks["deck"]
+            self._last_deck = (epoch, [i for _, i in sorted(keyed)])
+        return self._last_deck[1]
 
     def unit_logs(self, unit: int) -> dict[str, float]:
         """How many of the unit's rollout prompts (groups) carry each GenEval tag: `prompts_<tag>`, for the train
