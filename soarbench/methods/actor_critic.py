@@ -15,10 +15,19 @@ One unit of work is an epoch of m prompts x k images (the data layout of Flow-GR
 advantages):
   1. SDE rollouts of the policy with per-step log-probs (soarbench.rl.rollout.sde_rollout, Flow-GRPO's flow_sde
      step), rewards per reward function (RewardFunction: the raw score of each metric and their weighted sum).
-  2. The critic's features at the K trained states z_j (j = the first int(T x timestep_fraction) SDE steps, as
-     Flow-GRPO trains): one forward of the FROZEN reference backbone (role "ref": the LoRA-disabled policy, or a
-     frozen copy of the initial transformer under full fine-tuning) per sample and state, read at norm_out's
-     inputs (soarbench.models.value_head.backbone_features). Counted as no-grad forwards and as value_passes.
+  2. The critic's values at the K trained states z_j (j = the first int(T x timestep_fraction) SDE steps, as
+     Flow-GRPO trains): one no-grad forward of the critic's backbone per sample and state, read at norm_out's
+     inputs (soarbench.models.value_head.backbone_features), then the head. The backbone (option `critic`):
+       "diffusion" (default; the paper's "the diffusion model itself functions as a timestep-conditioned value
+                   function"): the transformer with a trainable adapter of its own: a second peft LoRA adapter
+                   "critic" beside the policy's "default" (same r, alpha and projections; B = 0 at the start, so
+                   the critic starts from the base model), or, under full fine-tuning, a trainable copy of the
+                   initial transformer (roles.modules["critic"]; its norm_out and proj_out, which the features do
+                   not read, stay frozen);
+       "head":     the FROZEN reference backbone (role "ref": the LoRA-disabled policy, or a frozen copy of the
+                   initial transformer), only the MLP head trains (cheaper; the features are computed once here
+                   and reused by the value loss).
+     Counted as no-grad forwards and as value_passes.
   3. Advantages from the critic before this epoch's updates, per step and sample (a per-step baseline):
         A[n, j] = sum_k w_k (R_k[n] - V_k(z_j[n], sigma_j, c_n)),   A <- clip(A / (std(A) + 1e-4), +-adv_clip)
      with std the population std of all N x K entries of the epoch gathered over processes (no mean is subtracted:
@@ -27,32 +36,48 @@ advantages):
      (slot, trained step) is one micro-batch with
         loss = PPO-clip(ratio, A[n, j]) + beta KL(policy || ref)  (soarbench.rl.ppo, as Flow-GRPO)
              + value_loss_weight * sum_k (V_k(z_j) - R_k)^2       (the critic keeps training on fresh rollouts)
+     With critic = "diffusion" the value term is a forward+backward of the critic's backbone and head at
+     (z_j, sigma_j, c) per sample (counted as fwd_bwd and value_passes); with "head" it reuses step 2's features.
 Phase 1 (the first value_pretrain_units epochs): the same rollouts (of the initial, frozen policy), features and
 value loss, and no policy term: the policy is not updated (its parameters get no gradient) and no PPO or KL
 passes are made.
 
 Inferred choices (not in the paper):
-  - critic features from the frozen reference backbone (a frozen trunk keeps the critic's inputs stationary while
-    the policy moves, costs no extra backward, and lets evaluation rebuild it from the base model); pooled last
-    hidden states (mean over image tokens) and temb, i.e. conditioned through the same timestep/AdaLN path;
+  - the critic's backbone (critic = "diffusion", the default): the paper's own diffusion model as the value
+    function, realised as the same transformer with an adapter of its own (a LoRA of the policy's rank, or a
+    trainable copy under full fine-tuning), so the critic shares no trained weights with the actor and the
+    policy's LoRA never sees the value loss; its learning rate is critic_lr (default train.lr); no EMA.
+    critic = "head" keeps the cheaper earlier reconstruction: features of the frozen reference backbone (a
+    stationary input while the policy moves, no extra backward, rebuilt from the base model by evaluation);
+  - the features: pooled last hidden states (mean over image tokens) and temb read at norm_out, i.e. conditioned
+    through the same timestep/AdaLN path as the velocity;
   - head: LayerNorm, a 2-layer SiLU MLP trunk (width value_width), one Linear output per reward; MSE to the raw
     per-reward score, every head trained independently on its own reward (the trunk is shared);
   - A_t = R - V(z_t, t) (no GAE: the reward is terminal and the denoising steps are not discounted), normalised
     by the global std only, clipped like Flow-GRPO's advantages;
   - the critic is trained only at the trained states (the same K steps in both phases, so both phases have the
     same micro-batches per optimizer step); value targets are the rewards of the whole trajectory;
-  - the value loss is computed on every process over all processes' samples of its slot row and divided by the
-    number of processes, so the head (which the engine does not wrap) gets the same gradient on every process
-    without an all-reduce, equal to a one-process run's;
+  - critic = "head": the value loss is computed on every process over all processes' samples of its slot row and
+    divided by the number of processes, so the head (which the engine does not wrap) gets the same gradient on
+    every process without an all-reduce, equal to a one-process run's; critic = "diffusion": each process
+    computes its own samples' value loss, and the critic's backbone adapter and head, wrapped together in a
+    DistributedDataParallel of their own (soarbench.models.value_head.DiffusionCritic; the engine's wrapper holds
+    the policy alone), get the process average like the policy, reduced on the accumulation's last micro-batch;
+    multi-process runs need DDP for it (DeepSpeed / FSDP are refused in one line);
   - the value head has its own learning rate (value_lr) and no EMA; it is saved in every checkpoint
-    (CHECKPOINT/value_head/) for steering.
+    (CHECKPOINT/value_head/, with the diffusion critic's LoRA or transformer beside it) for steering, which
+    reads its features from the backbone it was trained on.
+The critic option is part of the recorded method version (run.json, checkpoints and evaluations).
 Budget: plan(shape) is a phase-2 epoch; `unit_plan(shape, unit)` is the cost of a given epoch (phase 1 makes no
-fwd_bwd and no KL forwards). The loop asks unit_plan before each epoch whether it still fits, and the budget
+policy fwd_bwd and no KL forwards). The diffusion critic adds n x K fwd_bwd (and n x K value_passes) per epoch, in
+both phases, to the head's cost. The loop asks unit_plan before each epoch whether it still fits, and the budget
 arithmetic printed at the start counts the cheaper phase-1 epochs as what they are; the meter equals unit_plan
 epoch by epoch (tests/test_actor_critic.py, tests/test_method_contract.py).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -60,15 +85,20 @@ import torch
 from soarbench.errors import UserError
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import Ctx, LossOutput, Micro, ParamGroup, RunShape, deal_steps, log_pair, samples_per_step
+from soarbench.methods.base import (Ctx, LossOutput, Micro, ParamGroup, RunShape, deal_steps, log_pair,
+                                    require_frozen_copies, samples_per_step)
 from soarbench.methods.flow_grpo import FlowGRPO, eval_mode
 from soarbench.models.sd3 import TextEmbeddings
-from soarbench.models.value_head import ValueHead, backbone_features, feature_dim
+from soarbench.models.value_head import (CriticExport, DiffusionCritic, ValueHead, backbone_features, feature_dim,
+                                         lora_adapter_active, recompute_inside)
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
 from soarbench.rl.rollout import Trajectory, step_log_prob_under
 
 HEAD = "value_head"  # the name of the head in roles.modules and of its checkpoint component
+CRITIC = "critic"  # the diffusion critic's LoRA adapter (peft) / its trainable copy in roles.modules
+CRITICS = ("diffusion", "head")
+VERSION = "1-reconstructed (arXiv 2605.27736; no public code)"
 
 
 @dataclass
@@ -79,7 +109,7 @@ class Epoch:
     prompts: list[str]
     embeddings: dict  # prompt -> its embedding (shared by the rollout and the training passes)
     steps: torch.Tensor  # (N, K) the trained step indices of each sample
-    features: torch.Tensor  # (N, K, F) critic features at the trained states
+    features: torch.Tensor  # (N, K, F) critic features at the trained states (before this epoch's updates)
     targets: torch.Tensor  # (N, H) raw reward per head
     advantages: torch.Tensor  # (N, K)
     parts: list[torch.Tensor]  # the sample indices of each optimizer step
@@ -102,7 +132,7 @@ def value_loss_terms(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 class ActorCritic(FlowGRPO):
     name = "actor_critic"
-    version = "1-reconstructed (arXiv 2605.27736; no public code)"
+    version = VERSION  # each instance adds its critic: "...; critic = diffusion"
     source = "prompts"
 
     def __init__(self, group_size: int = 4, batch_size: int = 16, num_steps: int = 10, guidance: float = 4.5,
@@ -112,7 +142,8 @@ class ActorCritic(FlowGRPO):
                  rewards: dict[str, float] | None = None, reward_options: dict[str, dict] | None = None,
                  lora: bool = True, lora_r: int = 32, lora_alpha: float = 64, ema: bool = True,
                  ema_decay: float = 0.9, ema_every: int = 8, resolution: int = 0, value_pretrain_units: int = 2,
-                 value_loss_weight: float = 1.0, value_lr: float = 1e-3, value_width: int = 256):
+                 value_loss_weight: float = 1.0, value_lr: float = 1e-3, value_width: int = 256,
+                 critic: str = "diffusion", critic_lr: float | None = None):
         # batch_size = images per epoch over all processes = (prompts per epoch) x group_size; group_size 1 is
         # allowed (Flow-GRPO's __init__, which needs groups of >= 2, is not called): the critic is the baseline
         if group_size < 1 or batch_size < 1 or batch_size % group_size:
@@ -123,6 +154,11 @@ class ActorCritic(FlowGRPO):
                             f"{optimizer_steps_per_epoch} optimizer steps (both, and num_steps, must be >= 1)")
         if value_pretrain_units < 0 or value_width < 1 or not value_loss_weight > 0:
             raise UserError("[method] value_pretrain_units must be >= 0, value_width >= 1, value_loss_weight > 0")
+        if critic not in CRITICS:
+            raise UserError(f"[method] critic must be \"diffusion\" (the transformer with its own adapter, the "
+                            f"paper's) or \"head\" (an MLP on the frozen reference backbone), got '{critic}'")
+        if critic_lr is not None and not float(critic_lr) > 0:
+            raise UserError(f"[method] critic_lr must be > 0 (or left out: train.lr), got {critic_lr}")
         # the attributes Flow-GRPO's inherited helpers read (setup, trained_steps, after_update, _size)
         self.k, self.m, self.T, self.g = int(group_size), int(batch_size) // int(group_size), int(num_steps), float(guidance)
         self.variant, self.a, self.window = sde_type, float(noise_level), int(sde_window)
@@ -136,7 +172,11 @@ class ActorCritic(FlowGRPO):
             raise UserError(f"[method] timestep_fraction = {timestep_fraction} of {num_steps} steps trains no step")
         self.pretrain, self.value_weight = int(value_pretrain_units), float(value_loss_weight)
         self.value_lr, self.value_width = float(value_lr), int(value_width)
+        self.critic, self.critic_lr = critic, None if critic_lr is None else float(critic_lr)
+        self.version = f"{VERSION}; critic = {critic}"
         self.head: ValueHead | None = None
+        self._critic_params: list[torch.nn.Parameter] = []  # the diffusion critic's backbone weights that train
+        self._critic_net: torch.nn.Module | None = None  # DiffusionCritic (DDP-wrapped over processes), built lazily
 
     # ---- the contract ---------------------------------------------------------------------------------------
     def unit_plan(self, shape: RunShape, unit: int) -> UnitCost:
@@ -148,24 +188,110 @@ class ActorCritic(FlowGRPO):
         policy = unit >= self.pretrain
         fwd_bwd = n * K * train_cfg if policy else 0
         ref = n * K * train_cfg if (policy and self.beta > 0) else 0
+        critic = n * K if self.critic == "diffusion" else 0  # the value loss's backbone passes, with gradient
         return UnitCost(images=n, unique_prompts=self.m, no_grad_fwd=n * self.T * cfg + n * K + ref,
-                        fwd_bwd=fwd_bwd, reward_calls=n * len(self.reward_fn.names), vae_decodes=n,
-                        value_passes=n * K, optimizer_steps=self.opt_steps, micro_batches=shape.accumulation * K,
-                        samples_per_step=per_step)
+                        fwd_bwd=fwd_bwd + critic, reward_calls=n * len(self.reward_fn.names), vae_decodes=n,
+                        value_passes=n * K + critic, optimizer_steps=self.opt_steps,
+                        micro_batches=shape.accumulation * K, samples_per_step=per_step)
 
     def plan(self, shape: RunShape) -> UnitCost:
         """A phase-2 epoch (the steady state); unit_plan gives each epoch's own cost, phase 1 included."""
         return self.unit_plan(shape, self.pretrain)
 
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
-        """Flow-GRPO's policy (LoRA or full, EMA, KL reference), the frozen reference backbone for the critic's
-        features, and the value head as its own parameter group."""
+        """Flow-GRPO's policy (LoRA or full, EMA, KL reference), the critic's backbone (its own adapter, or the
+        frozen reference), and the value head as its own parameter group (the critic's adapter another)."""
         groups = super().setup(ctx)
-        if self.beta <= 0:
+        diffusion = self.critic == "diffusion"
+        if self.beta <= 0 and not diffusion:
             ctx.roles.add_role("ref")  # the critic's backbone (LoRA: the adapters disabled; full: a frozen copy)
+        backbone = ("critic_lora" if self.use_lora else "critic_transformer") if diffusion else "reference"
         self.head = ValueHead(self.reward_fn.names, feature_dim(ctx.adapter.transformer.config), self.value_width,
-                              self.reward_fn.weights).to(ctx.device)
-        return groups + [ParamGroup(ctx.roles.add_module(HEAD, self.head), lr=self.value_lr, name="value")]
+                              self.reward_fn.weights, backbone).to(ctx.device)
+        groups = groups + [ParamGroup(ctx.roles.add_module(HEAD, self.head), lr=self.value_lr, name="value")]
+        if diffusion:
+            groups.append(ParamGroup(self._add_critic(ctx), lr=self.critic_lr, name="critic"))
+        return groups
+
+    def _add_critic(self, ctx: Ctx) -> list[torch.nn.Parameter]:
+        """The diffusion critic's backbone: a LoRA adapter of its own on the policy's peft model, or (full
+        fine-tuning) a trainable copy of the initial transformer. Returns its trainable parameters."""
+        engine = ctx.engine
+        if engine is not None and engine.distributed and engine.name.startswith(("deepspeed", "fsdp")):
+            raise UserError(f"[method] actor_critic with critic = \"diffusion\" reduces the critic's gradients with "
+                            f"a DDP wrapper of its own, which the {engine.name} engine does not run: use a DDP "
+                            f"accelerate config, or critic = \"head\"")
+        roles = ctx.roles
+        if self.use_lora:
+            from peft import LoraConfig
+
+            from soarbench.rl import lora as L
+
+            peft = L.peft_model(roles.base)
+            config = peft.peft_config["default"].to_dict()
+            peft.add_adapter(CRITIC, LoraConfig(**{k: v for k, v in config.items()
+                                                   if k in LoraConfig.__dataclass_fields__}))
+            peft.set_adapter("default")  # the policy stays the active adapter
+            params = [p for n, p in peft.named_parameters() if "lora_" in n and f".{CRITIC}." in n]
+            for n, p in peft.named_parameters():  # the policy's LoRA trains; the critic's is switched on lazily
+                if "lora_" in n:
+                    p.requires_grad_(f".{CRITIC}." not in n)
+        else:
+            require_frozen_copies(ctx, "actor_critic", "the critic's trainable copy")
+            module = copy.deepcopy(ctx.adapter.transformer).train()
+            module.requires_grad_(True)
+            for name, p in module.named_parameters():  # the features are read before norm_out: these never train
+                if name.startswith(("norm_out.", "proj_out.")):
+                    p.requires_grad_(False)
+            roles.add_module(CRITIC, module)
+            params = [p for p in module.parameters() if p.requires_grad]
+        self._critic_params = params
+        return params
+
+    def _critic(self, ctx: Ctx) -> torch.nn.Module:
+        """The DiffusionCritic module (the critic's backbone and the head): built on first use, after the engine
+        wrapped the policy, so that the engine's DDP does not hold the critic's weights; over several processes a
+        DDP wrapper of its own reduces the critic's gradients (its weights are the only ones requiring grad while
+        it is built)."""
+        if self._critic_net is None:
+            backbone = ctx.roles.base if self.use_lora else ctx.roles.modules[CRITIC]
+            module = DiffusionCritic(ctx.adapter, backbone, self.head)
+            if ctx.world_size > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                own = {id(p) for p in self._critic_params + list(self.head.parameters())}
+                others = [p for p in module.parameters() if p.requires_grad and id(p) not in own]
+                for p in others:
+                    p.requires_grad_(False)
+                for p in self._critic_params:
+                    p.requires_grad_(True)
+                try:
+                    module = DistributedDataParallel(module, device_ids=None, broadcast_buffers=False)
+                finally:
+                    for p in others:
+                        p.requires_grad_(True)
+            self._critic_net = module
+        for p in self._critic_params:  # peft's adapter switches (the LoRA-disabled "ref") turn the flags off
+            p.requires_grad_(True)
+        return self._critic_net
+
+    def critic_values(self, ctx: Ctx, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
+                      sync: bool = True) -> torch.Tensor:
+        """(B, H) values of the diffusion critic at (z, sigma, text): one forward of its backbone (with gradient
+        when enabled: a forward+backward pass) and the head. `sync`: the DDP wrapper reduces this backward's
+        gradients (the accumulation's last micro-batch)."""
+        net = self._critic(ctx)
+        if hasattr(net, "require_backward_grad_sync"):
+            net.require_backward_grad_sync = bool(sync)  # read by DDP's forward, as its no_sync() does
+        if not self.use_lora:
+            return net(z, sigma, text)
+        from soarbench.rl import lora as L
+
+        peft = L.peft_model(ctx.roles.base)
+        # under gradient checkpointing the blocks are recomputed in the backward, when the policy's adapter is
+        # active again: the recomputation switches the critic's adapter on too
+        with lora_adapter_active(peft, CRITIC), recompute_inside(peft, lambda: lora_adapter_active(peft, CRITIC)):
+            return net(z, sigma, text)
 
     @torch.no_grad()
     def collect(self, ctx: Ctx, data) -> Epoch:
@@ -173,7 +299,8 @@ class ActorCritic(FlowGRPO):
         adapter = ctx.adapter
         prompts_all, embeddings, text, traj = self.rollout(ctx, share)  # Flow-GRPO's rollout
         steps = traj.trainable_steps()[:, : self.trained_steps()]
-        with eval_mode(adapter.transformer):
+        critic = ctx.roles.modules.get(CRITIC, adapter.transformer)
+        with eval_mode(adapter.transformer), eval_mode(critic):
             features = self._features(ctx, traj, steps, text)
         _, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
         targets = torch.stack([parts[n].to(ctx.device) for n in self.reward_fn.names], dim=1)  # (B, H)
@@ -197,15 +324,30 @@ class ActorCritic(FlowGRPO):
                      policy=ctx.unit >= self.pretrain, logs=logs)
 
     def _features(self, ctx: Ctx, traj: Trajectory, steps: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
-        """(B, K, F) critic features at each sample's trained states, one batched backbone forward per column."""
+        """(B, K, F) critic features at each sample's trained states, one batched backbone forward per column (the
+        critic's own backbone, or the frozen reference)."""
         rows = torch.arange(traj.batch_size, device=traj.latents.device)
         columns = []
-        with ctx.roles.use("ref") as ref:
+        with self._backbone(ctx) as net:
             for c in range(steps.shape[1]):
                 j = steps[:, c]
-                columns.append(backbone_features(ctx.adapter, ref, traj.latents[rows, j], traj.sigmas[j].to(
+                columns.append(backbone_features(ctx.adapter, net, traj.latents[rows, j], traj.sigmas[j].to(
                     traj.latents.device), text).float())
         return torch.stack(columns, dim=1)
+
+    @contextlib.contextmanager
+    def _backbone(self, ctx: Ctx):
+        """The module the critic's features come from inside the block (no DDP wrapper: no gradient here)."""
+        if self.critic == "head":
+            with ctx.roles.use("ref") as ref:
+                yield ref
+        elif self.use_lora:
+            from soarbench.rl import lora as L
+
+            with lora_adapter_active(L.peft_model(ctx.roles.base), CRITIC) as peft:
+                yield peft
+        else:
+            yield ctx.roles.modules[CRITIC]
 
     def updates(self, ctx: Ctx, epoch: Epoch):
         def head(idx, row):  # row: every process's samples of the slot, for the head the engine does not wrap
@@ -214,17 +356,32 @@ class ActorCritic(FlowGRPO):
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, row, text, column = micro.data
-        W = ctx.world_size
-        # the critic: replicated over processes, so each carries 1/W of it (see the module docstring)
-        sq = value_loss_terms(self.head(epoch.features[row, column]), epoch.targets[row])  # (R, H)
-        loss = self.value_weight * sq.sum() / W
-        logs = {"value_loss": log_pair(sq.sum(1).sum() / W, len(row) / W)}
-        for h, name in enumerate(self.reward_fn.names):
-            logs[f"value_loss_{name}"] = log_pair(sq[:, h].sum() / W, len(row) / W)
-        if not epoch.policy:
-            return LossOutput(loss=loss, logs=logs)
-        traj = epoch.traj.select(idx)
+        traj = epoch.traj.select(idx) if (epoch.policy or self.critic == "diffusion") else None
         j = epoch.steps[idx, column]
+        if epoch.policy:
+            out = self._policy_terms(ctx, epoch, idx, text, column, traj, j)
+        else:
+            out = LossOutput(loss=torch.zeros((), device=epoch.targets.device), logs={})
+        # the critic's term last: nothing switches adapters (and the critic's requires_grad) before the backward
+        if self.critic == "diffusion":
+            # each process its own samples; the critic's DDP wrapper averages like the engine's (module docstring)
+            engine = getattr(ctx, "engine", None)
+            sync = engine is None or engine.acc.sync_gradients
+            n = len(idx)
+            values = self.critic_values(ctx, traj.latents[torch.arange(n, device=j.device), j],
+                                        traj.sigmas[j].to(traj.latents.device), text, sync=sync)
+            sq, count, W = value_loss_terms(values, epoch.targets[idx]), n, 1
+        else:
+            # the head: replicated over processes, so each carries 1/W of it (see the module docstring)
+            W = ctx.world_size
+            sq, count = value_loss_terms(self.head(epoch.features[row, column]), epoch.targets[row]), len(row)
+        logs = {"value_loss": log_pair(sq.sum(1).sum() / W, count / W)}
+        for h, name in enumerate(self.reward_fn.names):
+            logs[f"value_loss_{name}"] = log_pair(sq[:, h].sum() / W, count / W)
+        return LossOutput(loss=out.loss + self.value_weight * sq.sum() / W, logs={**out.logs, **logs})
+
+    def _policy_terms(self, ctx: Ctx, epoch: Epoch, idx, text, column, traj, j) -> LossOutput:
+        """Phase 2's PPO-clip and KL terms of the micro-batch (a sum over its samples)."""
         guidance = self.g if self.cfg_train else 1.0
         with ctx.roles.use("policy") as net:
             out = step_log_prob_under(ctx.adapter, traj, j, text, guidance, transformer=net)
@@ -232,19 +389,31 @@ class ActorCritic(FlowGRPO):
         policy = clipped_policy_loss(out.log_prob, traj.log_probs[torch.arange(n), j], epoch.advantages[idx, column],
                                      self.clip)
         per_sample = policy.per_sample
-        logs.update({"policy_loss": log_pair(per_sample.sum(), n), "approx_kl": log_pair(policy.approx_kl * n, n),
-                     "clipfrac": log_pair(policy.clipfrac * n, n)})
+        logs = {"policy_loss": log_pair(per_sample.sum(), n), "approx_kl": log_pair(policy.approx_kl * n, n),
+                "clipfrac": log_pair(policy.clipfrac * n, n)}
         if self.beta > 0:
             with torch.no_grad(), ctx.roles.use("ref") as ref_net:
                 ref = step_log_prob_under(ctx.adapter, traj, j, text, guidance, transformer=ref_net)
             kl = kl_to_reference(out.mean, ref.mean, out.kl_std)
             per_sample = per_sample + self.beta * kl
             logs["kl"] = log_pair(kl.sum(), n)
-        return LossOutput(loss=loss + per_sample.sum(), logs=logs)
+        return LossOutput(loss=per_sample.sum(), logs=logs)
 
     def export(self, ctx: Ctx) -> dict[str, torch.nn.Module]:
-        """The policy's components and the value head (CHECKPOINT/value_head/, read by --steer)."""
-        return {**super().export(ctx), HEAD: self.head}
+        """The policy's components and the value head (CHECKPOINT/value_head/, read by --steer), with the diffusion
+        critic's own LoRA (peft layout) or transformer beside it."""
+        head = self.head
+        if self.critic == "diffusion" and self.use_lora:
+            from peft import get_peft_model_state_dict
+
+            from soarbench.rl import lora as L
+
+            peft = L.peft_model(ctx.roles.base)
+            head = CriticExport(self.head, lora_state=get_peft_model_state_dict(peft, adapter_name=CRITIC),
+                                lora_config=peft.peft_config[CRITIC].to_dict())
+        elif self.critic == "diffusion":
+            head = CriticExport(self.head, transformer=ctx.roles.modules[CRITIC])
+        return {**super().export(ctx), HEAD: head}
 
     def describe(self) -> dict:
-        return {**super().describe(), "reconstructed": True}
+        return {**super().describe(), "reconstructed": True, "critic": self.critic}

@@ -1,8 +1,14 @@
 """A per-reward critic V_k(z_t, t, c) on the diffusion backbone's features, and value-gradient steering with it.
 
-Features (`backbone_features`): one forward of a FROZEN SD3 transformer (the run's reference backbone: the
-LoRA-disabled policy, or the base transformer under full fine-tuning) at the noisy latent z_t, timestep t and
-prompt c; a forward pre-hook on the transformer's `norm_out` (the AdaLN before proj_out) reads its two inputs,
+Features (`backbone_features`): one forward of an SD3 transformer, the critic's backbone, at the noisy latent z_t,
+timestep t and prompt c. The backbone is either
+  - the critic's own trainable transformer (`DiffusionCritic`, the actor-critic's `critic = "diffusion"`, as
+    arXiv 2605.27736 has it: the diffusion model itself is the value function): the base weights with a LoRA
+    adapter of its own ("critic", beside the policy's, under LoRA), or a trainable copy of the initial transformer
+    under full fine-tuning; or
+  - the FROZEN reference backbone (`critic = "head"`: the LoRA-disabled policy, or the base transformer under full
+    fine-tuning), where only the head below trains.
+A forward pre-hook on the transformer's `norm_out` (the AdaLN before proj_out) reads its two inputs,
 the last hidden states (B, N, D) of the image tokens and the timestep + pooled-text embedding temb (B, D). The
 feature is [mean over tokens of the hidden states, temb] (B, 2D): the critic sees the noisy latent through the
 same timestep/AdaLN conditioning path as the velocity, without decoding anything.
@@ -11,15 +17,19 @@ Head (`ValueHead`): LayerNorm -> Linear -> SiLU -> Linear -> SiLU (a shared trun
 output layer per reward: forward(features) is (B, K), column k the value of reward k. A checkpoint stores it as
 
     CHECKPOINT/value_head/value_head.safetensors   the weights
-    CHECKPOINT/value_head/value_head.json          {"rewards": [...], "weights": {...}, "feature_dim": ...}
+    CHECKPOINT/value_head/value_head.json          {"rewards": [...], "weights": {...}, "feature_dim": ...,
+                                                    "backbone": "reference" | "critic_lora" | "critic_transformer"}
+    CHECKPOINT/value_head/critic_lora/             the critic's LoRA (peft layout) on the base transformer, or
+    CHECKPOINT/value_head/critic_transformer/      the critic's whole transformer (full fine-tuning)
 
 Steering (`ValueSteering`, `load_steering`): at an ODE step from sigma s to s' the evaluation sampler adds
 scale * |s' - s| * d(sum_k w_k V_k(z, s, c)) / dz to the Euler update, so the latent moves along the value
 gradient (`soarbench eval --model CKPT --steer value=2.0`, optionally `--steer value=2.0,geneval=1.0` to weight
-the heads; the default weights are the training reward weights).
+the heads; the default weights are the training reward weights), on the backbone the head was trained on.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -33,14 +43,20 @@ from soarbench.errors import UserError, did_you_mean
 HEAD_DIR = "value_head"
 WEIGHTS_FILE = "value_head.safetensors"
 CONFIG_FILE = "value_head.json"
+BACKBONES = ("reference", "critic_lora", "critic_transformer")  # what the head's features are read from
+CRITIC_LORA_DIR = "critic_lora"
+CRITIC_TRANSFORMER_DIR = "critic_transformer"
 
 
 class ValueHead(nn.Module):
     """A shared MLP trunk and one scalar output layer per reward."""
 
     def __init__(self, rewards: Sequence[str], feature_dim: int, width: int = 256,
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, backbone: str = "reference"):
         super().__init__()
+        if backbone not in BACKBONES:
+            raise UserError(f"value head: backbone must be one of {', '.join(BACKBONES)}, got '{backbone}'")
+        self.backbone = backbone
         rewards = list(rewards)
         if not rewards or len(set(rewards)) != len(rewards):
             raise UserError(f"value head: needs distinct reward names, got {rewards}")
@@ -67,8 +83,11 @@ class ValueHead(nn.Module):
         return (self(features) * vector).sum(-1)
 
     def config(self) -> dict:
+        where = {"reference": "the frozen reference backbone", "critic_lora": "the critic's LoRA on the base",
+                 "critic_transformer": "the critic's own transformer"}[self.backbone]
         return {"rewards": self.rewards, "weights": self.weights, "feature_dim": self.feature_dim,
-                "width": self.width, "features": "reference backbone: mean of norm_out's hidden states, temb"}
+                "width": self.width, "backbone": self.backbone,
+                "features": f"{where}: mean of norm_out's hidden states, temb"}
 
     # a checkpoint component: SD3Adapter.save_components calls save_pretrained(folder / "value_head")
     def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
@@ -87,7 +106,8 @@ class ValueHead(nn.Module):
 
         folder = Path(folder)
         cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        head = cls(cfg["rewards"], cfg["feature_dim"], cfg["width"], cfg.get("weights"))
+        head = cls(cfg["rewards"], cfg["feature_dim"], cfg["width"], cfg.get("weights"),
+                   cfg.get("backbone", "reference"))  # checkpoints before the diffusion critic: the reference
         head.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         return head.requires_grad_(False).eval()
 
@@ -122,6 +142,105 @@ def backbone_features(adapter, net: nn.Module, z: torch.Tensor, sigma: torch.Ten
         handle.remove()
     adapter.meter.add("value_passes", z.shape[0])
     return captured["f"]
+
+
+class DiffusionCritic(nn.Module):
+    """V(z_t, t, c) = head(backbone_features(backbone at z_t, t, c)): the critic's trainable backbone and its head as
+    one module, so one DistributedDataParallel wrapper reduces the gradients of both (`backbone` is the policy's
+    peft model, run with the "critic" adapter active, or the critic's own transformer)."""
+
+    def __init__(self, adapter, backbone: nn.Module, head: ValueHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self._adapter = adapter  # not a module: the meter and the velocity call
+
+    def forward(self, z: torch.Tensor, sigma: torch.Tensor, text) -> torch.Tensor:
+        return self.head(backbone_features(self._adapter, self.backbone, z, sigma, text))
+
+
+@contextlib.contextmanager
+def lora_adapter_active(peft_model, name: str):
+    """Inside the block, the peft model computes with LoRA adapter `name` alone; outside, with the adapter it had.
+    peft's set_adapter also sets requires_grad (the active adapter trainable, the others frozen): every adapter
+    parameter's flag is put back afterwards, so a graph built inside still backpropagates into the adapter's
+    weights and the other adapters keep training (autograd drops the gradient of a leaf whose flag is off)."""
+    before = peft_model.active_adapter
+    flags = [(p, p.requires_grad) for n, p in peft_model.named_parameters() if "lora_" in n]
+    peft_model.set_adapter(name)
+    try:
+        yield peft_model
+    finally:
+        peft_model.set_adapter(before)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def recompute_inside(model: nn.Module, make_context):
+    """Gradient checkpointing's recomputation of the blocks run inside the block (diffusers' non-reentrant
+    checkpoint recomputes them in the backward, long after the block ends) happens inside `make_context()`: a
+    forward that depends on switchable state, such as the active LoRA adapter, recomputes what it computed."""
+    from torch.utils.checkpoint import checkpoint
+
+    modules = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+               and getattr(m, "_gradient_checkpointing_func", None) is not None]
+    saved = [m._gradient_checkpointing_func for m in modules]
+
+    def func(module, *args):
+        return checkpoint(module.__call__, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), make_context()))
+
+    for m in modules:
+        m._gradient_checkpointing_func = func
+    try:
+        yield
+    finally:
+        for m, f in zip(modules, saved):
+            m._gradient_checkpointing_func = f
+
+
+class CriticExport:
+    """CHECKPOINT/value_head/ of a diffusion critic: the head, and the critic backbone's own weights (its LoRA in
+    peft's layout, or its whole transformer), which steering loads back (`load_steering`)."""
+
+    def __init__(self, head: ValueHead, lora_state: dict | None = None, lora_config: dict | None = None,
+                 transformer: nn.Module | None = None):
+        if (lora_state is None) == (transformer is None):
+            raise ValueError("a diffusion critic saves either its LoRA or its transformer")
+        self.head, self.lora_state, self.lora_config, self.transformer = head, lora_state, lora_config, transformer
+
+    def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
+        from safetensors.torch import save
+
+        from soarbench.io import atomic_write_bytes, atomic_write_text
+        from soarbench.rl import lora as L
+
+        folder = Path(folder)
+        self.head.save_pretrained(folder)
+        if self.transformer is not None:
+            self.transformer.save_pretrained(folder / CRITIC_TRANSFORMER_DIR, safe_serialization=True)
+            return
+        target = folder / CRITIC_LORA_DIR
+        atomic_write_bytes(target / L.WEIGHTS_FILE, save({k: v.detach().cpu().contiguous()
+                                                          for k, v in self.lora_state.items()}))
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in self.lora_config.items()}
+        atomic_write_text(target / L.CONFIG_FILE, json.dumps(config, indent=2, default=str) + "\n")
+
+
+def critic_backbone(folder: Path, base_folder: Path) -> nn.Module:
+    """The transformer a saved head reads its features from: the base (reference), the base with the critic's
+    LoRA merged in, or the critic's own transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    from soarbench.rl import lora as L
+
+    backbone = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("backbone", "reference")
+    if backbone == "critic_transformer":
+        return SD3Transformer2DModel.from_pretrained(folder / CRITIC_TRANSFORMER_DIR, local_files_only=True)
+    base = SD3Transformer2DModel.from_pretrained(Path(base_folder) / "transformer", local_files_only=True)
+    if backbone == "critic_lora":
+        return L.load_lora(base, folder / CRITIC_LORA_DIR).merge_and_unload()
+    return base
 
 
 def head_folder(model: Path) -> Path:
@@ -170,9 +289,8 @@ def parse_steer(text: str) -> tuple[float, dict[str, float]]:
 
 
 def load_steering(model: Path, adapter, scale: float, weights: dict[str, float] | None = None) -> ValueSteering:
-    """The value head saved in a checkpoint folder, on the frozen base backbone it was trained on."""
-    from diffusers import SD3Transformer2DModel
-
+    """The value head saved in a checkpoint folder, on the backbone it was trained on (the frozen base, or the
+    critic's own weights)."""
     from soarbench.models.sd3 import resolve_model_folder
 
     folder = head_folder(model)
@@ -187,6 +305,6 @@ def load_steering(model: Path, adapter, scale: float, weights: dict[str, float] 
                             f"(heads: {', '.join(head.rewards)})")
         chosen[name] = float(w)
     base, _ = resolve_model_folder(model)
-    backbone = SD3Transformer2DModel.from_pretrained(base / "transformer", local_files_only=True)
+    backbone = critic_backbone(folder, base)
     backbone = backbone.to(adapter.device, adapter.transformer.dtype).requires_grad_(False).eval()
     return ValueSteering(adapter, backbone, head, scale, chosen)
