@@ -6,7 +6,7 @@ Lazy entries, so naming a benchmark imports only what it needs. The papers' prot
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from soarbench.registry import LazyRegistry
@@ -149,7 +149,19 @@ def build_benchmark(name: str, **options: Any) -> Benchmark:
 
 
 def eval_benchmarks(ecfg: dict[str, Any]) -> list[Benchmark]:
-    """The benchmarks of a config's [eval]: the main one (eval.benchmark), then eval.extra_benchmarks."""
+    """The benchmarks of a config's [eval]: the main one (eval.benchmark), then eval.extra_benchmarks, each sampled
+    with eval.num_steps Euler steps (its protocol's when unset); then, for each count k of eval.extra_num_steps,
+    every one of them again at k steps, named "<name>@<k>" (e.g. "shapes@8": a few-step endpoint, a benchmark of
+    its own in the results and the report)."""
     extras = ecfg.get("extra_benchmarks") or {}
-    return [build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))] + \
+    benches = [build_benchmark(ecfg["benchmark"], **ecfg.get("benchmark_options", {}))] + \
         [build_benchmark(name, **options) for name, options in extras.items()]
+    if ecfg.get("num_steps") is not None:
+        benches = [replace(b, num_steps=int(ecfg["num_steps"])) for b in benches]
+    return benches + [replace(b, name=endpoint_name(b.name, k), num_steps=int(k))
+                      for k in ecfg.get("extra_num_steps") or [] for b in benches]
+
+
+def endpoint_name(benchmark: str, num_steps: int) -> str:
+    """The name of a benchmark evaluated at another number of sampling steps: "shapes@8"."""
+    return f"{benchmark}@{int(num_steps)}"

@@ -262,7 +262,7 @@ def _is_int(v: Any) -> bool:
 class Field:
     """One config key: its kind, default, allowed range or names, and an extra check run on the value."""
 
-    kind: str  # number | int | bool | str | table | numbers | strings
+    kind: str  # number | int | bool | str | table | numbers | ints | strings
     default: Any = OPTIONAL
     low: float | None = None  # inclusive unless low_open
     high: float | None = None  # inclusive unless high_open
@@ -276,7 +276,7 @@ class Field:
         raw, value = value, self._typed(where, value)  # messages show the value as the user wrote it
         if self.kind in ("number", "int"):
             self._range(where, raw, value)
-        elif self.kind == "numbers":
+        elif self.kind in ("numbers", "ints"):
             for v in value:
                 self._range(where, raw, v)
         if self.choices is not None:
@@ -311,9 +311,9 @@ class Field:
             if not isinstance(value, dict):
                 raise _bad(where, value, "a table, e.g. { key = value }")
             return copy.deepcopy(value)
-        if kind in ("numbers", "strings"):
-            each = _is_number if kind == "numbers" else (lambda v: isinstance(v, str))
-            what = "numbers" if kind == "numbers" else "strings"
+        if kind in ("numbers", "ints", "strings"):
+            each = {"numbers": _is_number, "ints": _is_int, "strings": lambda v: isinstance(v, str)}[kind]
+            what = {"numbers": "numbers", "ints": "integers", "strings": "strings"}[kind]
             if not isinstance(value, list) or not all(each(v) for v in value):
                 raise _bad(where, value, f"an array of {what}" + (f" (length {self.length})" if self.length else ""))
             if self.length is not None and len(value) != self.length:
@@ -331,7 +331,7 @@ class Field:
             parts.append(f"{'>' if self.low_open else '>='} {_num(self.low)}")
         if self.high is not None:
             parts.append(f"{'<' if self.high_open else '<='} {_num(self.high)}")
-        noun = "a number" if self.kind in ("number", "numbers") else "an integer"
+        noun = "a number" if self.kind in ("number", "numbers") else "an integer"  # int, ints
         raise _bad(where, shown, f"{noun} {' and '.join(parts)}")
 
 
@@ -463,6 +463,8 @@ TRAIN_SCHEMA: dict[str, dict[str, Field]] = {
         "extra_benchmarks": Field("table", {}),
         "points": Field("int", 4, low=0),
         "num_steps": Field("int", OPTIONAL, low=1),
+        # few-step endpoints: every benchmark again at each of these step counts, as "<name>@<k>" (shapes@8)
+        "extra_num_steps": Field("ints", [], low=1),
         "guidance": Field("number", OPTIONAL),
         "seed": Field("int", 0, low=0),
         "batch_size": Field("int", 64, low=1),

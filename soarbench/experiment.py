@@ -99,7 +99,9 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
 
     atomic_write_text(out_dir / "experiment.toml", C.dumps_toml(exp))
     if meta.get("evaluate_base", True):
-        evaluate_base(plan[0][1], out_dir / "base", log, extra_benchmarks=_all_extra_benchmarks(plan))
+        evaluate_base(plan[0][1], out_dir / "base", log, extra_benchmarks=_all_extra_benchmarks(plan),
+                      extra_num_steps=sorted({k for _, cfg in plan for k in cfg.get("eval", {}).get("extra_num_steps")
+                                              or []}))
     for name, cfg in plan:
         run_dir = out_dir / name
         if finished(run_dir):
@@ -206,8 +208,10 @@ def _all_extra_benchmarks(plan: list[tuple[str, dict]]) -> dict[str, dict]:
     return out
 
 
-def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict] | None = None) -> None:
-    """The base model's eval, shared by every run of the experiment (done once per benchmark)."""
+def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict] | None = None,
+                  extra_num_steps: list[int] | None = None) -> None:
+    """The base model's eval, shared by every run of the experiment (done once per benchmark and endpoint): on
+    every run's extra benchmarks and every run's few-step endpoints, so that each has its baseline."""
     import torch
 
     from soarbench.benchmarks import eval_benchmarks
@@ -219,6 +223,8 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     cfg = C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}})
     if extra_benchmarks:
         cfg = C.deep_merge(cfg, {"eval": {"extra_benchmarks": extra_benchmarks}})
+    if extra_num_steps:
+        cfg = C.deep_merge(cfg, {"eval": {"extra_num_steps": list(extra_num_steps)}})
     cfg = resolve_config(cfg)
     ecfg = cfg.get("eval", {})
     if not ecfg.get("benchmark"):
@@ -236,7 +242,6 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
         target = folder / "evals" / "step_000000" / bench.name
         summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
                            batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,
-                           num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"),
-                           log=lambda message: log(f"[base] {message}"))
+                           guidance=ecfg.get("guidance"), log=lambda message: log(f"[base] {message}"))
         main = next(iter(summary["scores"].items()))
         log(f"[base] {bench.name} {main[0]} = {main[1]:.4f}")

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "shapes" / "base_recipe.toml"
 MICRO = ["data.n_images=12", "vae.steps=2", "vae.batch_size=4", "decoder.steps=3", "decoder.batch_size=4",
          "pretrain.budget.amount=2", "pretrain.train.batch_size=4", "pretrain.train.warmup_steps=0",
-         "pretrain.train.decay_steps=1", "pretrain.train.checkpoint_every=1"]
+         "pretrain.train.decay_steps=1", "pretrain.train.checkpoint_every=1", "web.budget.amount=2",
+         "web.train.batch_size=4", "web.train.warmup_steps=0", "web.train.decay_steps=1", "web.train.checkpoint_every=1"]
 
 
 def _make_base():
@@ -48,6 +49,25 @@ def test_micro_recipe_builds_a_loadable_base_whose_decoder_alone_was_fine_tuned(
     config = tomllib.loads((tmp_path / "work" / "pretrain" / "config.toml").read_text())
     assert config["data"]["caption_dropout"] == 0.1
     assert (tmp_path / "work" / "init" / "decoder_done").is_file()
+    # then the [web] stage: from the pretraining's export, on the same images with 40% of the captions wrong
+    web = tomllib.loads((tmp_path / "work" / "web" / "config.toml").read_text())
+    assert web["model"]["path"] == str((tmp_path / "work" / "pretrained").resolve())
+    assert web["data"]["jsonl"].endswith("web.jsonl") and web["data"]["caption_dropout"] == 0.1
+    records = [json.loads(line) for line in Path(web["data"]["jsonl"]).read_text().splitlines()]
+    truth = [json.loads(line) for line in (tmp_path / "work" / "data" / "train.jsonl").read_text().splitlines()]
+    assert [r["md5"] for r in records] == [r["md5"] for r in truth]
+    assert all((r["caption_en"] != t["caption_en"]) == bool(r.get("web_wrong")) for r, t in zip(records, truth))
+    # the base is the [web] stage's last checkpoint, not the pretraining's
+    last = SD3Adapter.from_pretrained(tmp_path / "work" / "web" / "checkpoints" / "step_000002")
+    for a, b in zip(adapter.transformer.parameters(), last.transformer.parameters()):
+        assert torch.equal(a, b.half().float())
+    # --from-pretrained: the [web] stage alone, from a finished export
+    again = tmp_path / "again"
+    assert make_base.main(["--recipe", str(RECIPE), "--work", str(again / "work"), "--out", str(again / "base"),
+                           "--device", "cpu", "--from-pretrained", str(tmp_path / "work" / "pretrained")]
+                          + [a for item in MICRO for a in ("--set", item)]) == 0
+    assert not (again / "work" / "init").exists() and not (again / "work" / "pretrain").exists()
+    assert verify_sha256sums(again / "base") > 5
 
 
 def test_decoder_fine_tuning_leaves_the_encoder_and_latent_scaling_alone(tmp_path):

@@ -162,13 +162,36 @@ def test_a_flow_grpo_run_logs_its_prompt_mix_and_evaluates_both_splits(tiny_mode
            "budget": {"unit": "optimizer_steps", "amount": 2},
            "eval": {"benchmark": "shapes", "points": 1, "num_steps": 2, "batch_size": 8,
                     "benchmark_options": {"n_per_tag": 1},
-                    "extra_benchmarks": {"shapes_train": {"n_per_tag": 1, "train_images": 64, "train_seed": 3}}}}
+                    "extra_benchmarks": {"shapes_train": {"n_per_tag": 1, "train_images": 64, "train_seed": 3}},
+                    "extra_num_steps": [1]}}
     train(cfg, tmp_path / "r", log=lambda m: None)
     rows = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
         mix = {k: v for k, v in row.items() if k.startswith("prompts_")}
         assert sum(mix.values()) == 3 and set(mix) <= {f"prompts_{t}" for t in shapes.TAGS}
-    for bench in ("shapes", "shapes_train"):
+    steps = {"shapes": 2, "shapes_train": 2, "shapes@1": 1, "shapes_train@1": 1}  # the few-step endpoint: 1 step
+    for bench, num_steps in steps.items():
         summary = json.loads((tmp_path / "r" / "evals" / "step_000002" / bench / "summary.json").read_text())
         assert 0 <= summary["scores"]["geneval"] <= 1
+        assert summary["benchmark"]["name"] == bench and summary["sampling"]["num_steps"] == num_steps
+    assert sorted(p.name for p in (tmp_path / "r" / "evals" / "step_000002").iterdir()) == sorted(steps)
+
+
+def test_few_step_endpoints_are_benchmarks_of_their_own_and_checked():
+    from soarbench.benchmarks import eval_benchmarks
+
+    ecfg = {"benchmark": "shapes", "benchmark_options": {"n_per_tag": 1}, "num_steps": 40,
+            "extra_benchmarks": {"shapes_train": {"n_per_tag": 1}}, "extra_num_steps": [8, 4]}
+    got = [(b.name, b.num_steps) for b in eval_benchmarks(ecfg)]
+    assert got == [("shapes", 40), ("shapes_train", 40), ("shapes@8", 8), ("shapes_train@8", 8), ("shapes@4", 4),
+                   ("shapes_train@4", 4)]
+    main, few = eval_benchmarks(ecfg)[0], eval_benchmarks(ecfg)[2]
+    assert few.prompts == main.prompts and few.metadata == main.metadata  # the same prompts, fewer steps
+    base = {"model": {"path": "m"}, "data": {"jsonl": "d"}, "method": {"name": "sft"}, "budget": {"amount": 1}}
+    for bad, expected in (([0], "eval.extra_num_steps = \\[0\\]: expected an integer >= 1"),
+                          (["8"], "eval.extra_num_steps.*an array of integers"), ([2.5], "an array of integers")):
+        with pytest.raises(UserError, match=expected):
+            C.validate_train_config({**base, "eval": {"benchmark": "shapes", "extra_num_steps": bad}})
+    assert C.validate_train_config({**base, "eval": {"benchmark": "shapes", "extra_num_steps": [8]}})[
+        "eval"]["extra_num_steps"] == [8]

@@ -2,12 +2,15 @@
 
     python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml --out benchmarks/shapes/base
     python benchmarks/shapes/make_base.py --recipe benchmarks/shapes/base_recipe.toml --out /tmp/base --device cuda
+    python benchmarks/shapes/make_base.py --from-pretrained OLD_BASE --out /tmp/base   # the [web] stage only
 
 Steps: build the tiny SD3; train its VAE; fine-tune the VAE decoder with the encoder frozen (a short full-VAE
 training leaves a decoder that blurs shapes into blobs; decoder steps are cheap and leave the latents alone);
 pretrain the transformer and both text encoders with soarbench's own SFT trainer, with caption dropout so the
 unconditional branch that classifier-free guidance extrapolates from is learnt, at a constant learning rate that
-then decays linearly to 0 (train.decay_steps); export.
+then decays linearly to 0 (train.decay_steps); with a [web] section, continue pretraining on "web" captions (a
+share of the same images described wrongly: soarbench.worlds.shapes.write_web_captions) and anneal again, so the
+base has not converged on the exact captions post-training uses; export.
 
 The work folder (--work, default .cache/make_base) keeps the data, the models and the pretraining runs, so an
 interrupted run resumes. The result is a standard diffusers StableDiffusion3Pipeline folder (fp16 weights, no
@@ -28,6 +31,9 @@ import soarbench  # noqa: F401  (torchvision fallback before diffusers imports)
 from soarbench import config as C
 from soarbench.harness.data import load_pixels, read_records
 from soarbench.models.tiny import TinySD3Config, build_tiny_sd3
+from soarbench.worlds.shapes import write_web_captions
+
+SUMS_NAME = "SHA256SUMS"  # written last by export(): its presence marks a finished export
 
 
 def fit(name: str, params, batch_loss, cfg: dict, log) -> None:
@@ -162,6 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=Path(".cache/make_base"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--export-only", action="store_true", help="export the work folder's last checkpoint")
+    ap.add_argument("--from-pretrained", type=Path, default=None,
+                    help="a finished export of the pretraining stage (e.g. the base of a single-stage recipe): "
+                         "only the [web] stage runs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="override a recipe value")
     args = ap.parse_args(argv)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -175,18 +184,38 @@ def main(argv=None) -> int:
     jsonl, records = training_data(work / "data", recipe["data"], int(recipe["tiny"]["image_size"]))
     log(f"data: {len(records)} images ({time.time() - t_start:.0f}s)")
     model_dir = work / "init"
-    if not (model_dir / "model_index.json").is_file():
+    if args.from_pretrained is not None:
+        pass  # stages 1-4 are done: the [web] stage starts from their export
+    elif not (model_dir / "model_index.json").is_file():
         build_tiny_sd3(model_dir, TinySD3Config.from_dict(recipe["tiny"]))
-    if not (model_dir / "vae_done").is_file():
+    if args.from_pretrained is None and not (model_dir / "vae_done").is_file():
         train_vae(model_dir, records, recipe["vae"], device, log)
         (model_dir / "vae_done").write_text("ok")
-    if not (model_dir / "decoder_done").is_file():
+    if args.from_pretrained is None and not (model_dir / "decoder_done").is_file():
         finetune_decoder(model_dir, records, recipe["decoder"], device, log)
         (model_dir / "decoder_done").write_text("ok")
     run_dir = work / "pretrain"
+    web = recipe.get("web")
+    if args.from_pretrained is None:
+        if not args.export_only:
+            pretrain(recipe["pretrain"], model_dir, jsonl, run_dir, device, log)
+        if web is None:  # a single-stage recipe: the pretrained model is the base
+            export(run_dir, args.out, recipe_text)
+            log(f"base written to {args.out} in {time.time() - t_start:.0f}s")
+            return 0
+        pretrained = work / "pretrained"
+        if not (pretrained / SUMS_NAME).is_file():
+            export(run_dir, pretrained, recipe_text)
+    elif web is None:
+        raise SystemExit("make_base: --from-pretrained needs a recipe with a [web] stage")
+    else:
+        pretrained = args.from_pretrained
+    web_jsonl = write_web_captions(jsonl, jsonl.with_name("web.jsonl"), float(web["noise"]), int(web["seed"]))
+    web_run = work / "web"
     if not args.export_only:
-        pretrain(recipe["pretrain"], model_dir, jsonl, run_dir, device, log)
-    export(run_dir, args.out, recipe_text)
+        pretrain({k: v for k, v in web.items() if k not in ("noise", "seed")}, pretrained, web_jsonl, web_run,
+                 device, log)
+    export(web_run, args.out, recipe_text)
     log(f"base written to {args.out} in {time.time() - t_start:.0f}s")
     return 0
 

@@ -389,8 +389,8 @@ class Run:
             with self.meter.paused(), (self.method.eval_weights(self.ctx) if step else contextlib.nullcontext()):
                 summary = evaluate(self.adapter, bench, folder, seed=int(ecfg.get("seed", 0)),
                                    batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=self.cfg,
-                                   num_steps=ecfg.get("num_steps"), guidance=ecfg.get("guidance"),
-                                   metric_names=ecfg.get("metrics") or None, precision=precision, engine=self.engine)
+                                   guidance=ecfg.get("guidance"), metric_names=ecfg.get("metrics") or None,
+                                   precision=precision, engine=self.engine)  # steps: bench.num_steps
             if summary is not None and self.engine.is_main:
                 main = next(iter(summary["scores"].items()))
                 self.log(f"eval step {step}: {bench.name} {main[0]} = {main[1]:.4f}")

@@ -606,3 +606,81 @@ def make_backend(max_color_distance: float = DEFAULT_MAX_COLOR_DISTANCE, min_are
                                 edge_tolerance=edge_tolerance),
         color_classifier=ShapesColorClassifier(max_color_distance=max_color_distance),
     )
+
+
+# ----------------------------------------------------------------------------------------------- web captions
+# A pretraining corpus scraped from the web describes many images wrongly. The shapes world's "web" captions
+# reproduce GenEval's own failure modes as caption errors, so that a base pretrained on them has NOT converged on
+# the exact captions of the post-training data (the setting of SOAR, arXiv 2604.12617: SFT data is curated data
+# the base has not seen). Each wrong caption is the row of one specific misdescription of the same image.
+
+def web_caption(row: Mapping[str, Any], rng: np.random.Generator) -> Row:
+    """A wrong description of the image `row` describes, as a GenEval row of the same task:
+
+    single_object / two_object: one object named as another class (two_object keeps the two classes distinct);
+    counting: another count in 2..4; colors: another colour; position: another relation ("left of" or "above" for
+    an image of "right of"); color_attr: half the time the two colours bound to the wrong objects ("a red circle
+    and a blue square" for a blue circle and a red square), else one object given a third colour."""
+    tag, inc = row["tag"], row["include"]
+
+    def other(options: Sequence[Any], *avoid: Any) -> Any:
+        choices = [o for o in options if o not in avoid]
+        return choices[int(rng.integers(len(choices)))]
+
+    if tag == "single_object":
+        return grammar.single_object(other(SHAPE_CLASSES, inc[0]["class"]))
+    if tag == "two_object":
+        a, b = inc[0]["class"], inc[1]["class"]
+        if rng.integers(2):
+            return grammar.two_object(a, other(SHAPE_CLASSES, a, b))
+        return grammar.two_object(other(SHAPE_CLASSES, a, b), b)
+    if tag == "counting":
+        return grammar.counting(inc[0]["class"], other(range(2, grammar.MAX_COUNT + 1), inc[0]["count"]))
+    if tag == "colors":
+        return grammar.colors(inc[0]["class"], other(COLORS, inc[0]["color"]))
+    if tag == "position":
+        target, subject = inc[0]["class"], inc[1]["class"]
+        return grammar.position(subject, other(grammar.RELATIONS, inc[1]["position"][0]), target)
+    if tag == "color_attr":
+        (cls_a, col_a), (cls_b, col_b) = ((c["class"], c["color"]) for c in inc)
+        if rng.integers(2):  # binding: each colour on the other object
+            return grammar.color_attr(cls_a, col_b, cls_b, col_a)
+        if rng.integers(2):
+            return grammar.color_attr(cls_a, other(COLORS, col_a, col_b), cls_b, col_b)
+        return grammar.color_attr(cls_a, col_a, cls_b, other(COLORS, col_a, col_b))
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+def write_web_captions(jsonl: str | os.PathLike, out: str | os.PathLike, noise: float, seed: int) -> Path:
+    """A copy of a shapes train.jsonl (write_training_split's) in which a fraction `noise` of the records (each
+    with probability `noise`, drawn from its own stream (seed, line index)) carries a wrong caption (web_caption)
+    and its GenEval row, marked "web_wrong": true; the images are the same files. A wrong caption is checked on
+    the image itself with the GenEval rules engine and the exact detector (a diagonal "right of" can also be
+    "above") and never names a held-out combination, so the test split's prompts stay unseen; up to 20 draws,
+    after which the record keeps its true caption. Written atomically; returns `out`."""
+    from soarbench.geneval.rules import evaluate_image
+
+    if not 0.0 <= noise <= 1.0:
+        raise UserError(f"web caption noise must be in [0, 1], got {noise}")
+    jsonl = Path(jsonl)
+    detector, colours = ShapesDetector(), ShapesColorClassifier()
+
+    def misdescribes(row: Row, image: np.ndarray) -> bool:
+        if uses_held_out(row):
+            return False
+        return not evaluate_image(row, detector.detect(image), image=image, color_classifier=colours)["correct"]
+
+    lines = []
+    for i, line in enumerate(jsonl.read_text().splitlines()):
+        rec = json.loads(line)
+        rng = np.random.default_rng((seed, i))
+        if rng.random() < noise:
+            image = np.asarray(Image.open(jsonl.parent / "images" / f"{rec['md5']}.png").convert("RGB"))
+            wrong = next((w for w in (web_caption(rec, rng) for _ in range(20)) if misdescribes(w, image)), None)
+            if wrong is not None:
+                rec.update(caption_en=wrong["prompt"], tag=wrong["tag"], include=wrong["include"],
+                           exclude=wrong.get("exclude", []), web_wrong=True)
+        lines.append(json.dumps(rec) + "\n")
+    out = Path(out)
+    atomic_write_text(out, "".join(lines))
+    return out
