@@ -9,8 +9,9 @@ Counters (all global, summed over ranks, at sample level):
   reward_calls     reward-model forwards without gradient, per image (0 for SFT and SOAR)
   reward_fwd_bwd   reward-model forward+backward passes, per image (differentiable rewards)
   vae_decodes      VAE decodes, per image (with or without gradient)
-  value_passes     critic evaluations, per sample and state (actor-critic: each is one backbone forward, which is
-                   also counted in no_grad_fwd, so fwd_bwd_equiv already prices it; 0 for every other method)
+  value_passes     critic evaluations, per sample and state (actor-critic: each is one backbone forward, also
+                   counted in no_grad_fwd, or in fwd_bwd when it trains the diffusion critic's own adapter, so
+                   fwd_bwd_equiv already prices it; 0 for every other method)
   optimizer_steps
   wall_s           measured seconds of training (evaluation and checkpoints excluded)
   device_s         wall_s times the number of devices: the GPU-seconds a run spent
@@ -103,7 +104,7 @@ class UnitCost:
     reward_calls: int = 0
     reward_fwd_bwd: int = 0
     vae_decodes: int = 0
-    value_passes: int = 0  # critic evaluations (each also a no-grad backbone forward in no_grad_fwd)
+    value_passes: int = 0  # critic evaluations (each also a backbone pass in no_grad_fwd or fwd_bwd)
     optimizer_steps: int = 1
     micro_batches: int = 1
     samples_per_step: int = 0  # the global batch of one optimizer step (recorded in run.json)

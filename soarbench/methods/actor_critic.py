@@ -157,6 +157,7 @@ class ActorCritic(FlowGRPO):
         if critic not in CRITICS:
             raise UserError(f"[method] critic must be \"diffusion\" (the transformer with its own adapter, the "
                             f"paper's) or \"head\" (an MLP on the frozen reference backbone), got '{critic}'")
+        critic_lr = None if critic_lr in (None, "") else critic_lr  # "" is how a printed config writes None
         if critic_lr is not None and not float(critic_lr) > 0:
             raise UserError(f"[method] critic_lr must be > 0 (or left out: train.lr), got {critic_lr}")
         # the attributes Flow-GRPO's inherited helpers read (setup, trained_steps, after_update, _size)
