@@ -441,6 +441,9 @@ TRAIN_SCHEMA: dict[str, dict[str, Field]] = {
         "decay_steps": Field("int", 0, low=0),  # linear decay to 0 over the budget's last N steps (WSD); 0: none
         "decay_fraction": Field("number", 0.0, low=0, high=1),  # the same, over this fraction of the run's steps
         "mixed_precision": Field("str", "no", choices=("no", "bf16", "fp16")),
+        # the never-trained modules (VAE, frozen text encoders, a full fine-tuning's reference copy): "auto" holds
+        # them in bf16 under bf16 mixed precision, else fp32; "fp32" keeps them in fp32 (harness/train.py)
+        "frozen_dtype": Field("str", "auto", choices=("auto", "bf16", "fp32")),
         "gradient_checkpointing": Field("bool", False),
         "allow_tf32": Field("bool", True),
         "components": Field("strings", ["transformer"], choices=_component_names, check=_check_components),

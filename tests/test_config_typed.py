@@ -84,7 +84,8 @@ def test_defaults_are_filled_in_as_documented():
     assert cfg["train"] == {
         "seed": 0, "batch_size": 8, "gradient_accumulation_steps": 1, "global_batch_size": 0, "lr": 2e-5,
         "weight_decay": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0, "warmup_steps": 0,
-        "decay_steps": 0, "decay_fraction": 0.0, "mixed_precision": "no", "gradient_checkpointing": False,
+        "decay_steps": 0, "decay_fraction": 0.0, "mixed_precision": "no", "frozen_dtype": "auto",
+        "gradient_checkpointing": False,
         "allow_tf32": True, "components": ["transformer"],
         "device": "auto", "threads": 0, "checkpoint_every": 0, "nonfinite": "stop", "check_replicas": False,
         "compile": False}

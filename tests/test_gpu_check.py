@@ -60,8 +60,33 @@ def test_every_section_with_sane_values(check):
         assert ("CUDA" if has_deepspeed else "deepspeed") in rows[zero]["reason"]
     assert rows["fsdp"]["status"] == "skipped" and "CUDA" in rows["fsdp"]["reason"]
     assert "JointAttnProcessor2_0" in r["model"]["attention_processors"]  # torch SDPA
-    for word in ("harness/bare", "micro-batch sweep", "images/s", "engine fsdp", "target"):
+    # the harness rows say how their frozen modules were held: fp32 without mixed precision (the tiny run's)
+    assert all(t[k]["frozen_dtype"] == "fp32" and t[k]["frozen_parameter_gib"] > 0 for k in ("sft", "soar", "flow_grpo"))
+    assert t["sft"]["text_encoders"].startswith("kept") and "encodes prompts" in t["flow_grpo"]["text_encoders"]
+    for word in ("harness/bare", "micro-batch sweep", "images/s", "engine fsdp", "target", "frozen in bf16 saves"):
         assert word in stdout
+
+
+def test_frozen_section_halves_the_frozen_weights(check):
+    """The frozen section: bf16 ("auto" under bf16) holds the VAE, the text encoders and the reference copy in
+    2 bytes a weight, "fp32" in 4; both against the parameters counted here in the model folder."""
+    from soarbench.models import SD3Adapter
+
+    out, r, _ = check
+    f = r["frozen"]
+    bf16, fp32 = f["rows"]
+    assert (bf16["frozen_dtype_option"], bf16["frozen_dtype"], fp32["frozen_dtype"]) == ("auto", "bf16", "fp32")
+    assert set(bf16["frozen_components"].values()) == {"bf16"} and set(fp32["frozen_components"].values()) == {"fp32"}
+    assert "ref_copy" in bf16["frozen_components"] and "vae" in bf16["frozen_components"]
+    adapter = SD3Adapter.from_pretrained(out / "model", max_sequence_length=0)
+    modules = [adapter.pipe.vae, adapter.transformer] + [getattr(adapter.pipe, n) for n in
+                                                         ("text_encoder", "text_encoder_2", "text_encoder_3")
+                                                         if getattr(adapter.pipe, n) is not None]
+    weights = sum(p.numel() for m in modules for p in m.parameters())
+    assert fp32["frozen_parameter_gib"] == pytest.approx(4 * weights / 2**30)
+    assert bf16["frozen_parameter_gib"] == pytest.approx(2 * weights / 2**30)
+    assert f["frozen_saved_gib"] == pytest.approx(2 * weights / 2**30)
+    assert bf16["device_memory_gib"] is None and f["device_memory_saved_gib"] is None  # no device memory on a CPU
 
 
 def test_spent_budget_skips_the_engine_rows(tmp_path):

@@ -15,6 +15,9 @@ Writes OUT/gpu_check.json (atomically) and prints a table. Sections:
               against the card's bf16 dense peak), peak memory
   sweep       the bare loop at micro-batch 1, 4, 8, 16 with and without gradient checkpointing; the best MFU
   eval        images/s with bf16 weights at 512 px, 40 Euler steps, CFG 4.5 (latents to decoded images)
+  frozen      train.frozen_dtype's gain: a full-fine-tuning Flow-GRPO run with its KL reference copy, built (not
+              trained) under bf16 with the frozen modules in bf16 ("auto") and in fp32, each one's frozen modules and
+              dtypes (run.json), their parameter bytes and the device memory the built run holds
   engines     DDP (1 process), DeepSpeed ZeRO-2, ZeRO-3, FSDP2 through `accelerate launch` with
               configs/accelerate/*.yaml: 3 steps, a checkpoint, a resume from it, an export diffusers loads;
               each ok / failed / skipped with the reason
@@ -169,6 +172,9 @@ def train_section(a, model: Path, data: Path, tmp: Path, peak: float | None) -> 
                "mfu": mfu(rate, peak), "peak_memory_gib": peak_gib(a.device)}
         if name == "flow_grpo":
             row["s_per_epoch"] = seconds * method["optimizer_steps_per_epoch"]
+        record = json.loads((tmp / f"train_{name}" / "run.json").read_text())
+        row.update(frozen_dtype=record["frozen_dtype"], frozen_parameter_gib=record["frozen_parameter_bytes"] / 2**30,
+                   text_encoders=record["text_encoders"])
         out[name] = row
     out["bare"]["tflops_per_s"] = 3 * flops / bare / 1e12
     out["bare"]["mfu"] = mfu(3 * flops / bare, peak)
@@ -318,6 +324,45 @@ def engine_row(name: str, a, model: Path, data: Path, tmp: Path, port: int) -> d
             "seconds": time.perf_counter() - t0, "run_engine": engine}
 
 
+def frozen_section(a, model: Path, data: Path, tmp: Path) -> dict:
+    """The same full-fine-tuning Flow-GRPO run built twice under bf16 mixed precision, frozen_dtype "auto" (bf16)
+    and "fp32": its frozen modules (VAE, text encoders, the KL reference's copy of the transformer) and the device
+    memory held once everything is built, before any step (the gain is resident weights: activations and optimizer
+    state do not change)."""
+    import gc
+
+    from soarbench.harness.train import Run, resolve_config
+
+    rows = []
+    for frozen in ("auto", "fp32"):
+        gc.collect()
+        if a.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated() if a.device.startswith("cuda") else None
+        cfg = {"model": {"path": str(model), "max_sequence_length": a.max_sequence_length}, "data": {"jsonl": str(data)},
+               "method": {"name": "flow_grpo", "group_size": 2, "batch_size": 2 * a.batch, "num_steps": a.grpo_steps,
+                          "rewards": {"geneval": 1.0}, "lora": False, "beta": 0.04, "ema": False,
+                          "optimizer_steps_per_epoch": 1},
+               "train": {"seed": 0, "batch_size": a.batch, "device": a.device, "mixed_precision": "bf16",
+                         "frozen_dtype": frozen, "threads": a.threads},
+               "budget": {"unit": "optimizer_steps", "amount": 1}, "log": {"tensorboard": False}}
+        run = Run(resolve_config(cfg), tmp / f"frozen_{frozen}", False, lambda m: None, None)
+        record = json.loads((tmp / f"frozen_{frozen}" / "run.json").read_text())
+        held = None if before is None else (torch.cuda.memory_allocated() - before) / 2**30
+        rows.append({"frozen_dtype_option": frozen, "frozen_dtype": record["frozen_dtype"],
+                     "frozen_components": record["frozen_components"],
+                     "frozen_parameter_gib": record["frozen_parameter_bytes"] / 2**30, "device_memory_gib": held})
+        del run
+    gc.collect()
+    if a.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    bf16, fp32 = rows
+    return {"mixed_precision": "bf16", "method": "flow_grpo, lora = false, beta = 0.04 (a reference copy)",
+            "rows": rows, "frozen_saved_gib": fp32["frozen_parameter_gib"] - bf16["frozen_parameter_gib"],
+            "device_memory_saved_gib": None if bf16["device_memory_gib"] is None
+            else fp32["device_memory_gib"] - bf16["device_memory_gib"]}
+
+
 def print_table(r: dict) -> None:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.1f}%"
@@ -329,8 +374,9 @@ def print_table(r: dict) -> None:
         print(f"{'method':<10} {'s/step':>9} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
         for k in ("bare", "sft", "soar", "flow_grpo"):
             x = t[k]
+            frozen = f"  frozen {x['frozen_dtype']} ({x['frozen_parameter_gib']:.2f} GiB)" if "frozen_dtype" in x else ""
             print(f"{k:<10} {x['s_per_step']:>9.4f} {x['tflops_per_s']:>9.3f} {pct(x['mfu']):>7} "
-                  f"{x['peak_memory_gib']:>9.2f}")
+                  f"{x['peak_memory_gib']:>9.2f}{frozen}")
         print(f"harness/bare {t['sft_over_bare']:.3f} (target <= {TARGETS['sft_over_bare']});  peak SFT/bare "
               f"{t['peak_sft_over_bare']:.2f} (target <= {TARGETS['peak_over_bare']});  SOAR/SFT "
               f"{t['soar_over_sft']:.2f};  Flow-GRPO epoch {t['flow_grpo']['s_per_epoch']:.3f} s")
@@ -348,6 +394,13 @@ def print_table(r: dict) -> None:
         e = r["eval"]
         print(f"eval: {e['images_per_s']:.3f} images/s ({e['weights']}, {e['resolution']} px, {e['num_steps']} "
               f"steps, CFG {e['guidance']}; target >= {TARGETS['eval_images_per_s']} per H200)")
+    if "frozen" in r:
+        f = r["frozen"]
+        for x in f["rows"]:
+            held = "n/a" if x["device_memory_gib"] is None else f"{x['device_memory_gib']:.2f} GiB"
+            print(f"frozen_dtype {x['frozen_dtype_option']:<4} -> {x['frozen_dtype']}: frozen weights "
+                  f"{x['frozen_parameter_gib']:.3f} GiB, device memory of the built run {held}")
+        print(f"frozen in bf16 saves {f['frozen_saved_gib']:.3f} GiB of weights ({f['method']})")
     for row in r.get("engines", []):
         print(f"engine {row['engine']:<6} {row['status']:<8} {row['reason']}")
 
@@ -358,7 +411,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a real SD3 folder or hub id (default: synthetic SD3.5-Medium)")
     p.add_argument("--tiny", action="store_true", help="tiny SD3 on the CPU: the code paths, no figures of worth")
     p.add_argument("--device", default="auto")
-    p.add_argument("--sections", default="train,sweep,eval,engines")
+    p.add_argument("--sections", default="train,sweep,eval,frozen,engines")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="engine rows that would start after this many seconds are skipped (a lent GPU's time)")
     p.add_argument("--keep-model", action="store_true", help="keep the built (synthetic or tiny) folder under OUT/model")
@@ -421,6 +474,8 @@ def main(argv=None) -> int:
             result["sweep"] = sweep_section(a, model, peak)
         if "eval" in sections:
             result["eval"] = eval_section(a, model)
+        if "frozen" in sections:
+            result["frozen"] = frozen_section(a, model, data, tmp)
         if "engines" in sections:
             result["engines"] = [engine_row(n, a, model, data, tmp, 29700 + i) for i, n in enumerate(ENGINES)]
     result["seconds"] = time.perf_counter() - t_start

@@ -102,6 +102,7 @@ class Run:
             torch.set_num_threads(int(tcfg["threads"]))
         self.engine = Engine(tcfg["device"], tcfg["mixed_precision"])
         engine = self.engine
+        self.frozen_dtype = frozen_dtype(tcfg)
         if engine.device.type == "cuda" and tcfg["allow_tf32"]:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -129,13 +130,12 @@ class Run:
         self.adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=engine.device, dtype=torch.float32,
                                                   max_sequence_length=cfg["model"].get("max_sequence_length"),
                                                   load_t5=bool(cfg["model"].get("load_t5", True)))
-        _set_text_encoder_precision(self.adapter, cfg["model"].get("text_encoder_precision", "auto"), engine,
-                                    tcfg["mixed_precision"], components)
+        _cast_frozen(self.adapter, cfg["model"].get("text_encoder_precision", "auto"), self.frozen_dtype, components)
         if tcfg["gradient_checkpointing"]:
             self.adapter.transformer.enable_gradient_checkpointing()
         self.meter = Meter()
         self.adapter.meter = self.meter
-        self.roles = Roles(self.adapter)
+        self.roles = Roles(self.adapter, None if self.frozen_dtype == torch.float32 else self.frozen_dtype)
         self.ctx = Ctx(adapter=self.adapter, roles=self.roles, engine=engine, meter=self.meter,
                        sigmas=_grid(self.adapter, engine.device), seed=int(tcfg["seed"]), shape=self.shape,
                        components=components)
@@ -169,7 +169,7 @@ class Run:
             k = int(getattr(self.method, "group_size", 1))
             self.data = PromptData(records, self.cost.images // k, k, engine, int(tcfg["seed"]),
                                    sampling=dcfg.get("prompt_sampling", "unique"))
-        _offload_text_encoders(self, components)
+        self.text_encoders = _offload_text_encoders(self, components)
         self.counters = Counters(no_grad_fraction=self.budget.no_grad_fraction, devices=engine.world_size)
         ecfg = cfg.get("eval", {})
         self.ecfg = ecfg
@@ -198,7 +198,9 @@ class Run:
                            "no_grad_fraction": self.budget.no_grad_fraction, "steps": self.total_steps,
                            "per_step": self.cost.__dict__, "per_unit": self.cost.__dict__},
                 "global_batch": self.cost.samples_per_step, "accumulation": self.shape.accumulation,
-                "world_size": self.engine.world_size, **self.engine.describe()}
+                "world_size": self.engine.world_size, **self.engine.describe(),
+                "frozen_dtype": _DTYPE_NAMES[self.frozen_dtype], **frozen_record(self.adapter, self.roles, self.ctx.components),
+                "text_encoders": self.text_encoders}
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -429,33 +431,98 @@ def _seed_global_rngs(seed: int) -> None:
     np.random.seed(s % 2**32)
 
 
-def _offload_text_encoders(run: "Run", components) -> None:
-    """On CUDA, SFT and SOAR read every caption from the text cache once it is built: the frozen text encoders
-    (CLIP-L/G and T5-XXL, about 5.5 B parameters for SD3.5) then move to the CPU, freeing their GPU memory for the
-    transformer's activations. Runs that evaluate during training keep them (the benchmark's prompts)."""
-    data = getattr(run, "data", None)
-    if (run.engine.device.type != "cuda" or run.method_name not in ("sft", "soar") or run.cfg.get("eval", {}).get("benchmark")
-            or not getattr(data, "_text_cache", None) or any(c.startswith("text_encoder") for c in components)):
-        return
-    run.adapter.null_embeddings()  # SOAR's unconditional branch: computed while the encoders are on the GPU
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def frozen_dtype(tcfg: dict) -> torch.dtype:
+    """The dtype frozen components are held in (train.frozen_dtype): "auto" is bf16 under bf16 mixed precision and
+    fp32 otherwise (fp16 weights overflow in SD3's VAE); "fp32" turns the cast off."""
+    name, mixed = tcfg.get("frozen_dtype", "auto"), tcfg["mixed_precision"]
+    if name == "auto":
+        name = "bf16" if mixed == "bf16" else "fp32"
+    if name == "bf16" and mixed == "fp16":
+        raise UserError("config: train.frozen_dtype = 'bf16' with train.mixed_precision = 'fp16' would mix two "
+                        "half precisions; use fp32 (or mixed_precision = 'bf16')")
+    if name not in ("bf16", "fp32"):
+        raise UserError(f"config: train.frozen_dtype must be auto, bf16 or fp32, got '{name}'")
+    return _DTYPES[name]
+
+
+def _cast_frozen(adapter: SD3Adapter, text_precision: str, dtype: torch.dtype, components) -> None:
+    """Cast the never-trained components once: the VAE to `dtype`, and the text encoders that train.components
+    does not train to model.text_encoder_precision ("auto": `dtype`). The trained modules keep fp32 master weights
+    (autocast computes in bf16); the adapter feeds each module inputs in its dtype and returns latents and pixels
+    in fp32. Under fp32 nothing moves."""
+    if text_precision == "auto":
+        text_dtype = dtype
+    elif text_precision in _DTYPES:
+        text_dtype = _DTYPES[text_precision]
+    else:
+        raise UserError(f"config: model.text_encoder_precision must be auto, fp32, bf16 or fp16, got '{text_precision}'")
+    adapter.pipe.vae.to(dtype)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(adapter.pipe, name, None)
+        if module is not None and name not in components:
+            module.to(text_dtype)
+
+
+def frozen_modules(adapter: SD3Adapter, roles: Roles, components) -> dict[str, torch.nn.Module]:
+    """The whole modules a run holds and never trains: the VAE, the text encoders outside train.components and the
+    roles' frozen copies of the transformer ("ref_copy", "old_copy")."""
+    out = {"vae": adapter.pipe.vae}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(adapter.pipe, name, None)
+        if module is not None and name not in components:
+            out[name] = module
+    out.update({f"{role}_copy": module for role, module in roles.copies.items()})
+    return out
+
+
+def frozen_record(adapter: SD3Adapter, roles: Roles, components) -> dict:
+    """run.json's account of the frozen modules: each one's dtype, and the bytes their parameters take."""
+    modules = frozen_modules(adapter, roles, components)
+    dtypes = {}
+    for name, module in modules.items():
+        kinds = {p.dtype for p in module.parameters()}
+        dtypes[name] = "/".join(sorted(_DTYPE_NAMES.get(k, str(k).removeprefix("torch.")) for k in kinds))
+    total = sum(p.numel() * p.element_size() for m in modules.values() for p in m.parameters())
+    return {"frozen_components": dtypes, "frozen_parameter_bytes": total}
+
+
+def text_encoder_release(method, device_type: str, cfg: dict, data, components) -> str:
+    """Whether the frozen text encoders leave the accelerator once the text cache is built, and why (run.json's
+    "text_encoders"). They do for a method that declares `needs_text_encoders_after_cache = False` (SFT, SOAR: every
+    caption, and the empty one, is read from the cache), when the cache holds every caption, nothing trains them
+    and no in-training evaluation encodes a benchmark's prompts; on a CUDA device only (on the CPU there is nothing
+    to free)."""
+    if getattr(method, "needs_text_encoders_after_cache", True):
+        return f"kept: {method.name} encodes prompts while it trains"
+    if any(c.startswith("text_encoder") for c in components):
+        return "kept: trained (train.components)"
+    if cfg.get("eval", {}).get("benchmark"):
+        return "kept: in-training evaluation encodes the benchmark's prompts"
+    if not getattr(data, "_text_cache", None):
+        return "kept: no text cache (data.text_cache = 'none', or too large to hold)"
+    if device_type != "cuda":
+        return "kept: the run is on the CPU (nothing to free)"
+    return "moved to the CPU after the text cache was built"
+
+
+def _offload_text_encoders(run: "Run", components) -> str:
+    """Move the frozen text encoders (CLIP-L/G and T5-XXL, about 5.5 B parameters for SD3.5) to the CPU where
+    text_encoder_release allows it, freeing their GPU memory for the transformer's activations; the decision."""
+    decision = text_encoder_release(run.method, run.engine.device.type, run.cfg, getattr(run, "data", None),
+                                    components)
+    if not decision.startswith("moved"):
+        return decision
+    run.adapter.null_embeddings()  # CFG's unconditional branch (SOAR's): computed while the encoders are on the GPU
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(run.adapter.pipe, name, None)
         if module is not None:
             module.to("cpu")
     torch.cuda.empty_cache()
-
-
-def _set_text_encoder_precision(adapter: SD3Adapter, precision: str, engine: Engine, mixed: str, components) -> None:
-    """Frozen text encoders in the precision a user would choose: bf16 on CUDA bf16 runs ("auto"), else fp32."""
-    if precision == "auto":
-        precision = "bf16" if engine.device.type == "cuda" and mixed == "bf16" else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise UserError(f"config: model.text_encoder_precision must be auto, fp32, bf16 or fp16, got '{precision}'")
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        module = getattr(adapter.pipe, name, None)
-        if module is not None and name not in components:
-            module.to(dtype)
+    return decision
 
 
 def model_info(cfg: dict, method: str, step: int, counters: Counters, path: Path, method_version: str = "") -> dict:

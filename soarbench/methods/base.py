@@ -134,6 +134,9 @@ class MethodBase:
     name: ClassVar[str] = "method"
     version: ClassVar[str] = "1"  # recorded with every run; "reconstructed" methods say so here
     source: ClassVar[str] = "images"
+    # False: every prompt the method encodes is a training caption (or the empty one), read from the data's text
+    # cache once it is built, so the frozen text encoders may leave the GPU (harness/train.py text_encoder_release)
+    needs_text_encoders_after_cache: ClassVar[bool] = True
 
     def plan(self, shape: RunShape) -> UnitCost:
         raise NotImplementedError

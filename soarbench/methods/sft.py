@@ -40,6 +40,7 @@ def draw_flow_matching(ctx: Ctx, batch: Batch, scheme: str, logit_mean: float, l
 class SFT(MethodBase):
     name = "sft"
     source = "images"
+    needs_text_encoders_after_cache = False  # captions come from the text cache (SOAR's too, and its empty prompt)
 
     def __init__(self, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29):

@@ -10,6 +10,11 @@ A method asks for the weights it means by name; how they exist depends on how th
 
 Extra trainable modules (a value head) are registered with `add_module` and get their own parameter group.
 Every call goes through the engine-prepared module (`net`), so sharded engines (ZeRO-3, FSDP) gather the weights.
+
+`frozen_dtype` (train.frozen_dtype; bf16 under bf16 mixed precision): the dtype a full fine-tuning's "ref" copy is
+held in; it never changes, and under autocast its matmuls ran in bf16 anyway. An "old" copy stays in the policy's
+dtype: it is soft-updated, theta_old <- d theta_old + (1 - d) theta, and in bf16 (8 significant bits) an increment
+(1 - d)(theta - theta_old) below half an ulp of theta_old is lost, so at d = 0.999 it would never move.
 """
 from __future__ import annotations
 
@@ -25,9 +30,27 @@ from soarbench.rl import lora as L
 ROLES = ("policy", "ref", "old", "ema")
 
 
+def copy_in_dtype(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A deep copy of `module` whose floating-point parameters and buffers are held in `dtype` (None: as they are).
+
+    Each tensor is cast as it is copied (deepcopy's memo maps it to its cast copy), so no full-precision copy of
+    the whole module ever exists: a bf16 reference of SD3.5-Medium's transformer peaks at its 5 GB, not 10 GB."""
+    if dtype is None:
+        return copy.deepcopy(module)
+    memo: dict = {}
+    for p in module.parameters():
+        if p.is_floating_point() and id(p) not in memo:
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        if b.is_floating_point() and id(b) not in memo:
+            memo[id(b)] = b.detach().to(dtype, copy=True)
+    return copy.deepcopy(module, memo)
+
+
 class Roles:
-    def __init__(self, adapter: SD3Adapter):
+    def __init__(self, adapter: SD3Adapter, frozen_dtype: torch.dtype | None = None):
         self.adapter = adapter
+        self.frozen_dtype = frozen_dtype  # None: copies keep the transformer's dtype
         self.base = adapter.transformer  # the module the policy lives in (peft model once LoRA is added)
         self.use_lora = False
         self.copies: dict[str, torch.nn.Module] = {}  # full fine-tuning: frozen copies ("ref", "old")
@@ -67,7 +90,8 @@ class Roles:
                 peft.set_adapter("default")
                 self.adapters.add("old")
             return  # ref under LoRA = adapters disabled
-        self.copies[role] = copy.deepcopy(self.adapter.transformer).requires_grad_(False).eval()
+        dtype = self.frozen_dtype if role == "ref" else None  # velocity() feeds a copy inputs in its dtype
+        self.copies[role] = copy_in_dtype(self.adapter.transformer, dtype).requires_grad_(False).eval()
 
     def add_module(self, name: str, module: torch.nn.Module) -> list[torch.nn.Parameter]:
         self.modules[name] = module

@@ -333,18 +333,19 @@ class SD3Adapter:
 
     # ---- latents ---------------------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pixels in [-1, 1] -> model latents, sampling the VAE posterior."""
+        """Pixels in [-1, 1] -> model latents (fp32 whatever the VAE's dtype), sampling the VAE posterior."""
         cfg = self.pipe.vae.config
         with torch.no_grad():
             dist = self.pipe.vae.encode(pixels.to(self.device, self.pipe.vae.dtype)).latent_dist
-            latent = dist.sample(generator=generator)
+            latent = dist.sample(generator=generator).float()
         return (latent - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the VAE posterior, for caching when the pixels never change."""
+        """(mean, std) of the VAE posterior, for caching when the pixels never change. fp32 whatever the VAE's
+        dtype (a frozen VAE held in bf16): the latents, their noise and the loss's target stay fp32."""
         with torch.no_grad():
             dist = self.pipe.vae.encode(pixels.to(self.device, self.pipe.vae.dtype)).latent_dist
-        return dist.mean, dist.std
+        return dist.mean.float(), dist.std.float()
 
     def to_model_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.vae.config
@@ -353,12 +354,13 @@ class SD3Adapter:
     def decode(self, latents: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """Model latents -> pixels in [-1, 1]. grad=True keeps the autograd graph from the pixels back to the
         latents (Direct-Align / SRPO backpropagate a reward through the decoder; the VAE's weights stay frozen).
-        Counted as one VAE decode per image either way."""
+        Counted as one VAE decode per image either way. The pixels come back in the latents' dtype (a VAE held in
+        bf16 decodes fp32 latents to fp32 pixels, the reward's input)."""
         cfg = self.pipe.vae.config
         self.meter.add("vae_decodes", latents.shape[0])
         with contextlib.nullcontext() if grad else torch.no_grad():
             z = latents.to(self.pipe.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
-            return self.pipe.vae.decode(z).sample.clamp(-1, 1)
+            return self.pipe.vae.decode(z).sample.clamp(-1, 1).to(latents.dtype)
 
     # ---- velocity --------------------------------------------------------------------------------------
     def velocity(self, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
@@ -366,12 +368,18 @@ class SD3Adapter:
         """v_theta(z_sigma, sigma * 1000, text). `transformer` overrides the module (a role's module).
 
         Counted by the meter: a forward with gradient enabled is a forward+backward pass, one without is a no-grad
-        forward, each per sample."""
+        forward, each per sample.
+
+        A frozen copy held in another dtype than the policy (a bf16 reference under bf16 mixed precision) gets its
+        inputs in its own dtype, the timestep in the policy's (bf16 would round sigma * 1000 to 8 significant bits
+        before the sinusoidal embedding), and returns its velocity in the policy's dtype."""
         net = transformer if transformer is not None else (self.net if self.net is not None else self.pipe.transformer)
         self.meter.add("fwd_bwd" if torch.is_grad_enabled() else "no_grad_fwd", z.shape[0])
-        dtype = self.pipe.transformer.dtype
+        dtype = own = self.pipe.transformer.dtype
+        if transformer is not None and isinstance(getattr(transformer, "dtype", None), torch.dtype):
+            own = transformer.dtype  # a diffusers module (a role's copy); wrappers (DDP, compile) are the policy
         sigma = sigma.reshape(-1).expand(z.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
-        out = net(hidden_states=z.to(dtype), timestep=(sigma * 1000).to(dtype),
-                  encoder_hidden_states=text.tokens.to(dtype), pooled_projections=text.pooled.to(dtype),
+        out = net(hidden_states=z.to(own), timestep=(sigma * 1000).to(dtype),
+                  encoder_hidden_states=text.tokens.to(own), pooled_projections=text.pooled.to(own),
                   return_dict=False)[0]
-        return out
+        return out if own == dtype else out.to(dtype)
