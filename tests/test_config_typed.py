@@ -90,7 +90,7 @@ def test_defaults_are_filled_in_as_documented():
         "device": "auto", "threads": 0, "checkpoint_every": 0, "nonfinite": "stop", "check_replicas": False,
         "compile": False}
     assert cfg["budget"] == {"unit": "fwd_bwd", "amount": 10, "no_grad_fraction": 1 / 3}
-    assert cfg["eval"] == {"benchmark_options": {}, "extra_benchmarks": {}, "points": 4, "seed": 0, "batch_size": 64,
+    assert cfg["eval"] == {"benchmark_options": {}, "extra_benchmarks": {}, "extra_num_steps": [], "points": 4, "seed": 0, "batch_size": 64,
                            "include_base": False, "precision": "auto", "metrics": []}
     assert cfg["log"] == {"tensorboard": True, "wandb": False, "wandb_project": "soarbench", "every": 10}
     assert cfg["run"] == {}
