@@ -162,7 +162,7 @@ def _cfg(model, data, **over):
            "method": {"name": "sft"}, "train": {"seed": 1, "batch_size": 2, "lr": 1e-3, "threads": 2},
            "budget": {"unit": "optimizer_steps", "amount": 3}}
     for key, value in over.items():
-        cfg[key] = {**cfg[key], **value}
+        cfg[key] = {**cfg.get(key, {}), **value}
     return cfg
 
 
@@ -187,6 +187,17 @@ def test_resume_refuses_a_changed_option(tiny_model_dir, shapes_data, tmp_path):
     train(_cfg(tiny_model_dir, shapes_data, train={"checkpoint_every": 1}, budget={"amount": 4}), tmp_path / "r",
           resume=True, log=lambda m: None)
     assert json.loads((tmp_path / "r" / "done.json").read_text())["step"] == 4
+    # a run recorded before an option existed resumes when the option is at its default (the recorded behaviour)
+    recorded = tmp_path / "r" / "config.toml"
+    text = recorded.read_text()
+    recorded.write_text("\n".join(line for line in text.splitlines()
+                                  if not line.startswith(("extra_num_steps", "frozen_dtype"))) + "\n")
+    assert "extra_num_steps" in text and "frozen_dtype" in text
+    train(_cfg(tiny_model_dir, shapes_data, train={"checkpoint_every": 1}, budget={"amount": 5}), tmp_path / "r",
+          resume=True, log=lambda m: None)
+    with pytest.raises(UserError, match=r"--resume: eval.extra_num_steps was \[\] in .* and is \[2\] now"):
+        train(_cfg(tiny_model_dir, shapes_data, train={"checkpoint_every": 1}, budget={"amount": 6},
+                   eval={"extra_num_steps": [2]}), tmp_path / "r", resume=True, log=lambda m: None)
 
 
 def test_an_eval_folder_refuses_other_settings_and_redoes_a_torn_line(adapter, tmp_path):

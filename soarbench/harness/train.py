@@ -573,9 +573,22 @@ def _refuse_changed_config(out_dir: Path, cfg: dict) -> None:
         raise UserError(f"--resume: {path} records a {before} run and this config trains {after}; resume with "
                         f"--method {before} (the recorded config), or start a new run folder")
     for key, (before, after) in _diff(old, json.loads(json.dumps(cfg, default=str))).items():
+        if _added_since(key, old, after):
+            continue
         if not any(key == k or key.startswith(k) for k in _RESUME_MAY_CHANGE):
             raise UserError(f"--resume: {key} was {before!r} in {path} and is {after!r} now; resume with the recorded "
                             f"config, or start a new run folder")
+
+
+def _added_since(key: str, old: dict, value) -> bool:
+    """An option a later soarbench added, absent from the recorded config and left at its default: the default
+    is the behaviour the run was recorded with. Not train.frozen_dtype under bf16, where its default ("auto")
+    casts the frozen parts to bf16, which the recorded run did not do."""
+    section, _, name = key.partition(".")
+    field = C.TRAIN_SCHEMA.get(section, {}).get(name)
+    if field is None or name in old.get(section, {}) or _norm(value) != _norm(field.default):
+        return False
+    return not (key == "train.frozen_dtype" and old.get("train", {}).get("mixed_precision") == "bf16")
 
 
 def _diff(a, b, prefix="") -> dict:
