@@ -93,3 +93,31 @@ def test_first_step_of_an_epoch_is_exactly_on_policy(tiny_model_dir, shapes_data
     first, second = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
     assert first["approx_kl"] == 0.0 and first["clipfrac"] == 0.0
     assert second["approx_kl"] > 0.0  # the second step sees the updated policy
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_init_same_noise_gives_a_group_one_start(tiny_model_dir, shapes_data, tmp_path, monkeypatch, same):
+    """The reference draws each sample's start on its own; init_same_noise shares one per group (DanceGRPO's
+    draw), so a group's rewards differ only by the SDE noise the loss credits."""
+    import torch
+
+    import soarbench.methods.flow_grpo as fg
+
+    starts = []
+    real = fg.sde_rollout
+
+    def recording(adapter, text, noise, **kw):
+        starts.append(noise.clone())
+        return real(adapter, text, noise, **kw)
+
+    monkeypatch.setattr(fg, "sde_rollout", recording)
+    cfg = _cfg(tiny_model_dir, shapes_data, init_same_noise=same)
+    cfg["budget"] = {"unit": "optimizer_steps", "amount": 2}  # one epoch of 4 images in 2 groups
+    train(cfg, tmp_path / "r", log=lambda m: None)
+    noise = starts[0]
+    assert noise.shape[0] == 4
+    if same:
+        assert torch.equal(noise[0], noise[1]) and torch.equal(noise[2], noise[3])
+        assert not torch.allclose(noise[0], noise[2])
+    else:
+        assert all(not torch.allclose(noise[i], noise[j]) for i in range(4) for j in range(i))

@@ -105,6 +105,7 @@ _METHOD_OPTIONS = {
     "flow_grpo": {
         "noise_level": "a: noise level of the flow_sde step",
         "sde_window": "Flow-GRPO-Fast: SDE steps only in a window of this many steps (ODE elsewhere); 0: all SDE",
+        "init_same_noise": "a group's samples start from one initial noise (the reference: false, each its own)",
     },
     "actor_critic": {
         "group_size": "k: images per prompt in an epoch (the critic is the baseline: 1 is allowed)",

@@ -42,7 +42,7 @@ import torch
 
 from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
-from soarbench.harness.rng import keyed_generator, keyed_randn
+from soarbench.harness.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
                                     deal_steps, require_geneval_rows, samples_per_step)
 from soarbench.models.sd3 import TextEmbeddings
@@ -51,7 +51,7 @@ from soarbench.rl.ppo import clipped_policy_loss
 from soarbench.rl.rewards import RewardFunction, parse_weights
 from soarbench.rl.lora import EMA
 from soarbench.methods.flow_grpo import Epoch  # the same epoch of gathered rollouts
-from soarbench.rl.rollout import encode_once, Trajectory, sde_rollout, step_log_prob_under
+from soarbench.rl.rollout import encode_once, initial_noise, Trajectory, sde_rollout, step_log_prob_under
 from soarbench.sampling.ode import sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS
 
@@ -97,14 +97,6 @@ def trained_timesteps(seed: int, unit: int, ids, transitions: int, count: int) -
     rows = [torch.randperm(transitions, generator=keyed_generator(seed, unit, "timesteps", int(i)))[:count]
             for i in ids]
     return torch.stack(rows) if rows else torch.empty((0, count), dtype=torch.long)
-
-
-def initial_noise(seed: int, unit: int, ids, groups, shape, same_per_group: bool = True,
-                  device=None) -> torch.Tensor:
-    """(B, *shape): each sample's initial noise, keyed by its group (shared) or by its own index."""
-    keys = [(seed, unit, "init_noise_group", int(g)) for g in groups] if same_per_group \
-        else [(seed, unit, "rollout_noise", int(i)) for i in ids]
-    return keyed_randn(shape, keys, device=device)
 
 
 class DanceGRPO(MethodBase):

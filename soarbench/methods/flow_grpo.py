@@ -34,7 +34,7 @@ from soarbench.rl.advantages import group_advantages, nonzero_groups, refill_to_
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
 from soarbench.models.sd3 import TextEmbeddings
-from soarbench.rl.rollout import Trajectory, encode_once, random_window, sde_rollout, step_log_prob_under
+from soarbench.rl.rollout import Trajectory, encode_once, initial_noise, random_window, sde_rollout, step_log_prob_under
 
 
 @dataclass
@@ -64,6 +64,7 @@ def eval_mode(module: torch.nn.Module):
 class FlowGRPO(MethodBase):
     name = "flow_grpo"
     source = "prompts"
+    same_noise = False  # init_same_noise (a subclass that does not call __init__ keeps the reference's draw)
 
     def __init__(self, group_size: int = 4, batch_size: int = 16, num_steps: int = 10, guidance: float = 4.5,
                  sde_type: str = "flow_sde", noise_level: float = 0.7, sde_window: int = 0,
@@ -71,7 +72,7 @@ class FlowGRPO(MethodBase):
                  timestep_fraction: float = 0.99, optimizer_steps_per_epoch: int = 2, cfg_train: bool = True,
                  rewards: dict[str, float] | None = None, reward_options: dict[str, dict] | None = None,
                  lora: bool = True, lora_r: int = 32, lora_alpha: float = 64, ema: bool = True,
-                 ema_decay: float = 0.9, ema_every: int = 8, resolution: int = 0):
+                 ema_decay: float = 0.9, ema_every: int = 8, resolution: int = 0, init_same_noise: bool = False):
         # batch_size = images per epoch over all processes = (unique prompts per epoch) x group_size
         if group_size < 2:
             raise UserError(f"[method] group_size must be >= 2 for group-relative advantages, got {group_size}")
@@ -93,6 +94,7 @@ class FlowGRPO(MethodBase):
         self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
         self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
         self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
+        self.same_noise = bool(init_same_noise)
         self.reward_fn = RewardFunction.from_config(rewards or {"geneval": 1.0}, reward_options or {})
 
     @property
@@ -138,7 +140,9 @@ class FlowGRPO(MethodBase):
         embeddings = encode_once(adapter, prompts_all)
         text = TextEmbeddings.cat([embeddings[p] for p in share.prompts])
         shape = adapter.latent_shape(*self._size(adapter))
-        noise = ctx.randn(shape, share.ids, "rollout_noise")
+        # the reference draws every sample's start independently; init_same_noise gives a group one start (as
+        # DanceGRPO does), so the rewards within a group differ only by the SDE noise the loss credits
+        noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, shape, self.same_noise, ctx.device)
         window = random_window(self.T, self.window, keyed_generator(ctx.seed, ctx.unit, "window")) \
             if self.window else None
         with eval_mode(adapter.transformer), ctx.roles.use("policy") as net:

@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from soarbench.harness.rng import keyed_randn
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
 from soarbench.sampling.ode import cfg_velocity, sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS, sde_step, step_log_prob
@@ -261,3 +262,12 @@ def encode_once(adapter, prompts: list[str]) -> dict[str, TextEmbeddings]:
     unique = sorted(set(prompts))
     encoded = adapter.encode_prompts(unique)
     return {p: encoded[i:i + 1] for i, p in enumerate(unique)}
+
+
+def initial_noise(seed: int, unit: int, ids, groups, shape, same_per_group: bool = True,
+                  device=None) -> torch.Tensor:
+    """(B, *shape): each sample's initial noise, keyed by its group (one start shared by the group: DanceGRPO's
+    init_same_noise, Flow-GRPO's option) or by its own global index (Flow-GRPO's reference draw)."""
+    keys = [(seed, unit, "init_noise_group", int(g)) for g in groups] if same_per_group \
+        else [(seed, unit, "rollout_noise", int(i)) for i in ids]
+    return keyed_randn(shape, keys, device=device)
