@@ -81,6 +81,7 @@ def run_experiment(path: Path, out_dir: Path, overrides: list[str], log: Callabl
     meta = C.section(exp, "experiment")
     plan = plan_runs(exp)
     _check_controls(meta, plan, path)
+    _check_views(meta, plan, path)
     probe = probe_options(meta.get("probe"), plan, path)  # checked before the first run starts
     for name, cfg in plan:  # every run's config checked before the first one starts
         try:
@@ -195,6 +196,18 @@ def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> Non
             if lr != 0:
                 raise UserError(f"{path} [experiment]: the negative control '{group}' must train with "
                                 f"train.lr = 0, got {lr}")
+
+
+def _check_views(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:
+    """[experiment.views.*] must name groups of this experiment (report/views.py)."""
+    from soarbench.errors import did_you_mean
+    from soarbench.report.views import validate_views
+
+    groups = sorted({cfg["run"]["group"] for _, cfg in plan})
+    for view in validate_views(meta.get("views"), f"{path} [experiment]"):
+        for group in view.members:
+            if group not in groups:
+                raise UserError(f"{path} [experiment] views.{view.name}: {did_you_mean('group', group, groups)}")
 
 
 def _all_extra_benchmarks(plan: list[tuple[str, dict]]) -> dict[str, dict]:

@@ -68,3 +68,24 @@ def test_train_with_an_absurd_budget_answers_at_once(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: config: budget.amount = 1e+18")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists() and not (tmp_path / "run").exists()
+
+
+def test_matched_data_passes_budget_the_training_images_a_method_learns_from():
+    """data_images counts one per data sample drawn: SFT's budget in it buys amount / global batch steps, SOAR at
+    matched compute (fwd_bwd_equiv) sees the images its ~7x dearer step affords, an online method none."""
+    from soarbench.methods import build_method
+    from soarbench.methods.base import RunShape
+
+    shape = RunShape(world_size=2, accumulation=2, batch_size=4)  # a global batch of 16
+    sft = build_method("sft", {}).plan(shape)
+    soar = build_method("soar", {"trajectory_length": 6, "num_rollout_paths": 1}).plan(shape)
+    assert (sft.data_images, soar.data_images) == (16, 16)
+    assert Budget("data_images", 1520).plan_units(lambda u: sft) == (95, 95)
+    # SOAR's step: 16 main + 6 x 16 correction passes (fwd+bwd) + 16 no-grad rollout forwards
+    per_step = 16 + 6 * 16 + 16 / 3
+    steps = int(11200 // per_step)
+    assert Budget("fwd_bwd_equiv", 11200, 1 / 3).plan_units(lambda u: soar) == (steps, steps) == (95, 95)
+    grpo = build_method("flow_grpo", {"group_size": 4, "batch_size": 16}).plan(shape)
+    assert grpo.data_images == 0
+    with pytest.raises(UserError, match="spends no 'data_images'"):
+        Budget("data_images", 1520).plan_units(lambda u: grpo)

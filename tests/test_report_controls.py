@@ -171,3 +171,61 @@ def test_a_control_scored_on_a_second_benchmark_is_checked_there_alone_and_label
     assert positive.startswith("| positive | grpo | shapes_train |") and positive.endswith("| passed |")
     for text in (held_out, trained):
         assert "grpo is the positive control" in text and "not one of the matched-budget comparisons" in text
+
+
+# ---- budget views (soarbench/report/views.py): a second matching of budgets, in a final table of its own ----------
+
+VIEW_TOML = ('[experiment]\n[experiment.views.matched_data]\ntitle = "Matched data passes"\nreference = "sft_data"\n'
+             'groups = ["soar"]\n')
+
+
+def test_a_view_gets_its_own_final_table_tested_against_its_reference(tmp_path):
+    root = tmp_path / "exp"
+    sft = [0.5, 0.5, 1.0, 0.5, 0.5, 1.0]
+    sft_data = [0.0, 0.5, 0.5, 0.5, 0.0, 0.5]
+    soar = [[0.5, 0.5, 1.0, 1.0, 0.0, 1.0], [0.5, 1.0, 1.0, 0.5, 0.5, 1.0]]
+    _summary(root / "base" / "evals" / "step_000000" / "shapes", "base", "base", "base", 0, 0, BASE_SCORES,
+             BASE_IMAGES)
+    _summary(root / "sft-s0" / "evals" / "step_000700" / "shapes", "sft-s0", "sft", "sft", 0, 700, sft, BASE_IMAGES)
+    _summary(root / "sft_data-s0" / "evals" / "step_000095" / "shapes", "sft_data-s0", "sft_data", "sft", 0, 95,
+             sft_data, BASE_IMAGES)
+    for seed, scores in enumerate(soar):
+        _summary(root / f"soar-s{seed}" / "evals" / "step_000095" / "shapes", f"soar-s{seed}", "soar", "soar", seed,
+                 95, scores, BASE_IMAGES)
+    (root / "experiment.toml").write_text(VIEW_TOML)
+    md = write_report([root], tmp_path / "out", formats=["md", "html"])["markdown"].read_text()
+
+    def table(title: str) -> list[str]:
+        block = md.split(f"### {title}\n", 1)[1].split("###", 1)[0]
+        return [line for line in block.splitlines() if line.startswith("| ")]
+
+    final = table("Final checkpoints")
+    assert not any(line.startswith("| sft_data") for line in final)  # budgeted for the view only
+    assert any(line.startswith("| soar") for line in final) and "Δ geneval vs sft |" in final[0]
+    view = table("Matched data passes")
+    assert "Δ geneval vs sft_data |" in view[0]
+    assert {line.split("|")[1].strip().split("@")[0] for line in view[2:]} == {"base", "sft_data", "soar"}
+    # SOAR's paired difference against sft_data: the seed-mean per-prompt scores minus sft_data's, by hand
+    expected = np.mean(soar, axis=0) - np.asarray(sft_data)
+    test = paired_bootstrap(np.mean(soar, axis=0), np.asarray(sft_data))
+    soar_row = next(line for line in view if line.startswith("| soar"))
+    assert f"{expected.mean():+.3f} [{test.lo:+.3f}, {test.hi:+.3f}]" in soar_row
+    assert f"MDE of soar vs sft_data on geneval" in md
+    assert "Matched data passes" in (tmp_path / "out" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("views, message", [
+    ('{ m = { reference = "sft_dta", groups = ["soar"] } }', r"views.m: unknown group 'sft_dta' .*did you mean 'sft_data'"),
+    ('{ m = { reference = "sft_data", groups = [] } }', r"views.m: 'groups' must be a non-empty list"),
+    ('{ m = { reference = "sft_data", groups = ["soar"], titel = "x" } }', r"views.m: unknown key 'titel'.*'title'"),
+    ('{ m = { reference = "soar", groups = ["soar"] } }', r"views.m: the reference 'soar' is also listed"),
+    ('"sft_data"', r"'views' must be a table"),
+])
+def test_an_experiment_naming_bad_views_is_refused_in_one_line(views, message, tmp_path):
+    import tomllib
+
+    from soarbench.experiment import _check_views
+
+    exp = tomllib.loads(f'[experiment]\nviews = {views}\n[runs.sft_data]\nseeds = [0]\n[runs.soar]\nseeds = [0]\n')
+    with pytest.raises(UserError, match=message):
+        _check_views(exp["experiment"], plan_runs(exp), Path("compare.toml"))

@@ -7,26 +7,29 @@ import pytest
 
 from soarbench import config as C
 from soarbench.experiment import _check_controls, plan_runs, probe_options
-from soarbench.harness.budget import Budget
-from soarbench.harness.train import resolve_config
+from soarbench.harness.budget import Budget, UnitCost
+from soarbench.harness.train import accumulation_steps, resolve_config
 from soarbench.methods import build_method
+from soarbench.methods.base import RunShape
+from soarbench.report.views import validate_views
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
 EXPERIMENTS = {"experiment.toml", "compare.toml", "compare_all.toml"}
 NOT_TRAIN_CONFIGS = {"base_recipe.toml", "common.toml", "recipe.toml"}  # recipes build the base
 
 
-def _check(cfg: dict) -> int:
+def _unit_cost(cfg: dict) -> tuple[UnitCost, Budget]:
+    """What one unit of the config's method costs on one process, and its budget."""
     cfg = resolve_config(cfg)
     options = dict(cfg["method"])
-    name = options.pop("name")
-    method = build_method(name, options)
-    budget = Budget.from_config(cfg["budget"])
-    from soarbench.harness.train import accumulation_steps
-    from soarbench.methods.base import RunShape
-
+    method = build_method(options.pop("name"), options)
     shape = RunShape(1, accumulation_steps(cfg["train"], 1), int(cfg["train"]["batch_size"]))
-    return budget.steps_affordable(method.plan(shape))
+    return method.plan(shape), Budget.from_config(cfg["budget"])
+
+
+def _check(cfg: dict) -> int:
+    cost, budget = _unit_cost(cfg)
+    return budget.steps_affordable(cost)
 
 
 @pytest.mark.parametrize("path", sorted(p for p in ROOT.rglob("*.toml")
@@ -41,9 +44,18 @@ def test_experiments_plan_matched_budgets(name):
     plan = plan_runs(exp)
     controls = exp["experiment"].get("controls", {})
     _check_controls(exp["experiment"], plan, ROOT / "shapes" / name)
-    compared = [cfg for _, cfg in plan if cfg["run"]["group"] not in controls.values()]
+    views = validate_views(exp["experiment"].get("views"), name)
+    for_views = {v.reference for v in views}
+    compared = [cfg for _, cfg in plan if cfg["run"]["group"] not in {*controls.values(), *for_views}]
     budgets = {(cfg["budget"]["unit"], cfg["budget"]["amount"]) for cfg in compared}
     assert len(budgets) == 1  # one matched budget for every method (the controls have budgets of their own)
+    for view in views:  # matched data passes: the view's SFT gets exactly the training images SOAR's budget buys
+        by_group = {cfg["run"]["group"]: cfg for _, cfg in plan}
+        reference = by_group[view.reference]
+        assert reference["budget"]["unit"] == "data_images"
+        for group in view.groups:
+            cost, budget = _unit_cost(by_group[group])
+            assert budget.steps_affordable(cost) * cost.data_images == reference["budget"]["amount"]
     if name != "experiment.toml":  # the comparisons carry both controls and the exposure-bias probe
         assert set(controls) == {"negative", "positive"}
         positive = [cfg for _, cfg in plan if cfg["run"]["group"] == controls["positive"]]
@@ -95,6 +107,7 @@ def test_experiment_runs_pass_typed_validation(name):
     exp = C.load_config(ROOT / "shapes" / name)
     controls = exp["experiment"].get("controls", {})
     own = {controls.get("negative"): 2800, controls.get("positive"): 54614}
+    own |= {view.reference: 1520 for view in validate_views(exp["experiment"].get("views"), name)}
     for _, cfg in plan_runs(exp):
         amount = C.validate_train_config(cfg)["budget"]["amount"]
         assert amount == own.get(cfg["run"]["group"], 11200)

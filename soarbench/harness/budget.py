@@ -3,6 +3,8 @@ global counters), and when to stop and evaluate (the schedule).
 
 Counters (all global, summed over ranks, at sample level):
   images           generated images (rollouts that reach a clean latent; 0 for SFT and SOAR)
+  data_images      training-set images learned from (one per data sample drawn: SFT, SOAR, SePPO; 0 for the
+                   online methods, which learn from their own rollouts); "matched data passes" budgets in it
   unique_prompts   distinct captions / prompts trained on
   no_grad_fwd      transformer forwards without gradient (a CFG pair counts 2)
   fwd_bwd          transformer forward+backward passes (a CFG pair counts 2)
@@ -29,8 +31,8 @@ from typing import Callable
 
 from soarbench.errors import UserError
 
-COUNTED = ("images", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes", "value_passes")
-UNITS = ("images", "unique_prompts", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes",
+COUNTED = ("images", "data_images", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes", "value_passes")
+UNITS = ("images", "data_images", "unique_prompts", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes",
          "value_passes", "optimizer_steps", "wall_s", "device_s", "fwd_bwd_equiv")
 MEASURED = ("wall_s", "device_s")  # decided while running: no unit cost can be planned in these
 
@@ -38,6 +40,7 @@ MEASURED = ("wall_s", "device_s")  # decided while running: no unit cost can be 
 @dataclass
 class Counters:
     images: int = 0
+    data_images: int = 0
     unique_prompts: int = 0
     no_grad_fwd: int = 0
     fwd_bwd: int = 0
@@ -98,6 +101,7 @@ class UnitCost:
     accumulation); it must not change during a run."""
 
     images: int = 0
+    data_images: int = 0
     unique_prompts: int = 0  # an upper bound: a unit sees at most this many new prompts
     no_grad_fwd: int = 0
     fwd_bwd: int = 0

@@ -262,6 +262,7 @@ class ImageData:
             captions = self._dropped([self.records[i].caption for i in idx], positions, unit)
             batches.append(Batch(z0=self._latents(idx, positions, unit), text=self._text(captions),
                                  prompts=captions, ids=positions))
+        ctx.meter.add("data_images", b * len(batches))  # this process's share: summed over ranks by the loop
         return batches
 
     def unit_logs(self, unit: int) -> dict[str, float]:

@@ -182,7 +182,7 @@ class SePPO(MethodBase):
         pair 2 policy forward+backward passes and 2 reference forwards (winner and reference sample)."""
         n = shape.global_batch
         cfg = 2 if self.g != 1.0 else 1
-        return UnitCost(images=n, unique_prompts=n, no_grad_fwd=n * self.T * cfg + 2 * n, fwd_bwd=2 * n,
+        return UnitCost(images=n, data_images=n, unique_prompts=n, no_grad_fwd=n * self.T * cfg + 2 * n, fwd_bwd=2 * n,
                         micro_batches=shape.accumulation, samples_per_step=n)
 
     def setup(self, ctx: Ctx) -> list[ParamGroup]:

@@ -71,7 +71,7 @@ class SOAR(SFT):
         if not self.corrects:
             return super().plan(shape)
         n = shape.global_batch
-        return UnitCost(fwd_bwd=n + self.M * self.L * n, no_grad_fwd=n, unique_prompts=n,
+        return UnitCost(fwd_bwd=n + self.M * self.L * n, no_grad_fwd=n, data_images=n, unique_prompts=n,
                         micro_batches=shape.accumulation, samples_per_step=n)
 
     def t1(self, d) -> torch.Tensor:

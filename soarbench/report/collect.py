@@ -123,6 +123,7 @@ class ReportData:
     warnings: tuple[str, ...] = ()
     controls: Mapping[str, str] = field(default_factory=dict)  # control kind -> group (report/controls.py)
     probes: tuple = ()  # report/probes.Probe: exposure-bias probes found under the arguments
+    views: tuple = ()  # report/views.View: final tables under another matching of budgets
 
     def benchmarks(self) -> list[str]:
         """Benchmark names in order of first appearance."""
@@ -156,6 +157,7 @@ def collect(paths: Iterable[Path | str]) -> ReportData:
     """Discover, load and cross-check every summary.json and train_log.jsonl under `paths`."""
     from soarbench.report.controls import read_controls
     from soarbench.report.probes import read_probes
+    from soarbench.report.views import read_views
 
     paths = list(paths)
     summary_paths, log_paths = discover(paths)
@@ -171,6 +173,7 @@ def collect(paths: Iterable[Path | str]) -> ReportData:
         warnings=tuple(warnings),
         controls=read_controls(paths),
         probes=read_probes(paths),
+        views=read_views(paths),
     )
 
 

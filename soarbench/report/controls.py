@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -61,18 +60,9 @@ def validate_controls(controls: object, where: str) -> dict[str, str]:
 
 def read_controls(paths: Iterable[Path | str]) -> dict[str, str]:
     """The controls named by experiment.toml in any of the report's folders (the first one that names them)."""
-    for path in map(Path, paths):
-        exp = path / "experiment.toml"
-        if not exp.is_file():
-            continue
-        try:
-            doc = tomllib.loads(exp.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{exp}: not valid TOML ({e})") from None
-        controls = validate_controls(doc.get("experiment", {}).get("controls"), f"{exp} [experiment]")
-        if controls:
-            return controls
-    return {}
+    from soarbench.report.views import read_experiment_entry
+
+    return read_experiment_entry(paths, "controls", validate_controls) or {}
 
 
 def check_controls(controls: Mapping[str, str], finals: Sequence, base, main_metric: str,

@@ -83,6 +83,7 @@ def _benchmark_section(bench: BenchmarkTables, figures: Sequence[ReportFigure], 
     if bench.controls:
         parts.append(_controls_block(bench.controls))
     parts.append(_table_block(bench.final))
+    parts += [_table_block(view) for view in bench.views]
     if bench.tasks is not None:
         parts.append(_table_block(bench.tasks))
     if figures:

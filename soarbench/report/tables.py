@@ -218,7 +218,8 @@ class Column:
     decimals: int = OTHER_DECIMALS
 
 
-BUDGET_COUNTERS = (("fwd_bwd", "fwd+bwd", COUNT), ("images", "images", COUNT), ("wall_s", "wall s", SECONDS))
+BUDGET_COUNTERS = (("fwd_bwd", "fwd+bwd", COUNT), ("images", "images", COUNT), ("data_images", "data images", COUNT),
+                   ("wall_s", "wall s", SECONDS))
 
 
 def main_metric(evals: Sequence[EvalSummary]) -> str:
@@ -313,11 +314,12 @@ class BenchmarkTables:
     final: Table
     tasks: Table | None
     controls: tuple = ()  # controls.ControlResult, one per control the experiment names
+    views: tuple = ()  # Table: a final table per budget view (report/views.py), after `final`
 
 
 def build_tables(data: ReportData) -> list[BenchmarkTables]:
     return [build_benchmark_tables(name, data.evals_for(name), data.group_methods,
-                                   _controls_on(data, name))
+                                   _controls_on(data, name), data.views)
             for name in data.benchmarks()]
 
 
@@ -333,6 +335,7 @@ def _controls_on(data: ReportData, benchmark: str) -> dict[str, str]:
 def build_benchmark_tables(
     benchmark: str, evals: Sequence[EvalSummary], group_methods: Mapping[str, str],
     controls: Mapping[str, str] | None = None,
+    views: Sequence = (),
 ) -> BenchmarkTables:
     from soarbench.report.controls import check_controls
 
@@ -342,15 +345,32 @@ def build_benchmark_tables(
     cps = checkpoints(evals, group_methods)
     finals = final_checkpoints(cps, main)
     top_level = [c for c in scores if "/" not in c.key]
+    view_only = {v.reference for v in views}  # runs budgeted for a view, not for the main comparison
     return BenchmarkTables(
         benchmark=benchmark,
         description=_benchmark_description(evals),
         main_metric=main,
         main=_table(benchmark, "All checkpoints", cps, scores + budget),
-        final=_final_table(benchmark, finals, main, top_level, budget, controls or {}),
+        final=_final_table(benchmark, [cp for cp in finals if cp.group not in view_only], main, top_level, budget,
+                           controls or {}),
         tasks=_task_table(benchmark, finals, scores),
         controls=tuple(check_controls(controls, finals, _base_checkpoint(finals), main, benchmark)) if controls else (),
+        views=tuple(_view_table(benchmark, view, finals, main, top_level, budget) for view in views),
     )
+
+
+def _view_table(benchmark: str, view, finals: Sequence[Checkpoint], main: str, score_cols: Sequence[Column],
+                budget_cols: Sequence[Column]) -> Table:
+    """A budget view's final table: the base, the view's reference and its groups, each tested against the
+    reference (report/views.py)."""
+    members = [cp for cp in finals if cp.group in view.members or cp.method == BASE_METHOD]
+    table = _final_table(benchmark, members, main, score_cols, budget_cols, reference_group=view.reference,
+                         title=view.title)
+    missing = [g for g in view.members if g not in {cp.group for cp in finals}]
+    if not missing:
+        return table
+    note = f"No evaluation found for {', '.join(missing)} of this view."
+    return Table(table.benchmark, table.title, table.columns, table.rows, (*table.notes, note))
 
 
 def _base_checkpoint(finals: Sequence[Checkpoint]) -> Checkpoint | None:
@@ -388,15 +408,16 @@ def _final_table(
     score_cols: Sequence[Column],
     budget_cols: Sequence[Column],
     controls: Mapping[str, str] | None = None,
+    reference_group: str = REFERENCE_GROUP,
+    title: str = "Final checkpoints",
 ) -> Table:
-    """The final checkpoints with their top-level scores and, where it can run, the paired test vs REFERENCE_GROUP.
-    A control's row is labelled as one: it answers whether the harness can see a difference, and a positive
+    """The final checkpoints with their top-level scores and, where it can run, the paired test vs the reference
+    group. A control's row is labelled as one: it answers whether the harness can see a difference, and a positive
     control may train with a budget of its own, so it is not one of the matched-budget comparisons."""
-    reference_group = REFERENCE_GROUP
     tests, notes = paired_tests(finals, main, reference_group)
     notes = [*_control_notes(finals, controls or {}), *notes]
     if not tests:
-        return _table(benchmark, "Final checkpoints", finals, [*score_cols, *budget_cols], notes=notes)
+        return _table(benchmark, title, finals, [*score_cols, *budget_cols], notes=notes)
     decimals = next(c.decimals for c in score_cols if c.key == main)
     diff_col = Column(f"{main}_diff_vs_{reference_group}", f"Δ {main} vs {reference_group}", DIFF, decimals)
     p_col = Column(f"{main}_p_vs_{reference_group}", "p", P_VALUE)
@@ -405,7 +426,7 @@ def _final_table(
     }
     columns = [*score_cols, diff_col, p_col, *budget_cols]
     notes = [*notes, *_mde_notes(finals, main, reference_group, tests, decimals)]
-    return _table(benchmark, "Final checkpoints", finals, columns, extra=extra, notes=notes)
+    return _table(benchmark, title, finals, columns, extra=extra, notes=notes)
 
 
 def _control_notes(finals: Sequence[Checkpoint], controls: Mapping[str, str]) -> list[str]:
@@ -640,7 +661,7 @@ def markdown_report(title: str, data: ReportData, benchmarks: Sequence[Benchmark
             from soarbench.report.controls import controls_markdown
 
             out += ["### Controls", "", *controls_markdown(bench.controls), ""]
-        for table in (bench.final, bench.tasks, bench.main):
+        for table in (bench.final, *bench.views, bench.tasks, bench.main):
             if table is None:
                 continue
             out += [f"### {table.title}", "", table_markdown(table), ""]
