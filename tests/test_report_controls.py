@@ -214,6 +214,13 @@ def test_a_view_gets_its_own_final_table_tested_against_its_reference(tmp_path):
     assert "Matched data passes" in (tmp_path / "out" / "index.html").read_text()
 
 
+def test_a_view_is_not_shown_on_a_benchmark_none_of_its_groups_was_scored_on(tmp_path):
+    root = _experiment(tmp_path / "exp", dict(BASE_IMAGES), [list(BASE_SCORES)])
+    (root / "experiment.toml").write_text(VIEW_TOML)
+    md = write_report([root], tmp_path / "out", formats=["md"])["markdown"].read_text()
+    assert "### Final checkpoints" in md and "Matched data passes" not in md
+
+
 @pytest.mark.parametrize("views, message", [
     ('{ m = { reference = "sft_dta", groups = ["soar"] } }', r"views.m: unknown group 'sft_dta' .*did you mean 'sft_data'"),
     ('{ m = { reference = "sft_data", groups = [] } }', r"views.m: 'groups' must be a non-empty list"),

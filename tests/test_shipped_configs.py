@@ -106,7 +106,7 @@ def test_train_configs_pass_typed_validation(path):
 def test_experiment_runs_pass_typed_validation(name):
     exp = C.load_config(ROOT / "shapes" / name)
     controls = exp["experiment"].get("controls", {})
-    own = {controls.get("negative"): 2800, controls.get("positive"): 54614}
+    own = {controls.get("negative"): 2800, controls.get("positive"): 109228}
     own |= {view.reference: 1520 for view in validate_views(exp["experiment"].get("views"), name)}
     for _, cfg in plan_runs(exp):
         amount = C.validate_train_config(cfg)["budget"]["amount"]

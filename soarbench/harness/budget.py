@@ -208,7 +208,8 @@ class Budget:
         lines = [
             f"budget: {self.amount:g} {self.unit}",
             f"  per {name}: global batch {cost.samples_per_step} per optimizer step = {world_size} process(es) x "
-            f"{accumulation} accumulation slot(s); images {cost.images}, fwd+bwd {cost.fwd_bwd}, no-grad fwd "
+            f"{accumulation} accumulation slot(s); images {cost.images}, data images {cost.data_images}, fwd+bwd "
+            f"{cost.fwd_bwd}, no-grad fwd "
             f"{cost.no_grad_fwd}, reward calls {cost.reward_calls}, reward fwd+bwd {cost.reward_fwd_bwd}, "
             f"VAE decodes {cost.vae_decodes}" + (f", value passes {cost.value_passes}" if cost.value_passes else ""),
         ]

@@ -355,7 +355,8 @@ def build_benchmark_tables(
                            controls or {}),
         tasks=_task_table(benchmark, finals, scores),
         controls=tuple(check_controls(controls, finals, _base_checkpoint(finals), main, benchmark)) if controls else (),
-        views=tuple(_view_table(benchmark, view, finals, main, top_level, budget) for view in views),
+        views=tuple(_view_table(benchmark, view, finals, main, top_level, budget) for view in views
+                    if any(cp.group in view.members for cp in finals)),  # not on benchmarks it was not scored on
     )
 
 
