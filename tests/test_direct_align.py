@@ -159,8 +159,8 @@ def test_one_step_reaches_the_transformer_through_decode_and_reward(adapter):
         method.loss(ctx, micro).loss.backward()
         norms = [p.grad.abs().sum() for p in params if p.grad is not None]
         assert norms and float(sum(norms)) > 0
-    assert meter.counts == {"images": 2, "no_grad_fwd": 4, "fwd_bwd": 4, "reward_calls": 0, "reward_fwd_bwd": 4,
-                            "vae_decodes": 4, "value_passes": 0}
+    assert meter.counts == {"images": 2, "data_images": 0, "no_grad_fwd": 4, "fwd_bwd": 4, "reward_calls": 0,
+                            "reward_fwd_bwd": 4, "vae_decodes": 4, "value_passes": 0}
 
 
 def test_gradient_equals_finite_difference_in_float64(tiny_model_dir):
