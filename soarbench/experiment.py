@@ -182,15 +182,21 @@ def run_probes(options: dict | None, plan: list[tuple[str, dict]], out_dir: Path
             log(f"[probe {label}] MSE to z0 from sigma {first['sigma']:g}: {first['mse_mean']:.4f}")
 
 
-def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:
-    """[experiment] controls must name groups of this experiment (report/controls.py says what each checks)."""
+def _require_group(plan: list[tuple[str, dict]], group: str, where: str) -> None:
+    """A control or view must name a [runs.NAME] group of this experiment."""
     from soarbench.errors import did_you_mean
-    from soarbench.report.controls import validate_controls
 
     groups = sorted({cfg["run"]["group"] for _, cfg in plan})
+    if group not in groups:
+        raise UserError(f"{where}: {did_you_mean('group', group, groups)}")
+
+
+def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:
+    """[experiment] controls must name groups of this experiment (report/controls.py says what each checks)."""
+    from soarbench.report.controls import validate_controls
+
     for kind, group in validate_controls(meta.get("controls"), f"{path} [experiment]").items():
-        if group not in groups:
-            raise UserError(f"{path} [experiment]: controls.{kind}: {did_you_mean('group', group, groups)}")
+        _require_group(plan, group, f"{path} [experiment]: controls.{kind}")
         if kind == "negative":
             lr = next(cfg for _, cfg in plan if cfg["run"]["group"] == group).get("train", {}).get("lr")
             if lr != 0:
@@ -200,14 +206,11 @@ def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> Non
 
 def _check_views(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:
     """[experiment.views.*] must name groups of this experiment (report/views.py)."""
-    from soarbench.errors import did_you_mean
     from soarbench.report.views import validate_views
 
-    groups = sorted({cfg["run"]["group"] for _, cfg in plan})
     for view in validate_views(meta.get("views"), f"{path} [experiment]"):
         for group in view.members:
-            if group not in groups:
-                raise UserError(f"{path} [experiment] views.{view.name}: {did_you_mean('group', group, groups)}")
+            _require_group(plan, group, f"{path} [experiment] views.{view.name}")
 
 
 def _all_extra_benchmarks(plan: list[tuple[str, dict]]) -> dict[str, dict]:

@@ -210,7 +210,7 @@ def test_a_view_gets_its_own_final_table_tested_against_its_reference(tmp_path):
     test = paired_bootstrap(np.mean(soar, axis=0), np.asarray(sft_data))
     soar_row = next(line for line in view if line.startswith("| soar"))
     assert f"{expected.mean():+.3f} [{test.lo:+.3f}, {test.hi:+.3f}]" in soar_row
-    assert f"MDE of soar vs sft_data on geneval" in md
+    assert "MDE of soar vs sft_data on geneval" in md
     assert "Matched data passes" in (tmp_path / "out" / "index.html").read_text()
 
 
@@ -222,7 +222,8 @@ def test_a_view_is_not_shown_on_a_benchmark_none_of_its_groups_was_scored_on(tmp
 
 
 @pytest.mark.parametrize("views, message", [
-    ('{ m = { reference = "sft_dta", groups = ["soar"] } }', r"views.m: unknown group 'sft_dta' .*did you mean 'sft_data'"),
+    ('{ m = { reference = "sft_dta", groups = ["soar"] } }',
+     r"views.m: unknown group 'sft_dta' .*did you mean 'sft_data'"),
     ('{ m = { reference = "sft_data", groups = [] } }', r"views.m: 'groups' must be a non-empty list"),
     ('{ m = { reference = "sft_data", groups = ["soar"], titel = "x" } }', r"views.m: unknown key 'titel'.*'title'"),
     ('{ m = { reference = "soar", groups = ["soar"] } }', r"views.m: the reference 'soar' is also listed"),

@@ -31,9 +31,10 @@ from typing import Callable
 
 from soarbench.errors import UserError
 
-COUNTED = ("images", "data_images", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes", "value_passes")
-UNITS = ("images", "data_images", "unique_prompts", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes",
-         "value_passes", "optimizer_steps", "wall_s", "device_s", "fwd_bwd_equiv")
+COUNTED = ("images", "data_images", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes",
+           "value_passes")
+UNITS = ("images", "data_images", "unique_prompts", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd",
+         "vae_decodes", "value_passes", "optimizer_steps", "wall_s", "device_s", "fwd_bwd_equiv")
 MEASURED = ("wall_s", "device_s")  # decided while running: no unit cost can be planned in these
 
 
@@ -209,9 +210,8 @@ class Budget:
             f"budget: {self.amount:g} {self.unit}",
             f"  per {name}: global batch {cost.samples_per_step} per optimizer step = {world_size} process(es) x "
             f"{accumulation} accumulation slot(s); images {cost.images}, data images {cost.data_images}, fwd+bwd "
-            f"{cost.fwd_bwd}, no-grad fwd "
-            f"{cost.no_grad_fwd}, reward calls {cost.reward_calls}, reward fwd+bwd {cost.reward_fwd_bwd}, "
-            f"VAE decodes {cost.vae_decodes}" + (f", value passes {cost.value_passes}" if cost.value_passes else ""),
+            f"{cost.fwd_bwd}, no-grad fwd {cost.no_grad_fwd}, reward calls {cost.reward_calls}, reward fwd+bwd "
+            f"{cost.reward_fwd_bwd}, VAE decodes {cost.vae_decodes}" + (f", value passes {cost.value_passes}" if cost.value_passes else ""),
         ]
         if planned is None:
             lines.append("  steps: as many as fit in the wall-clock budget")

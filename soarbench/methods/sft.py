@@ -50,7 +50,8 @@ class SFT(MethodBase):
 
     def plan(self, shape: RunShape) -> UnitCost:
         n = shape.global_batch
-        return UnitCost(fwd_bwd=n, data_images=n, unique_prompts=n, micro_batches=shape.accumulation, samples_per_step=n)
+        return UnitCost(fwd_bwd=n, data_images=n, unique_prompts=n, micro_batches=shape.accumulation,
+                        samples_per_step=n)
 
     def draw(self, ctx: Ctx, batch: Batch) -> FlowMatchingDraw:
         return draw_flow_matching(ctx, batch, self.scheme, self.logit_mean, self.logit_std, self.mode_scale)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -17,6 +17,7 @@ import pandas as pd
 
 from soarbench import __version__
 from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData
+from soarbench.report.views import View
 from soarbench.report.stats import (
     DEFAULT_ALPHA,
     DEFAULT_SEED,
@@ -335,7 +336,7 @@ def _controls_on(data: ReportData, benchmark: str) -> dict[str, str]:
 def build_benchmark_tables(
     benchmark: str, evals: Sequence[EvalSummary], group_methods: Mapping[str, str],
     controls: Mapping[str, str] | None = None,
-    views: Sequence = (),
+    views: Sequence[View] = (),
 ) -> BenchmarkTables:
     from soarbench.report.controls import check_controls
 
@@ -360,7 +361,7 @@ def build_benchmark_tables(
     )
 
 
-def _view_table(benchmark: str, view, finals: Sequence[Checkpoint], main: str, score_cols: Sequence[Column],
+def _view_table(benchmark: str, view: View, finals: Sequence[Checkpoint], main: str, score_cols: Sequence[Column],
                 budget_cols: Sequence[Column]) -> Table:
     """A budget view's final table: the base, the view's reference and its groups, each tested against the
     reference (report/views.py)."""
@@ -370,8 +371,7 @@ def _view_table(benchmark: str, view, finals: Sequence[Checkpoint], main: str, s
     missing = [g for g in view.members if g not in {cp.group for cp in finals}]
     if not missing:
         return table
-    note = f"No evaluation found for {', '.join(missing)} of this view."
-    return Table(table.benchmark, table.title, table.columns, table.rows, (*table.notes, note))
+    return replace(table, notes=(*table.notes, f"No evaluation found for {', '.join(missing)} of this view."))
 
 
 def _base_checkpoint(finals: Sequence[Checkpoint]) -> Checkpoint | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from soarbench.errors import UserError
+from soarbench.errors import UserError, did_you_mean
 
 VIEW_KEYS = ("title", "reference", "groups")
 
@@ -37,8 +37,6 @@ class View:
 
 def validate_views(views: object, where: str) -> tuple[View, ...]:
     """The views of an experiment's `views` table; one clear line for anything else."""
-    from soarbench.errors import did_you_mean
-
     if views is None:
         return ()
     if not isinstance(views, Mapping):
