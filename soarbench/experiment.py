@@ -233,8 +233,8 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     from soarbench.benchmarks import eval_benchmarks
     from soarbench.evaluate import evaluate
     from soarbench.harness.budget import Counters
-    from soarbench.harness.train import model_info, resolve_config
-    from soarbench.models.sd3 import SD3Adapter, weights_fingerprint
+    from soarbench.harness.train import eval_precision, evaluation_adapter, model_info, resolve_config
+    from soarbench.models.sd3 import weights_fingerprint
 
     cfg = C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}})
     if extra_benchmarks:
@@ -250,14 +250,15 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     # folder made with other settings, so a rerun never reports a stale base.
     log("[base] evaluating the base model (finished samples are reused)")
     device = "cuda" if torch.cuda.is_available() and cfg["train"]["device"] in ("auto", "cuda") else "cpu"
-    adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=device,
-                                         max_sequence_length=cfg["model"].get("max_sequence_length"))
+    adapter = evaluation_adapter(cfg, device)  # as the runs hold it: their lr-0 control reproduces it byte for byte
     info = {**model_info(cfg, "base", 0, Counters(), Path(cfg["model"]["path"])),
             "weights_sha256": weights_fingerprint(cfg["model"]["path"])}
     for bench in eval_benchmarks(ecfg):
         target = folder / "evals" / "step_000000" / bench.name
         summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
                            batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,
-                           guidance=ecfg.get("guidance"), log=lambda message: log(f"[base] {message}"))
+                           guidance=ecfg.get("guidance"), metric_names=ecfg.get("metrics") or None,
+                           precision=eval_precision(cfg),
+                           log=lambda message: log(f"[base] {message}"))
         main = next(iter(summary["scores"].items()))
         log(f"[base] {bench.name} {main[0]} = {main[1]:.4f}")

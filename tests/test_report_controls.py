@@ -117,10 +117,13 @@ def test_an_experiment_naming_bad_controls_is_refused_in_one_line(controls, mess
         _check_controls(exp["experiment"], plan_runs(exp), Path("compare.toml"))
 
 
-def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model_dir, shapes_data, tmp_path):
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model_dir, shapes_data, tmp_path,
+                                                                       mixed_precision):
     """The real harness: an experiment with a base evaluation and an SFT run at lr 0; the run's final evaluation
     (after training steps, a checkpoint write and the in-process evaluation) must equal the base's byte for byte,
-    and so must its exposure-bias probe (the report's probe section pairs it with the base's: difference 0)."""
+    and so must its exposure-bias probe (the report's probe section pairs it with the base's: difference 0). Under
+    bf16 mixed precision too: the base is evaluated as a run holds it (frozen components in bf16, bf16 sampling)."""
     from soarbench.experiment import run_experiment
 
     exp = tmp_path / "exp.toml"
@@ -128,7 +131,7 @@ def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model
         f'[experiment]\nname = "t"\nreport = "{tmp_path / "report"}"\ncontrols = {{ negative = "sft_lr0" }}\n'
         f'[common.model]\npath = "{tiny_model_dir}"\nmax_sequence_length = 0\n'
         f'[common.data]\njsonl = "{shapes_data}"\n'
-        '[common.train]\nbatch_size = 2\nlr = 0.0\nthreads = 2\n'
+        f'[common.train]\nbatch_size = 2\nlr = 0.0\nthreads = 2\nmixed_precision = "{mixed_precision}"\n'
         '[common.budget]\nunit = "optimizer_steps"\namount = 3\n'
         '[common.eval]\nbenchmark = "shapes"\npoints = 1\nnum_steps = 3\nbatch_size = 4\n'
         'benchmark_options = { n_per_tag = 1 }\n'
@@ -139,6 +142,8 @@ def test_a_learning_rate_0_run_passes_the_negative_control_end_to_end(tiny_model
     (negative,) = _controls_section(md)
     assert negative.endswith("| passed |"), negative
     assert "sft_lr0@3" in negative
+    settings = json.loads((tmp_path / "out" / "base" / "evals" / "step_000000" / "shapes" / "settings.json").read_text())
+    assert settings["precision"] == {"no": "fp32"}.get(mixed_precision, mixed_precision)
     probes = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out" / "probes").glob("*/probe.json")}
     assert set(probes) == {"base", "sft_lr0"} and probes["base"]["n_pairs"] == 3
     section = md.split("## Exposure-bias probe", 1)[1]

@@ -383,9 +383,7 @@ class Run:
         ecfg = self.ecfg
         info = model_info(self.cfg, self.method_name if step else "base", step, self.counters,
                           self.out_dir / "checkpoints" / f"step_{step:06d}", self.method.version if step else "")
-        precision = ecfg.get("precision", "auto")
-        if precision == "auto":
-            precision = {"no": "fp32"}.get(self.cfg["train"]["mixed_precision"], self.cfg["train"]["mixed_precision"])
+        precision = eval_precision(self.cfg)
         for i, bench in enumerate(eval_benchmarks(ecfg)):
             folder = self.out_dir / "evals" / f"step_{step:06d}" / bench.name
             with self.meter.paused(), (self.method.eval_weights(self.ctx) if step else contextlib.nullcontext()):
@@ -433,6 +431,26 @@ def _seed_global_rngs(seed: int) -> None:
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def eval_precision(cfg: dict) -> str:
+    """The precision evaluations sample in (eval.precision): "auto" is the training's mixed precision (fp32 without)."""
+    precision = cfg.get("eval", {}).get("precision", "auto")
+    if precision == "auto":
+        mixed = cfg["train"]["mixed_precision"]
+        precision = "fp32" if mixed == "no" else mixed
+    return precision
+
+
+def evaluation_adapter(cfg: dict, device) -> SD3Adapter:
+    """The base model as a run of `cfg` holds it when it evaluates: fp32 weights, the frozen components cast as
+    training casts them (train.frozen_dtype), so the base's images are those of a run that has not moved."""
+    adapter = SD3Adapter.from_pretrained(cfg["model"]["path"], device=device, dtype=torch.float32,
+                                         max_sequence_length=cfg["model"].get("max_sequence_length"),
+                                         load_t5=bool(cfg["model"].get("load_t5", True)))
+    _cast_frozen(adapter, cfg["model"].get("text_encoder_precision", "auto"), frozen_dtype(cfg["train"]),
+                 tuple(cfg["train"]["components"]))
+    return adapter
 
 
 def frozen_dtype(tcfg: dict) -> torch.dtype:
