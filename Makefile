@@ -24,7 +24,7 @@ demo: $(STAMP)
 	@echo "report: reports/shapes/index.html"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist worksteal
 
 # re-create the committed base model from its recipe (long on a CPU; pass DEVICE=cuda on a GPU)
 DEVICE ?= auto

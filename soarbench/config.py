@@ -54,6 +54,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def load_config(path: str | Path, _chain: tuple[Path, ...] = (), *, file_paths: bool = True) -> dict[str, Any]:
     """A TOML file with its `extends` chain resolved (the extending file wins); the `extends` key removed.
 
+    An experiment file's [common] table may extend a training config too (`[common]` `extends = "common.toml"`):
+    that file's tables, its own `extends` chain resolved, are the common settings under the experiment's own
+    [common.*] values, so the shared settings of a world are written once.
+
     With `file_paths` (the default) the path-valued fields (PATH_FIELDS) of each file in the chain have
     `${VAR}` / `${VAR:-default}` expanded from the environment and, when relative, are read against that file's
     folder (see resolve_file_paths). A run folder's recorded config.toml holds paths already resolved: read it
@@ -65,16 +69,28 @@ def load_config(path: str | Path, _chain: tuple[Path, ...] = (), *, file_paths: 
         raise UserError(f"{path}: extends forms a cycle ({cycle})")
     cfg = _read_toml(path)
     parent = cfg.pop(EXTENDS, None)
+    common = cfg.get("common")
+    common_parent = common.pop(EXTENDS, None) if isinstance(common, dict) else None
     if file_paths:
         cfg = resolve_file_paths(cfg, path)
+    if common_parent is not None:
+        shared = load_config(_extended_file(path, common_parent, "[common] extends"), (*_chain, key),
+                             file_paths=file_paths)
+        cfg["common"] = deep_merge(shared, cfg["common"])
     if parent is None:
         return cfg
+    return deep_merge(load_config(_extended_file(path, parent, "extends"), (*_chain, key), file_paths=file_paths),
+                      cfg)
+
+
+def _extended_file(path: Path, parent: Any, where: str) -> Path:
+    """The file an `extends` names, relative to the extending file's folder; one line when it is not one."""
     if not isinstance(parent, str) or not parent.strip():
-        raise UserError(f"{path}: extends = {_show(parent)}: expected the path of another TOML file")
+        raise UserError(f"{path}: {where} = {_show(parent)}: expected the path of another TOML file")
     target = path.parent / parent
     if not target.is_file():
-        raise UserError(f"{path}: extends = '{parent}': no such file {target}")
-    return deep_merge(load_config(target, (*_chain, key), file_paths=file_paths), cfg)
+        raise UserError(f"{path}: {where} = '{parent}': no such file {target}")
+    return target
 
 
 def load_toml(path: str | Path, *, file_paths: bool = True) -> dict[str, Any]:
@@ -397,8 +413,11 @@ def check_device(where: str, value: str) -> None:
 
 
 def _check_world(where: str, value: str) -> None:
-    if value != "shapes":
-        raise UserError(f"config: {where} = {_show(value)}: expected shapes" + _did_you_mean(value, ["shapes"]))
+    from soarbench.worlds import WORLDS
+
+    if value not in WORLDS.names():
+        raise UserError(f"config: {where} = {_show(value)}: expected {' or '.join(WORLDS.names())}"
+                        + _did_you_mean(value, WORLDS.names()))
 
 
 GENERATE_SCHEMA: dict[str, Field] = {

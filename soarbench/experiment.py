@@ -193,7 +193,7 @@ def _require_group(plan: list[tuple[str, dict]], group: str, where: str) -> None
 
 def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:
     """[experiment] controls must name groups of this experiment (report/controls.py says what each checks)."""
-    from soarbench.report.controls import validate_controls
+    from soarbench.report.entries import validate_controls
 
     for kind, group in validate_controls(meta.get("controls"), f"{path} [experiment]").items():
         _require_group(plan, group, f"{path} [experiment]: controls.{kind}")
@@ -205,8 +205,8 @@ def _check_controls(meta: dict, plan: list[tuple[str, dict]], path: Path) -> Non
 
 
 def _check_views(meta: dict, plan: list[tuple[str, dict]], path: Path) -> None:
-    """[experiment.views.*] must name groups of this experiment (report/views.py)."""
-    from soarbench.report.views import validate_views
+    """[experiment.views.*] must name groups of this experiment (report/entries.py)."""
+    from soarbench.report.entries import validate_views
 
     for view in validate_views(meta.get("views"), f"{path} [experiment]"):
         for group in view.members:

@@ -68,6 +68,35 @@ def test_experiment_files_may_extend(tmp_path):
     assert plan["sft-s0"]["model"] == {"path": str(tmp_path / "m")}
 
 
+def test_an_experiments_common_table_extends_a_training_config(tmp_path):
+    """[common] extends = a run config (itself extending another): its tables are the runs' common settings, its
+    paths read against its own folder, the experiment's [common.*] values winning; bad targets are one line."""
+    from soarbench.experiment import plan_runs
+
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "base.toml").write_text('[model]\npath = "weights"\n[train]\nseed = 0\nlr = 1.0\n'
+                                                  '[eval]\nbenchmark = "shapes"\nnum_steps = 40\n')
+    (tmp_path / "world" / "common.toml").write_text('extends = "base.toml"\n[train]\nlr = 2.0\nthreads = 2\n'
+                                                    '[data]\njsonl = "d.jsonl"\n')
+    (tmp_path / "exp.toml").write_text('[common]\nextends = "world/common.toml"\n[common.train]\nlr = 0.5\n'
+                                       '[runs.sft]\nmethod = { name = "sft" }\nseeds = [1]\n')
+    plan = dict(plan_runs(C.load_config(tmp_path / "exp.toml")))
+    cfg = plan["sft-s1"]
+    assert cfg["train"] == {"seed": 1, "lr": 0.5, "threads": 2}
+    assert cfg["model"] == {"path": str(tmp_path / "world" / "weights")}
+    assert cfg["data"] == {"jsonl": str(tmp_path / "world" / "d.jsonl")}
+    assert cfg["eval"] == {"benchmark": "shapes", "num_steps": 40}
+    assert "extends" not in C.load_config(tmp_path / "exp.toml")["common"]
+    (tmp_path / "bad.toml").write_text('[common]\nextends = "nope.toml"\n')
+    with pytest.raises(UserError) as e:
+        C.load_config(tmp_path / "bad.toml")
+    bad, nope = tmp_path / "bad.toml", tmp_path / "nope.toml"
+    assert str(e.value) == f"{bad}: [common] extends = 'nope.toml': no such file {nope}"
+    (tmp_path / "loop.toml").write_text('[common]\nextends = "loop.toml"\n')
+    with pytest.raises(UserError, match=r"extends forms a cycle \(loop.toml -> loop.toml\)"):
+        C.load_config(tmp_path / "loop.toml")
+
+
 def test_non_utf8_config_is_one_line(tmp_path):
     path = tmp_path / "c.toml"
     path.write_bytes(b'[train]\nname = "\xff"\n')

@@ -94,10 +94,20 @@ class WordEmbed:
         return torch.tensor([self.VECTORS[t.split(".")[0]] for t in texts], dtype=torch.float64)
 
 
+def _stub_reward(metrics, method, meter):
+    """What setup builds (RewardFunction over the method's weights, counting into the meter), with metrics that
+    load no weights."""
+    from soarbench.rl.rewards import RewardFunction
+
+    reward_fn = RewardFunction(metrics, {name: method.weights[name] for name in metrics})
+    reward_fn.meter = meter
+    return reward_fn
+
+
 def test_srpo_reward_swaps_words_and_uses_each_branch_k():
     method = SRPO(rewards={"clipscore": 2.0}, control_words=["Real"], negative_words=["Anime"])
-    method.metrics, meter = {"clipscore": WordEmbed()}, Meter()
-    method.meter = meter
+    meter = Meter()
+    method.reward_fn = _stub_reward({"clipscore": WordEmbed()}, method, meter)
     pixels = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
     pixels[:, 0], pixels[:, 1] = 0.5, -0.25  # per-channel means (0.5, -0.25, 0)
     words = (method.control_word(7), method.negative_word(7))
@@ -147,7 +157,7 @@ def test_one_step_reaches_the_transformer_through_decode_and_reward(adapter):
     ctx = _ctx(adapter, meter)
     method = build_method("srpo", {"num_steps": 2, "guidance": 1.0, "rewards": {"clipscore": 1.0}})
     params = ctx.roles.full(("transformer",))  # what setup does, without loading CLIP weights (a stub scores)
-    method.metrics, method.meter = {"clipscore": WordEmbed()}, meter
+    method.reward_fn = _stub_reward({"clipscore": WordEmbed()}, method, meter)
     method.control_words, method.negative_words = ("Real",), ("Anime",)
     rollouts = method.collect(ctx, Share([0, 1], ["a red circle", "a blue square"], [None, None]))
     (micros,) = list(method.updates(ctx, rollouts))
@@ -370,7 +380,7 @@ def sigmas_seen(adapter):
 def test_per_sample_branches_use_each_samples_own_sigmas(adapter):
     method = build_method("srpo", {"num_steps": 2, "guidance": 1.0, "rewards": {"clipscore": 1.0}})
     ctx = _ctx(adapter)
-    method.metrics, method.meter = {"clipscore": WordEmbed()}, ctx.meter
+    method.reward_fn = _stub_reward({"clipscore": WordEmbed()}, method, ctx.meter)
     method.control_words, method.negative_words = ("Real",), ("Anime",)
     rollouts = method.collect(ctx, Share([0, 1], ["a red circle", "a blue square"], [None, None]))
     rollouts.m = torch.tensor([100, 700])  # two different timesteps in one micro-batch
@@ -403,7 +413,7 @@ def test_control_words_follow_the_reference_counter_from_one(adapter):
 def test_model_timestep_is_rounded_as_the_reference_and_the_update_is_not(adapter, rounded):
     method = build_method("direct_align", {"num_steps": 3, "guidance": 1.0, "round_timestep": rounded})
     ctx = _ctx(adapter)
-    method.metrics = {"shapes_soft": ShapesSoftMetric()}
+    method.reward_fn = _stub_reward({"shapes_soft": ShapesSoftMetric()}, method, ctx.meter)
     with sigmas_seen(adapter) as seen:
         rollouts = method.collect(ctx, Share([0, 1], [RED_CIRCLE["prompt"]] * 2, [RED_CIRCLE] * 2))
         rollouts.m, rollouts.dj = torch.tensor([123, 871]), torch.tensor([gap(123), gap(871)])

@@ -204,7 +204,7 @@ def test_text_encoders_leave_the_gpu_when_the_method_declares_it():
     sft, soar = build_method("sft", {}), build_method("soar", {"trajectory_length": 2})
     grpo = build_method("flow_grpo", {"group_size": 2, "batch_size": 4, "num_steps": 3,
                                       "rewards": {"test_brightness": 1.0}})
-    cached, empty, cfg = SimpleNamespace(_text_cache={"": 0, "a": 1}), SimpleNamespace(_text_cache={}), {"eval": {}}
+    cached, empty, cfg = SimpleNamespace(holds_text_cache=True), SimpleNamespace(holds_text_cache=False), {"eval": {}}
     assert sft.needs_text_encoders_after_cache is False and soar.needs_text_encoders_after_cache is False
     assert grpo.needs_text_encoders_after_cache is True
     for method in (sft, soar):

@@ -126,3 +126,44 @@ def test_soarbench_data_shapes_refuses_a_users_folder_too(cli, tmp_path):
     assert cli("data", "shapes", "--out", tmp_path / "new", "--n-images", "2")[0] == 0
     assert cli("data", "shapes", "--out", tmp_path / "new", "--n-images", "3")[0] == 0  # its own folder: rewritten
     assert len((tmp_path / "new" / "train.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_registered_world_generates_through_the_same_path(tmp_path, monkeypatch):
+    """A world is a registry entry (soarbench/worlds): the config check accepts its name, data.generate writes
+    through its functions into a folder it owns, once per draw, and refuses a folder it does not own."""
+    from soarbench import config as C
+    from soarbench.worlds import WORLDS, World
+
+    writes = []
+
+    def write(folder, n_images, seed, size):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "toy.json").write_text(json.dumps([n_images, seed, size]))
+        (folder / "train.jsonl").write_text("")
+        writes.append((n_images, seed, size))
+        return folder / "train.jsonl"
+
+    def owns(folder):
+        return not folder.exists() or (folder / "toy.json").is_file() or not any(folder.iterdir())
+
+    def is_current(folder, n_images, seed, size):
+        marker = folder / "toy.json"
+        return marker.is_file() and json.loads(marker.read_text()) == [n_images, seed, size]
+
+    toy = World(name="toy", manifest="toy.json", owns_folder=owns, is_current=is_current, write=write)
+    monkeypatch.setitem(WORLDS._entries, "toy", (f"{__name__}:TOY", {}))
+    monkeypatch.setitem(globals(), "TOY", toy)
+    base = {"model": {"path": "m"}, "budget": {"amount": 1}, "method": {"name": "sft"}}
+    dcfg = C.validate_train_config({**base, "data": {"jsonl": str(tmp_path / "toy" / "train.jsonl"),
+                                                     "generate": {"world": "toy", "n_images": 5}}})["data"]
+    ensure_generated(dcfg)
+    ensure_generated(dcfg)  # the same draw: not written again
+    assert writes == [(5, 1, 32)]
+    unknown = r"data.generate.world = 'toyy': expected shapes or toy \(did you mean 'toy'\?\)"
+    with pytest.raises(Exception, match=unknown):
+        C.validate_train_config({**base, "data": {"jsonl": "x/train.jsonl", "generate": {"world": "toyy"}}})
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match=r"holds data the toy world did not write \(no toy.json\)"):
+        ensure_generated({**dcfg, "jsonl": str(theirs / "train.jsonl")})

@@ -55,3 +55,35 @@ def test_checkpoint_folder_loads_its_components_over_the_base(adapter, tiny_mode
     # everything not in the checkpoint comes from the base folder
     for a, b in zip(loaded.vae.parameters(), base.vae.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_clip_tokenizers_are_parsed_once_and_shared_only_by_identical_files(tiny_model_dir, tmp_path):
+    """Loading a model folder again reuses its tokenizers (tokenizer and tokenizer_2 are the same files here, so
+    one object), and they encode as a tokenizer read afresh from the folder does; a folder whose tokenizer files
+    differ gets its own."""
+    import json
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from soarbench.models import SD3Adapter
+
+    first = SD3Adapter.from_pretrained(tiny_model_dir, max_sequence_length=0)
+    again = SD3Adapter.from_pretrained(tiny_model_dir, max_sequence_length=0)
+    assert first.pipe.tokenizer is again.pipe.tokenizer is first.pipe.tokenizer_2
+    fresh = CLIPTokenizer.from_pretrained(tiny_model_dir / "tokenizer_2")
+    prompt = ["a photo of a red cube left of a blue sphere"]
+    ids = first.pipe.tokenizer_2(prompt, padding="max_length").input_ids
+    assert ids == fresh(prompt, padding="max_length").input_ids
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    config = other / "tokenizer_2" / "tokenizer_config.json"
+    doc = json.loads(config.read_text())
+    doc["model_max_length"] = fresh.model_max_length - 2
+    config.write_text(json.dumps(doc))
+    (other / "SHA256SUMS").unlink(missing_ok=True)  # the copy's files changed on purpose
+    changed = SD3Adapter.from_pretrained(other, max_sequence_length=0)
+    assert changed.pipe.tokenizer is first.pipe.tokenizer
+    assert changed.pipe.tokenizer_2 is not first.pipe.tokenizer_2
+    assert changed.pipe.tokenizer_2.model_max_length == fresh.model_max_length - 2

@@ -229,7 +229,8 @@ def test_main_table_csv_has_means_and_seed_intervals(two_seed_report):
 def test_final_table_csv_has_paired_test_vs_sft(two_seed_report):
     header, rows = read_csv(two_seed_report["final_table_csv"])
     assert list(rows) == ["base", "sft@200", "soar@200"]
-    assert header[6:] == [
+    assert header[6] == "view" and {row["view"] for row in rows.values()} == {""}  # no budget view here
+    assert header[7:] == [
         "geneval_mean", "geneval_lo", "geneval_hi",
         "geneval_diff_vs_sft", "geneval_diff_vs_sft_lo", "geneval_diff_vs_sft_hi", "geneval_p_vs_sft",
         "fwd_bwd", "images", "wall_s",

@@ -2,6 +2,7 @@
 byte for byte, and a run trained on the reported metric must beat the base with a paired interval above 0."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def test_a_control_scored_on_a_second_benchmark_is_checked_there_alone_and_label
         assert "grpo is the positive control" in text and "not one of the matched-budget comparisons" in text
 
 
-# ---- budget views (soarbench/report/views.py): a second matching of budgets, in a final table of its own ----------
+# ---- budget views (soarbench/report/entries.py): a second matching of budgets, in a final table of its own ------
 
 VIEW_TOML = ('[experiment]\n[experiment.views.matched_data]\ntitle = "Matched data passes"\nreference = "sft_data"\n'
              'groups = ["soar"]\n')
@@ -198,7 +199,8 @@ def test_a_view_gets_its_own_final_table_tested_against_its_reference(tmp_path):
         _summary(root / f"soar-s{seed}" / "evals" / "step_000095" / "shapes", f"soar-s{seed}", "soar", "soar", seed,
                  95, scores, BASE_IMAGES)
     (root / "experiment.toml").write_text(VIEW_TOML)
-    md = write_report([root], tmp_path / "out", formats=["md", "html"])["markdown"].read_text()
+    paths = write_report([root], tmp_path / "out", formats=["md", "html", "csv"])
+    md = paths["markdown"].read_text()
 
     def table(title: str) -> list[str]:
         block = md.split(f"### {title}\n", 1)[1].split("###", 1)[0]
@@ -217,6 +219,14 @@ def test_a_view_gets_its_own_final_table_tested_against_its_reference(tmp_path):
     assert f"{expected.mean():+.3f} [{test.lo:+.3f}, {test.hi:+.3f}]" in soar_row
     assert "MDE of soar vs sft_data on geneval" in md
     assert "Matched data passes" in (tmp_path / "out" / "index.html").read_text()
+    # final_table.csv: the main table's rows, then the view's, named in its "view" column
+    rows = list(csv.DictReader(paths["final_table_csv"].open(newline="", encoding="utf-8")))
+    assert [(r["view"], r["group"]) for r in rows] == [("", "base"), ("", "sft"), ("", "soar"),
+                                                      ("matched_data", "base"), ("matched_data", "sft_data"),
+                                                      ("matched_data", "soar")]
+    soar_view = rows[-1]
+    assert float(soar_view["geneval_diff_vs_sft_data"]) == pytest.approx(expected.mean())
+    assert soar_view["geneval_diff_vs_sft"] == ""  # the main table's test lives on the main table's row
 
 
 def test_a_view_is_not_shown_on_a_benchmark_none_of_its_groups_was_scored_on(tmp_path):

@@ -11,7 +11,7 @@ from soarbench.harness.budget import Budget, UnitCost
 from soarbench.harness.train import accumulation_steps, resolve_config
 from soarbench.methods import build_method
 from soarbench.methods.base import RunShape
-from soarbench.report.views import validate_views
+from soarbench.report.entries import validate_views
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
 EXPERIMENTS = {"experiment.toml", "compare.toml", "compare_all.toml"}

@@ -41,7 +41,8 @@ from soarbench.errors import UserError
 from soarbench.geneval.backends import Backend
 from soarbench.geneval.grammar import COLORS
 from soarbench.geneval.rules import Detection
-from soarbench.metrics.clipscore import HFClip, as_rgb, openai_clip_pixels, resolve_device
+from soarbench.metrics.clipscore import HFClip, openai_clip_pixels, resolve_device
+from soarbench.metrics.pixels import as_rgb
 from soarbench.metrics.weights import locate
 
 NAME = "mask2former-hf"

@@ -105,13 +105,13 @@ def detections_from_result(result: Any, classes: Sequence[str] = wire.COCO_CLASS
 
 
 def _bgr(image: Any) -> np.ndarray:
-    from soarbench.metrics.clipscore import as_rgb
+    from soarbench.metrics.pixels import as_rgb
 
     return np.ascontiguousarray(np.asarray(as_rgb(image))[..., ::-1])
 
 
 def _png(image: Any) -> bytes:
-    from soarbench.metrics.clipscore import as_rgb
+    from soarbench.metrics.pixels import as_rgb
 
     buffer = io.BytesIO()
     as_rgb(image).save(buffer, format="PNG", compress_level=1)  # lossless; level 1 is fast and small enough

@@ -195,6 +195,11 @@ class ImageData:
         if not train_text and text_cache != "none":
             self._fill_text_cache(text_cache)
 
+    @property
+    def holds_text_cache(self) -> bool:
+        """Whether every caption's embedding (and the empty one's) is read from memory, not encoded."""
+        return bool(self._text_cache)
+
     def _encode_all(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:
         sizes = {(r.bw, r.bh) for r in self.records}
         if len(sizes) != 1:
@@ -282,23 +287,29 @@ def generation_plan(dcfg: dict) -> tuple[Path, dict] | None:
     gen = dcfg.get("generate")
     if not gen:
         return None
-    if gen.get("world") != "shapes":
-        from soarbench.errors import did_you_mean
-
-        raise did_you_mean("data.generate.world", str(gen.get("world")), ["shapes"])
-    from soarbench.worlds.shapes import MANIFEST, owns_folder
-
+    world = generating_world(gen)
     target = Path(dcfg["jsonl"])
     if target.name != "train.jsonl":
         raise UserError(f"data.jsonl = {target}: data.generate writes train.jsonl, so data.jsonl must end in "
                         f"/train.jsonl (or pass --set data.generate=false to train on {target.name} as it is)")
-    if not owns_folder(target.parent):
-        raise UserError(f"data.jsonl = {target}: {target.parent} holds data the shapes world did not write (no "
-                        f"{MANIFEST}) and data.generate would write over it; pass --set data.generate=false to "
-                        f"train on it, or point data.jsonl into a new folder")
+    if not world.owns_folder(target.parent):
+        raise UserError(f"data.jsonl = {target}: {target.parent} holds data the {world.name} world did not write (no "
+                        f"{world.manifest}) and data.generate would write over it; pass --set data.generate=false "
+                        f"to train on it, or point data.jsonl into a new folder")
     draw = {"n_images": int(gen.get("n_images", 4000)), "seed": int(gen.get("seed", 1)),
             "size": int(gen.get("image_size", 32))}
     return target, draw
+
+
+def generating_world(gen: dict):
+    """The registered world (soarbench/worlds) that data.generate names; did-you-mean for any other name."""
+    from soarbench.errors import did_you_mean
+    from soarbench.worlds import WORLDS
+
+    name = str(gen.get("world"))
+    if name not in WORLDS.names():
+        raise did_you_mean("data.generate.world", name, WORLDS.names())
+    return WORLDS.load(name)
 
 
 def ensure_generated(dcfg: dict, engine=None) -> None:
@@ -308,14 +319,13 @@ def ensure_generated(dcfg: dict, engine=None) -> None:
     plan = generation_plan(dcfg)
     if plan is None:
         return
-    from soarbench.worlds.shapes import is_current_training_split, write_training_split
-
+    world = generating_world(dcfg["generate"])
     target, draw = plan
-    current = is_current_training_split(target.parent, **draw)
+    current = world.is_current(target.parent, **draw)
     if engine is not None:
         engine.barrier()  # every process has checked the folder before the main one writes into it
     if not current and (engine is None or engine.is_main):
-        write_training_split(target.parent, **draw)
+        world.write(target.parent, **draw)
     if engine is not None:
         engine.barrier()
 
@@ -338,6 +348,8 @@ class PromptData:
     cycle the GenEval tasks evenly (the shapes world) the rollouts are then task-balanced, as GenEval's overall
     (the mean of the task means) weighs them; independent draws of 88 prompts strayed up to 0.13 from 1/6.
     """
+
+    holds_text_cache = False  # rollouts encode their prompts
 
     def __init__(self, records: list[Record], prompts_per_unit: int, group_size: int, engine, seed: int,
                  sampling: str = "unique"):

@@ -166,7 +166,7 @@ class Run:
                                   caption_dropout=float(dcfg.get("caption_dropout", 0.0)),
                                   text_cache=str(dcfg.get("text_cache", "auto")))
         else:
-            k = int(getattr(self.method, "group_size", 1))
+            k = int(self.method.group_size)
             self.data = PromptData(records, self.cost.images // k, k, engine, int(tcfg["seed"]),
                                    sampling=dcfg.get("prompt_sampling", "unique"))
         self.text_encoders = _offload_text_encoders(self, components)
@@ -215,7 +215,7 @@ class Run:
             ctx.unit = self.unit
             with engine.acc.autocast():  # rollouts sample in the precision training recomputes them
                 buffer = method.collect(ctx, self.data)
-            unit_logs = {**self.data.unit_logs(self.unit), **(getattr(buffer, "logs", {}) or {})}
+            unit_logs = {**self.data.unit_logs(self.unit), **method.unit_logs(buffer)}
             steps = list(method.updates(ctx, buffer))
             for j, micros in enumerate(steps):
                 self.optimizer_step(micros, unit_logs, end_of_unit=j == len(steps) - 1)
@@ -514,13 +514,13 @@ def text_encoder_release(method, device_type: str, cfg: dict, data, components) 
     caption, and the empty one, is read from the cache), when the cache holds every caption, nothing trains them
     and no in-training evaluation encodes a benchmark's prompts; on a CUDA device only (on the CPU there is nothing
     to free)."""
-    if getattr(method, "needs_text_encoders_after_cache", True):
+    if method.needs_text_encoders_after_cache:
         return f"kept: {method.name} encodes prompts while it trains"
     if any(c.startswith("text_encoder") for c in components):
         return "kept: trained (train.components)"
     if cfg.get("eval", {}).get("benchmark"):
         return "kept: in-training evaluation encodes the benchmark's prompts"
-    if not getattr(data, "_text_cache", None):
+    if not data.holds_text_cache:
         return "kept: no text cache (data.text_cache = 'none', or too large to hold)"
     if device_type != "cuda":
         return "kept: the run is on the CPU (nothing to free)"
@@ -530,8 +530,7 @@ def text_encoder_release(method, device_type: str, cfg: dict, data, components) 
 def _offload_text_encoders(run: "Run", components) -> str:
     """Move the frozen text encoders (CLIP-L/G and T5-XXL, about 5.5 B parameters for SD3.5) to the CPU where
     text_encoder_release allows it, freeing their GPU memory for the transformer's activations; the decision."""
-    decision = text_encoder_release(run.method, run.engine.device.type, run.cfg, getattr(run, "data", None),
-                                    components)
+    decision = text_encoder_release(run.method, run.engine.device.type, run.cfg, run.data, components)
     if not decision.startswith("moved"):
         return decision
     run.adapter.null_embeddings()  # CFG's unconditional branch (SOAR's): computed while the encoders are on the GPU

@@ -85,9 +85,9 @@ import torch
 from soarbench.errors import UserError
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import (Ctx, LossOutput, Micro, ParamGroup, RunShape, deal_steps, log_pair,
+from soarbench.methods.base import (Ctx, LossOutput, Micro, ParamGroup, RunShape, deal_steps, eval_mode, log_pair,
                                     require_frozen_copies, samples_per_step)
-from soarbench.methods.flow_grpo import FlowGRPO, eval_mode
+from soarbench.methods.flow_grpo import FlowGRPO
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.models.value_head import (CriticExport, DiffusionCritic, ValueHead, backbone_features, feature_dim,
                                          lora_adapter_active, recompute_inside)

@@ -6,6 +6,7 @@
         def unit_plan(self, shape, unit) -> UnitCost     # optional: unit u's cost where a first phase differs
         def setup(self, ctx) -> list[ParamGroup]         # LoRA / full / extra modules, each group its own lr
         def collect(self, ctx, data) -> buffer           # a data batch, or rollouts + rewards + advantages
+        def unit_logs(self, buffer) -> {name: float}     # optional: the unit's scalars (reward mean, kept share)
         def updates(self, ctx, buffer) -> Iterator[list[Micro]]   # the micro-batches of each optimizer step
         def loss(self, ctx, micro) -> LossOutput         # a SUM over the micro-batch's terms
         def after_update(self, ctx, step, end_of_unit)   # EMA, old-policy soft update, target networks
@@ -32,6 +33,17 @@ import torch
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator, keyed_randn
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """The module in eval mode inside the block (rollouts sample without dropout), its own mode restored after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
 
 
 @dataclass
@@ -137,6 +149,8 @@ class MethodBase:
     # False: every prompt the method encodes is a training caption (or the empty one), read from the data's text
     # cache once it is built, so the frozen text encoders may leave the GPU (harness/train.py text_encoder_release)
     needs_text_encoders_after_cache: ClassVar[bool] = True
+    # images per prompt of a "prompts" method's unit: the prompt source draws plan().images / group_size prompts
+    group_size: int = 1
 
     def plan(self, shape: RunShape) -> UnitCost:
         raise NotImplementedError
@@ -151,6 +165,10 @@ class MethodBase:
 
     def collect(self, ctx: Ctx, data) -> Any:
         return data.next(ctx)
+
+    def unit_logs(self, buffer) -> dict[str, float]:
+        """Scalars of the unit `collect` returned (logged on each of its optimizer steps' rows)."""
+        return {}
 
     def updates(self, ctx: Ctx, buffer) -> Iterator[list[Micro]]:
         yield [Micro(b, float(len(b.prompts))) for b in buffer]

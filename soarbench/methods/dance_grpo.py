@@ -44,7 +44,7 @@ from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    deal_steps, require_geneval_rows, samples_per_step)
+                                    deal_steps, eval_mode, require_geneval_rows, samples_per_step)
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.advantages import group_zscore
 from soarbench.rl.ppo import clipped_policy_loss
@@ -189,6 +189,9 @@ class DanceGRPO(MethodBase):
             return sampling_sigmas(adapter.scheduler_config, self.T)
         return dance_sigmas(self.T, self.shift)
 
+    def unit_logs(self, buffer: Epoch) -> dict[str, float]:
+        return buffer.logs
+
     @torch.no_grad()
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
@@ -199,11 +202,9 @@ class DanceGRPO(MethodBase):
         text = TextEmbeddings.cat([table[p] for p in share.prompts])
         shape = adapter.latent_shape(*self._size(adapter))
         noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, shape, self.same_noise, ctx.device)
-        was = adapter.transformer.training
-        adapter.transformer.eval()
         chunk, count = self.rollout_batch or len(share.ids), len(share.ids)
         parts = []
-        with ctx.roles.use("policy") as net:
+        with eval_mode(adapter.transformer), ctx.roles.use("policy") as net:
             for lo in range(0, count, chunk):
                 ids = share.ids[lo:lo + chunk]
                 # steps 0 .. N-2 stochastic (trainable); the last is the Euler step to sigma 0 (see the docstring)
@@ -212,7 +213,6 @@ class DanceGRPO(MethodBase):
                                          sde_window=(0, self.T - 1), transformer=net, sigmas=self.sigmas(adapter),
                                          noise_fn=lambda i, ids=ids: ctx.randn(shape, ids, f"sde_{i}")))
         traj = Trajectory.cat(parts)
-        adapter.transformer.train(was)
         rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
         # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
         traj = Trajectory(latents=ctx.all_gather(traj.latents), log_probs=ctx.all_gather(traj.log_probs),

@@ -48,7 +48,7 @@ from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    deal_steps, require_frozen_copies, require_geneval_rows,
+                                    deal_steps, eval_mode, require_frozen_copies, require_geneval_rows,
                                     samples_per_step)
 from soarbench.rl.advantages import group_advantages
 from soarbench.rl.rewards import RewardFunction
@@ -208,6 +208,9 @@ class DiffusionNFT(MethodBase):
         self.reward_fn.meter = ctx.meter  # reward calls are counted where they are made
         return [ParamGroup(params)]
 
+    def unit_logs(self, buffer: Epoch) -> dict[str, float]:
+        return buffer.logs
+
     @torch.no_grad()
     def collect(self, ctx: Ctx, data) -> Epoch:
         share = data.next(ctx)
@@ -216,12 +219,9 @@ class DiffusionNFT(MethodBase):
         text = adapter.encode_prompts(share.prompts)
         size = self.resolution or int(adapter.vae.config.sample_size)
         noise = ctx.randn(adapter.latent_shape(size, size), share.ids, "rollout_noise")
-        was = adapter.transformer.training
-        adapter.transformer.eval()
-        with ctx.roles.use("old") as net:
+        with eval_mode(adapter.transformer), ctx.roles.use("old") as net:
             x0 = dpm_rollout(adapter, text, noise, num_steps=self.T, guidance=self.g, solver=self.solver,
                              transformer=net)
-        adapter.transformer.train(was)
         rewards, parts = self.reward_fn(adapter.decode(x0), share.prompts, share.metadata)
         # every process needs every sample (advantages; the steps deal samples over slots)
         latents = ctx.all_gather(x0.float())

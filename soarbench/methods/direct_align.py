@@ -56,8 +56,9 @@ import torch
 from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator, keyed_randn
-from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair
+from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, eval_mode, log_pair
 from soarbench.models.sd3 import TextEmbeddings
+from soarbench.rl.rewards import RewardFunction, parse_weights
 
 GRID_SIZE = 1000  # the reference's timestep_length
 # The reference's word lists (fastvideo/SRPO.py): texture / realism words for p+, "AI-look" style words for p-.
@@ -206,8 +207,6 @@ class DirectAlign(MethodBase):
                  groundtruth_ratio: float = 0.9, lora: bool = False, lora_r: int = 32, lora_alpha: float = 64,
                  ema: bool = False, ema_decay: float = 0.9, ema_every: int = 1, resolution: int = 0,
                  timestep_per: str = "sample", round_timestep: bool = False, **srpo: Any):
-        from soarbench.rl.rewards import parse_weights
-
         self.weights = parse_weights(rewards or {"shapes_soft": 1.0})
         self.reward_options = dict(reward_options or {})
         for name in self.reward_options:
@@ -232,8 +231,7 @@ class DirectAlign(MethodBase):
         self.resolution = int(resolution)
         self._srpo_options(**srpo)
         self.grid = training_grid(self.shift)
-        self.metrics: dict[str, Any] | None = None  # built in setup (reward weights load only when training)
-        self.meter = None
+        self.reward_fn: RewardFunction | None = None  # built in setup (reward weights load only when training)
 
     def _srpo_options(self, **options: Any) -> None:
         if options:
@@ -255,20 +253,20 @@ class DirectAlign(MethodBase):
                         micro_batches=shape.accumulation * b, samples_per_step=n)
 
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
-        from soarbench.metrics.registry import build_metric
-
         roles = ctx.roles
         params = roles.lora(self.lora_r, self.lora_alpha) if self.use_lora else roles.full(("transformer",))
         if self.use_ema:
             roles.add_ema(params, self.ema_decay, self.ema_every)
-        self.metrics = {name: build_metric(name, **dict(self.reward_options.get(name) or {}))
-                        for name in self.weights}
-        for metric in self.metrics.values():  # the reward models are frozen: only the pixels need a gradient
+        self.reward_fn = RewardFunction.from_config(self.weights, self.reward_options)
+        for metric in self.reward_fn.metrics.values():  # the reward models are frozen: only the pixels need a grad
             for module in vars(metric).values():
                 if isinstance(module, torch.nn.Module):
                     module.requires_grad_(False)
-        self.meter = ctx.meter
+        self.reward_fn.meter = ctx.meter
         return [ParamGroup(params)]
+
+    def unit_logs(self, buffer: Rollouts) -> dict[str, float]:
+        return buffer.logs
 
     @torch.no_grad()
     def collect(self, ctx: Ctx, data) -> Rollouts:
@@ -280,12 +278,9 @@ class DirectAlign(MethodBase):
         # one noise for the whole step, on every process: keyed by (seed, unit) only, never by sample
         eps = keyed_randn(shape, [(ctx.seed, ctx.unit, "shared_noise")], device=ctx.device)[0]
         noise = eps.expand(len(share.ids), *shape)
-        was = adapter.transformer.training
-        adapter.transformer.eval()
-        with ctx.roles.use("policy") as net:
+        with eval_mode(adapter.transformer), ctx.roles.use("policy") as net:
             x0 = euler_rollout(lambda z, s: _velocity(adapter, z, s, text, self.g, net, self.round_timestep), noise,
                                shift_sigmas(self.shift, self.T))
-        adapter.transformer.train(was)
         adapter.meter.add("images", len(share.ids))
         m = self.draw_m(ctx.seed, ctx.unit, share.ids)
         dj = torch.tensor([gap(int(v), GRID_SIZE, self.ratio) for v in m.tolist()], dtype=torch.long)
@@ -344,15 +339,10 @@ class DirectAlign(MethodBase):
 
     def reward(self, pixels: torch.Tensor, prompts: list[str], metadata: list, words: tuple[str, str],
                k_index: torch.Tensor, inversion: bool) -> torch.Tensor:
-        """(B,) the weighted reward of decoded pixels, on the graph; counted as reward forward+backward passes."""
-        total = None
-        for name, metric in self.metrics.items():
-            value = metric.score_tensor(pixels, prompts, metadata)
-            if self.meter is not None:
-                self.meter.add("reward_fwd_bwd", len(pixels))
-            term = self.weights[name] * value.to(pixels.dtype)
-            total = term if total is None else total + term
-        return total
+        """(B,) the weighted reward of decoded pixels, on the graph (RewardFunction: counted as reward
+        forward+backward passes)."""
+        total, _ = self.reward_fn(pixels, prompts, metadata)
+        return total.to(pixels.dtype)
 
     def after_update(self, ctx: Ctx, step: int, end_of_unit: bool) -> None:
         if ctx.roles.ema is not None:
@@ -406,13 +396,12 @@ class SRPO(DirectAlign):
             positive, negative = negative, positive
         k = (self.k_inv if inversion else self.k)[torch.as_tensor(k_index, dtype=torch.long)]
         total = None
-        for name, metric in self.metrics.items():
+        for name, metric in self.reward_fn.metrics.items():
             image = metric.embed_images_tensor(pixels)
-            if self.meter is not None:
-                self.meter.add("reward_fwd_bwd", len(pixels))
+            self.reward_fn.count(name, len(pixels), with_grad=True)  # always on the graph when it trains
             pos = metric.embed_texts(positive).to(image)
             neg = metric.embed_texts(negative).to(image)
-            term = self.weights[name] * relative_reward(image, pos, neg, k, metric.relative_scale)
+            term = self.reward_fn.weights[name] * relative_reward(image, pos, neg, k, metric.relative_scale)
             total = term if total is None else total + term
         return total.to(pixels.dtype)
 

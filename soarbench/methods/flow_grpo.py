@@ -20,7 +20,6 @@ share the work (only the refill's multiple does, and only when groups are droppe
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +28,7 @@ from soarbench.errors import UserError
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    deal_steps, require_geneval_rows, samples_per_step)
+                                    deal_steps, eval_mode, require_geneval_rows, samples_per_step)
 from soarbench.rl.advantages import group_advantages, nonzero_groups, refill_to_multiple
 from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
 from soarbench.rl.rewards import RewardFunction
@@ -48,17 +47,6 @@ class Epoch:
     parts: list[torch.Tensor]  # the sample indices of each optimizer step
     steps: torch.Tensor  # (N, K) the trained timestep indices of each sample
     logs: dict[str, float] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
-    """The module in eval mode inside the block (rollouts sample without dropout), its own mode restored after."""
-    was = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was)
 
 
 class FlowGRPO(MethodBase):
@@ -150,6 +138,9 @@ class FlowGRPO(MethodBase):
                                noise_level=self.a, sde_window=window, transformer=net,
                                noise_fn=lambda i: ctx.randn(shape, share.ids, f"sde_{i}"))
         return prompts_all, embeddings, text, traj
+
+    def unit_logs(self, buffer: Epoch) -> dict[str, float]:
+        return buffer.logs
 
     @torch.no_grad()
     def collect(self, ctx: Ctx, data) -> Epoch:

@@ -62,8 +62,8 @@ from soarbench import flow
 from soarbench.errors import UserError, did_you_mean
 from soarbench.harness.budget import UnitCost
 from soarbench.harness.rng import keyed_generator
-from soarbench.methods.base import (Batch, Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    require_frozen_copies)
+from soarbench.methods.base import (Batch, Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, eval_mode,
+                                    log_pair, require_frozen_copies)
 from soarbench.methods.sft import FlowMatchingDraw, draw_flow_matching
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.sampling.ode import euler_sample
@@ -195,6 +195,9 @@ class SePPO(MethodBase):
         roles.add_role(ROLE)
         return [ParamGroup(params)]
 
+    def unit_logs(self, buffer: Pairs) -> dict[str, float]:
+        return buffer.logs
+
     def collect(self, ctx: Ctx, data) -> Pairs:
         batches = data.next(ctx)
         if not len(self.pool):
@@ -211,13 +214,8 @@ class SePPO(MethodBase):
         """x_r for each winner's prompt: the chosen reference's Euler ODE from noise keyed by the global index."""
         adapter = ctx.adapter
         noise = ctx.randn(batch.z0.shape[1:], batch.ids, "reference_noise")
-        was = adapter.transformer.training
-        adapter.transformer.eval()
-        try:
-            with ctx.roles.use(ROLE) as net:
-                x_r = euler_sample(adapter, batch.text, noise, num_steps=self.T, guidance=self.g, transformer=net)
-        finally:
-            adapter.transformer.train(was)
+        with eval_mode(adapter.transformer), ctx.roles.use(ROLE) as net:
+            x_r = euler_sample(adapter, batch.text, noise, num_steps=self.T, guidance=self.g, transformer=net)
         ctx.meter.add("images", len(batch.ids))
         return x_r.float()
 

@@ -42,6 +42,7 @@ from PIL import Image
 
 from soarbench.errors import UserError, did_you_mean
 from soarbench.metrics import pixels as pixels_lib
+from soarbench.metrics.pixels import as_rgb
 from soarbench.metrics.base import Metric, MetricInfo, check_protocol
 from soarbench.metrics.weights import locate
 
@@ -69,23 +70,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-
-
-def as_pil(image: Any) -> Image.Image:
-    """A PIL image (in its own mode) from a PIL image or an HW / HWC uint8 array."""
-    if isinstance(image, Image.Image):
-        return image
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3):
-        raise UserError(f"images must be PIL images or HWC uint8 arrays, got {type(image).__name__} "
-                        f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}")
-    return Image.fromarray(array)
-
-
-def as_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image from a PIL image of any mode or an HWC uint8 array."""
-    image = as_pil(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def check_pairs(metric: str, images: Sequence[Any], prompts: Sequence[str]) -> None:

@@ -31,7 +31,8 @@ from PIL import Image
 from soarbench.errors import UserError
 from soarbench.metrics import pixels as pixels_lib
 from soarbench.metrics.base import Metric, MetricInfo, check_protocol
-from soarbench.metrics.clipscore import as_rgb, batches, check_pairs, positive_int, resolve_device
+from soarbench.metrics.clipscore import batches, check_pairs, positive_int, resolve_device
+from soarbench.metrics.pixels import as_rgb
 from soarbench.metrics.weights import load_checkpoint, locate
 
 TENSOR_ATOL = 5e-4  # |score_tensor - score| on the cosine, see the module docstring

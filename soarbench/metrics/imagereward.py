@@ -41,8 +41,8 @@ from torch import nn
 from soarbench.errors import UserError
 from soarbench.metrics.aesthetic import AestheticMLP
 from soarbench.metrics.base import Metric, MetricInfo, check_protocol
-from soarbench.metrics.clipscore import (as_pil, batches, check_pairs, openai_clip_pixels, positive_int,
-                                         resolve_device)
+from soarbench.metrics.clipscore import batches, check_pairs, openai_clip_pixels, positive_int, resolve_device
+from soarbench.metrics.pixels import as_pil
 from soarbench.metrics.weights import load_checkpoint, locate
 
 CHECKPOINT_FILE = "ImageReward.pt"

@@ -39,7 +39,8 @@ from PIL import Image
 
 from soarbench.errors import UserError, did_you_mean
 from soarbench.metrics.base import Metric, MetricInfo, check_protocol
-from soarbench.metrics.clipscore import as_rgb, check_pairs
+from soarbench.metrics.clipscore import check_pairs
+from soarbench.metrics.pixels import as_rgb
 
 RAPIDOCR_INSTALL = "pip install rapidocr==3.10.* onnxruntime"
 PADDLEOCR_INSTALL = "pip install paddleocr==2.9.1 paddlepaddle"

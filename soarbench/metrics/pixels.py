@@ -18,7 +18,7 @@ arithmetic with 8-bit rounding between the horizontal and vertical passes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +28,23 @@ from soarbench.errors import UserError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def as_pil(image: Any) -> Image.Image:
+    """A PIL image (in its own mode) from a PIL image or an HW / HWC uint8 array."""
+    if isinstance(image, Image.Image):
+        return image
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise UserError(f"images must be PIL images or HWC uint8 arrays, got {type(image).__name__} "
+                        f"{getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}")
+    return Image.fromarray(array)
+
+
+def as_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image of any mode or an HWC uint8 array."""
+    image = as_pil(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
@@ -53,8 +70,6 @@ def unit_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def pil_unit_pixels(image: Image.Image) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1] from a PIL image (any mode, converted to RGB) or an HWC uint8 array."""
-    from soarbench.metrics.clipscore import as_rgb
-
     return torch.from_numpy(np.array(as_rgb(image), dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 

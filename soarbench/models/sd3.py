@@ -11,6 +11,7 @@ predicts v = z1 - z0 at timestep sigma * 1000, latents are (vae_latent - shift_f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -191,6 +192,32 @@ def _sequence_length(value, where: str) -> int:
     return value
 
 
+_TOKENIZERS: dict[str, object] = {}  # "class:content digest" -> the tokenizer loaded from those files
+
+
+def shared_tokenizers(base: Path, index: dict) -> dict[str, object]:
+    """The pipeline's CLIP tokenizers, each parsed once per process and content: SD3's `tokenizer` and
+    `tokenizer_2` are usually the same files (3.6 MB of tokenizer.json each, about 0.4 s to parse), and a process
+    that loads a model folder many times (an experiment, the test suite) would parse them on every load. A
+    tokenizer is only read (encoding a prompt never changes it), so one object serves every pipeline."""
+    out = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        library, class_name = (index.get(name) or [None, None])[:2]
+        folder = base / name
+        if library != "transformers" or not class_name or not folder.is_dir():
+            continue
+        digest = hashlib.sha256()
+        for file in sorted(f for f in folder.iterdir() if f.is_file()):
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        key = f"{class_name}:{digest.hexdigest()}"
+        if key not in _TOKENIZERS:
+            import transformers
+
+            _TOKENIZERS[key] = getattr(transformers, class_name).from_pretrained(folder, local_files_only=True)
+        out[name] = _TOKENIZERS[key]
+    return out
+
+
 class SD3Adapter:
     """Loads an SD3-family pipeline folder and exposes text encoding, VAE coding and the velocity model."""
 
@@ -234,6 +261,7 @@ class SD3Adapter:
         dlogging.disable_progress_bar()
         tlogging.set_verbosity_error()
         tlogging.disable_progress_bar()
+        extra.update(shared_tokenizers(base, index))
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(base, dtype=dtype, local_files_only=True, **extra)
         except (OSError, ValueError, KeyError) as e:

@@ -7,7 +7,8 @@
 Outputs in `out_dir`, by format:
 - csv: paper_table.csv (the SOAR paper's main table: measured rows, then the published block), comparisons.csv
   (every comparison with its minimum detectable difference), main_table.csv (every checkpoint of every
-  benchmark), final_table.csv (each group's last checkpoint, with the paired test against the "sft" group);
+  benchmark), final_table.csv (each group's last checkpoint, with the paired test against the "sft" group, then each
+  budget view's final table, its rows named in the "view" column);
 - md: report.md (all tables and notes, and image links to figures/ when html is written too);
   tex: paper_table.tex (booktabs; needs booktabs and multirow);
 - html: index.html, one self-contained page with every table and figure (PNG data URIs), and figures/NAME.png
@@ -22,7 +23,8 @@ from typing import Iterable, Sequence
 from soarbench.errors import UserError, did_you_mean
 from soarbench.io import atomic_write_text
 from soarbench.report.collect import ReportData, collect
-from soarbench.report.tables import build_tables, markdown_report, tables_csv
+from soarbench.report.markdown import markdown_report
+from soarbench.report.tables import build_tables, tables_csv
 
 __all__ = ["DEFAULT_TITLE", "FORMATS", "OUTPUT_FILES", "ReportData", "collect", "parse_formats", "write_report"]
 
@@ -77,7 +79,8 @@ def write_report(run_dirs: Iterable[Path | str], out_dir: Path | str, title: str
         "comparisons_csv": lambda: comparisons_frame(paper).to_csv(index=False, float_format="%.12g",
                                                                    lineterminator="\n"),
         "main_table_csv": lambda: tables_csv([b.main for b in benchmarks]),
-        "final_table_csv": lambda: tables_csv([b.final for b in benchmarks]),
+        "final_table_csv": lambda: tables_csv([t for b in benchmarks for t in (b.final, *b.views)],
+                                              view_column=True),
         "markdown": lambda: markdown_report(title, data, benchmarks, paper,
                                             [(f"{FIGURES_DIR}/{f.name}.png", f.title) for f in figures]),
         "latex": lambda: paper_latex(paper),

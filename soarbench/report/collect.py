@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from soarbench.errors import UserError
 from soarbench.io import json_error, read_jsonl
 
@@ -123,7 +125,7 @@ class ReportData:
     warnings: tuple[str, ...] = ()
     controls: Mapping[str, str] = field(default_factory=dict)  # control kind -> group (report/controls.py)
     probes: tuple = ()  # report/probes.Probe: exposure-bias probes found under the arguments
-    views: tuple = ()  # report/views.View: final tables under another matching of budgets
+    views: tuple = ()  # report/entries.View: final tables under another matching of budgets
 
     def benchmarks(self) -> list[str]:
         """Benchmark names in order of first appearance."""
@@ -155,9 +157,8 @@ class ReportData:
 
 def collect(paths: Iterable[Path | str]) -> ReportData:
     """Discover, load and cross-check every summary.json and train_log.jsonl under `paths`."""
-    from soarbench.report.controls import read_controls
+    from soarbench.report.entries import read_controls, read_views
     from soarbench.report.probes import read_probes
-    from soarbench.report.views import read_views
 
     paths = list(paths)
     summary_paths, log_paths = discover(paths)
@@ -582,3 +583,24 @@ def _first_present(fields: _Fields, keys: Iterable[str]) -> Any:
         if value is not _MISSING:
             return value
     return None
+
+
+@dataclass(frozen=True)
+class PerPrompt:
+    scores: np.ndarray  # mean over the checkpoint's seeds, one value per prompt
+    prompt_set: str | None
+    strata: tuple[str, ...] | None = None  # the overall is the mean of these strata's means (GenEval's tasks)
+
+
+def per_prompt_scores(cp, key: str) -> PerPrompt | None:
+    """A checkpoint's (report/tables.Checkpoint: the evaluations of one group's seeds at one step) per-prompt scores
+    averaged over seeds, or None unless every seed has them, alike."""
+    lists = [values for e in cp.evals if (values := e.per_prompt.get(key))]
+    prompt_sets = {e.prompt_set_sha256 for e in cp.evals}
+    if len(lists) != cp.n_seeds or len({len(v) for v in lists}) != 1 or len(prompt_sets) != 1:
+        return None
+    scores = np.asarray(lists, dtype=float).mean(axis=0)
+    if not np.all(np.isfinite(scores)):
+        return None
+    strata = {e.strata.get(key) for e in cp.evals}
+    return PerPrompt(scores, prompt_sets.pop(), strata.pop() if len(strata) == 1 else None)

@@ -21,11 +21,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from soarbench.errors import UserError, did_you_mean
-
-CONTROL_KINDS = ("negative", "positive")
+from soarbench.report.collect import per_prompt_scores
+from soarbench.report.stats import mde_paired, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -42,38 +41,12 @@ class ControlResult:
         return {True: "passed", False: "FAILED", None: "not run"}[self.passed]
 
 
-def validate_controls(controls: object, where: str) -> dict[str, str]:
-    """{kind: group} from an experiment's `controls` table; one clear line for anything else."""
-    if controls is None:
-        return {}
-    if not isinstance(controls, Mapping):
-        raise UserError(f"{where}: 'controls' must be a table, e.g. {{ negative = \"sft_lr0\", positive = \"flow_grpo\" }}")
-    out = {}
-    for kind, group in controls.items():
-        if kind not in CONTROL_KINDS:
-            raise UserError(f"{where}: {did_you_mean('control', kind, CONTROL_KINDS)}")
-        if not isinstance(group, str) or not group:
-            raise UserError(f"{where}: controls.{kind} must be the name of a [runs.NAME] group, got {group!r}")
-        out[kind] = group
-    return out
-
-
-def read_controls(paths: Iterable[Path | str]) -> dict[str, str]:
-    """The controls named by experiment.toml in any of the report's folders (the first one that names them)."""
-    from soarbench.report.views import read_experiment_entry
-
-    return read_experiment_entry(paths, "controls", validate_controls) or {}
-
-
 def check_controls(controls: Mapping[str, str], finals: Sequence, base, main_metric: str,
                    benchmark: str) -> list[ControlResult]:
     """Run each named control against the base checkpoint `base` on one benchmark.
 
     `finals` are the report's final checkpoints (tables.Checkpoint); `base` is the base model's one (or None).
     """
-    from soarbench.report.stats import mde_paired, paired_bootstrap
-    from soarbench.report.tables import per_prompt_scores
-
     by_group = {cp.group: cp for cp in finals}
     results = []
     for kind, group in controls.items():

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData
+from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData, per_prompt_scores
 from soarbench.report.published import PAPER_METRICS, PublishedRow, load_published
 from soarbench.report.stats import mde_paired, mde_two_groups
 from soarbench.report.tables import (
@@ -37,7 +37,6 @@ from soarbench.report.tables import (
     final_checkpoints,
     group_sort_key,
     paired_tests,
-    per_prompt_scores,
 )
 
 TITLES = {"geneval": "GenEval", "ocr": "OCR", "pickscore": "PickScore", "clipscore": "ClipScore",

@@ -14,7 +14,7 @@ from html import escape
 import pandas as pd
 
 from soarbench.report.paper import MEASURED, PUBLISHED, Comparison, PaperColumn, PaperRow, PaperTable
-from soarbench.report.tables import Cell
+from soarbench.report.tables import Cell, md_row
 
 BLOCK_TITLES = {MEASURED: "measured (this report)", PUBLISHED: "published (papers' numbers, 'paper' protocol)"}
 
@@ -139,9 +139,9 @@ def paper_markdown(table: PaperTable) -> str:
         if not members:
             continue
         keep = slice(None) if block == MEASURED else slice(0, -1)  # published rows have no budget here
-        out += [f"**{BLOCK_TITLES[block]}**", "", _md_row(display_headers(table, block)[keep]),
-                _md_row([":--", "--:", "--:", *("--:" for _ in table.columns), "--:"][keep])]
-        out += [_md_row(cells[keep]) for cells in members] + [""]
+        out += [f"**{BLOCK_TITLES[block]}**", "", md_row(display_headers(table, block)[keep]),
+                md_row([":--", "--:", "--:", *("--:" for _ in table.columns), "--:"][keep])]
+        out += [md_row(cells[keep]) for cells in members] + [""]
     out += [f"- {note}" for note in table.notes]
     return "\n".join(out)
 
@@ -170,8 +170,8 @@ def display_comparisons(table: PaperTable) -> list[Comparison]:
 
 
 def comparisons_markdown(table: PaperTable) -> str:
-    lines = [_md_row(COMPARISON_HEADERS), _md_row([":--", ":--", ":--", "--:", "--:", "--:", "--:", "--:", ":--"])]
-    lines += [_md_row(comparison_cells(c)) for c in display_comparisons(table)]
+    lines = [md_row(COMPARISON_HEADERS), md_row([":--", ":--", ":--", "--:", "--:", "--:", "--:", "--:", ":--"])]
+    lines += [md_row(comparison_cells(c)) for c in display_comparisons(table)]
     return "\n".join(lines)
 
 
@@ -183,10 +183,6 @@ def comparison_cells(c: Comparison) -> list[str]:
     note = c.reason or ("published value is a fixed number; MDE from the measured side only"
                         if c.kind == PUBLISHED else "paired over prompts")
     return [c.metric, c.label, c.against, num(c.diff, "+"), ci, p, num(c.mde_prompts), num(c.mde_seeds), note]
-
-
-def _md_row(cells) -> str:
-    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from soarbench import __version__
-from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData
-from soarbench.report.views import View
+from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData, per_prompt_scores
+from soarbench.report.controls import check_controls
+from soarbench.report.entries import View
 from soarbench.report.stats import (
     DEFAULT_ALPHA,
     DEFAULT_SEED,
@@ -293,6 +294,7 @@ class Table:
     columns: tuple[Column, ...]
     rows: tuple[Row, ...]
     notes: tuple[str, ...] = ()
+    view: str = ""  # the budget view (report/entries.py) whose final table this is; "" for the main tables
 
     @property
     def has_seed_intervals(self) -> bool:
@@ -315,7 +317,7 @@ class BenchmarkTables:
     final: Table
     tasks: Table | None
     controls: tuple = ()  # controls.ControlResult, one per control the experiment names
-    views: tuple = ()  # Table: a final table per budget view (report/views.py), after `final`
+    views: tuple = ()  # Table: a final table per budget view (report/entries.py), after `final`
 
 
 def build_tables(data: ReportData) -> list[BenchmarkTables]:
@@ -338,8 +340,6 @@ def build_benchmark_tables(
     controls: Mapping[str, str] | None = None,
     views: Sequence[View] = (),
 ) -> BenchmarkTables:
-    from soarbench.report.controls import check_controls
-
     main = main_metric(evals)
     scores = score_columns(evals, main)
     budget = budget_columns(evals)
@@ -364,14 +364,13 @@ def build_benchmark_tables(
 def _view_table(benchmark: str, view: View, finals: Sequence[Checkpoint], main: str, score_cols: Sequence[Column],
                 budget_cols: Sequence[Column]) -> Table:
     """A budget view's final table: the base, the view's reference and its groups, each tested against the
-    reference (report/views.py)."""
+    reference (report/entries.py)."""
     members = [cp for cp in finals if cp.group in view.members or cp.method == BASE_METHOD]
     table = _final_table(benchmark, members, main, score_cols, budget_cols, reference_group=view.reference,
                          title=view.title)
     missing = [g for g in view.members if g not in {cp.group for cp in finals}]
-    if not missing:
-        return table
-    return replace(table, notes=(*table.notes, f"No evaluation found for {', '.join(missing)} of this view."))
+    notes = (f"No evaluation found for {', '.join(missing)} of this view.",) if missing else ()
+    return replace(table, notes=(*table.notes, *notes), view=view.name)
 
 
 def _base_checkpoint(finals: Sequence[Checkpoint]) -> Checkpoint | None:
@@ -497,13 +496,6 @@ def _benchmark_description(evals: Sequence[EvalSummary]) -> str:
 # Paired test vs the reference group
 
 
-@dataclass(frozen=True)
-class _PerPrompt:
-    scores: np.ndarray  # mean over the checkpoint's seeds, one value per prompt
-    prompt_set: str | None
-    strata: tuple[str, ...] | None = None  # the overall is the mean of these strata's means (GenEval's tasks)
-
-
 def paired_tests(
     finals: Sequence[Checkpoint], key: str, reference_group: str = REFERENCE_GROUP
 ) -> tuple[dict[str, PairedTest], list[str]]:
@@ -531,19 +523,6 @@ def paired_tests(
             continue
         tests[group] = paired_bootstrap(pp.scores, reference.scores, strata=pp.strata)
     return tests, notes
-
-
-def per_prompt_scores(cp: Checkpoint, key: str) -> _PerPrompt | None:
-    """The checkpoint's per-prompt scores averaged over seeds, or None unless every seed has them, alike."""
-    lists = [values for e in cp.evals if (values := e.per_prompt.get(key))]
-    prompt_sets = {e.prompt_set_sha256 for e in cp.evals}
-    if len(lists) != cp.n_seeds or len({len(v) for v in lists}) != 1 or len(prompt_sets) != 1:
-        return None
-    scores = np.asarray(lists, dtype=float).mean(axis=0)
-    if not np.all(np.isfinite(scores)):
-        return None
-    strata = {e.strata.get(key) for e in cp.evals}
-    return _PerPrompt(scores, prompt_sets.pop(), strata.pop() if len(strata) == 1 else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -581,8 +560,10 @@ def _format_count(value: float) -> str:
 CSV_LEADING = ("benchmark", "label", "group", "method", "step", "n_seeds")
 
 
-def tables_csv(tables: Sequence[Table]) -> str:
-    """One CSV for several benchmarks' tables of one kind: the columns are the union, blank where absent.
+def tables_csv(tables: Sequence[Table], view_column: bool = False) -> str:
+    """One CSV for several benchmarks' tables of one kind: the columns are the union, blank where absent. With
+    `view_column` a "view" column after the leading ones names each row's budget view ("" for the main table), so
+    final_table.csv holds the views' final tables beside the main one.
 
     Score columns are split into KEY_mean, KEY_lo, KEY_hi as soon as any row has a seed interval (single-seed
     rows then leave _lo and _hi blank); a paired difference always has KEY, KEY_lo, KEY_hi. Numbers are not
@@ -590,12 +571,14 @@ def tables_csv(tables: Sequence[Table]) -> str:
     """
     columns = list({c.key: c for t in tables for c in t.columns}.values())
     split = any(t.has_seed_intervals for t in tables)
-    header = [*CSV_LEADING, *(name for c in columns for name in _csv_names(c, split))]
+    leading_names = [*CSV_LEADING, *(["view"] if view_column else [])]
+    header = [*leading_names, *(name for c in columns for name in _csv_names(c, split))]
     rows = []
     for table in tables:
         for row in table.rows:
             step = "" if row.step is None else str(row.step)
             leading = [table.benchmark, row.label, row.group, row.method, step, str(row.n_seeds)]
+            leading += [table.view] if view_column else []
             rows.append([*leading, *(v for c in columns for v in _csv_values(row.cells.get(c.key), c, split))])
     # the cells are already formatted strings (_csv_number): pandas only lays out and quotes them
     return pd.DataFrame(rows, columns=header, dtype=str).to_csv(index=False, lineterminator="\n")
@@ -633,50 +616,11 @@ def _csv_number(value: float | None) -> str:
 def table_markdown(table: Table) -> str:
     """A pipe table: model label, number of seeds, then the table's columns (numbers right-aligned)."""
     header = ["model", "seeds", *(c.title for c in table.columns)]
-    lines = [_md_row(header), _md_row([":--", "--:", *("--:" for _ in table.columns)])]
+    lines = [md_row(header), md_row([":--", "--:", *("--:" for _ in table.columns)])]
     for row in table.rows:
         cells = (format_cell(row.cells.get(c.key), c) for c in table.columns)
-        lines.append(_md_row([row.label, str(row.n_seeds), *cells]))
+        lines.append(md_row([row.label, str(row.n_seeds), *cells]))
     return "\n".join(lines)
-
-
-def markdown_report(title: str, data: ReportData, benchmarks: Sequence[BenchmarkTables], paper=None,
-                    figures: Sequence[tuple[str, str]] = ()) -> str:
-    """report.md: provenance, the paper table (paper.PaperTable) and its comparisons, then each benchmark's tables,
-    the figures (relative path, title) as image links, notes on the statistics and any warnings."""
-    out = [f"# {title}", "", *_md_provenance(data), ""]
-    if paper is not None:
-        from soarbench.report.paper_render import comparisons_markdown, paper_markdown
-
-        out += ["## Main table (as in the SOAR paper)", "", paper_markdown(paper), ""]
-        if paper.comparisons:
-            out += ["### Comparisons (Δ = model − vs; MDE at 80% power, two-sided alpha 0.05)", "",
-                    comparisons_markdown(paper), ""]
-    if not benchmarks:
-        out += ["No evaluations found (no summary.json).", ""]
-    for bench in benchmarks:
-        out += [f"## Benchmark: {bench.benchmark}", ""]
-        if bench.description:
-            out += [f"{bench.description}; main metric: {bench.main_metric}.", ""]
-        if bench.controls:
-            from soarbench.report.controls import controls_markdown
-
-            out += ["### Controls", "", *controls_markdown(bench.controls), ""]
-        for table in (bench.final, *bench.views, bench.tasks, bench.main):
-            if table is None:
-                continue
-            out += [f"### {table.title}", "", table_markdown(table), ""]
-            out += [f"- {note}" for note in table.notes] + ([""] if table.notes else [])
-    if data.probes:
-        from soarbench.report.probes import probe_markdown
-
-        out += ["## Exposure-bias probe", "", *probe_markdown(data.probes)]
-    if figures:
-        out += ["## Figures", "", *(f"![{_md_escape(name)}]({path})" for path, name in figures), ""]
-    out += ["## Notes", "", *(f"- {note}" for note in STATS_NOTES), ""]
-    if data.warnings:
-        out += ["## Warnings", "", *(f"- {_md_escape(w)}" for w in data.warnings), ""]
-    return "\n".join(out)
 
 
 def provenance_items(data: ReportData) -> list[tuple[str, str]]:
@@ -740,13 +684,10 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def _md_provenance(data: ReportData) -> list[str]:
-    return [f"- {label}: {_md_escape(text)}" for label, text in provenance_items(data)]
+def md_row(cells: Sequence[str]) -> str:
+    """A Markdown pipe-table row; a cell's pipes escaped, its line breaks made spaces."""
+    return "| " + " | ".join(md_escape(str(c)) for c in cells) + " |"
 
 
-def _md_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(_md_escape(c) for c in cells) + " |"
-
-
-def _md_escape(text: str) -> str:
+def md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")

@@ -117,7 +117,7 @@ class RewardFunction:
         parts = {}
         for name, metric in self.metrics.items():
             records = metric.score(images, prompts, metadata)
-            self._count(name, len(images), with_grad=False)
+            self.count(name, len(images), with_grad=False)
             parts[name] = torch.tensor([self._value(name, record) for record in records], dtype=torch.float32)
             total += self.weights[name] * parts[name]
         return total, parts
@@ -134,12 +134,14 @@ class RewardFunction:
             values = metric.score_tensor(pixels, prompts, metadata)
             if values.shape != (len(pixels),):
                 raise RuntimeError(f"metric '{name}' returned {tuple(values.shape)} rewards for {len(pixels)} images")
-            self._count(name, len(pixels), with_grad)
+            self.count(name, len(pixels), with_grad)
             parts[name] = values.to(device=pixels.device, dtype=torch.float32)
             total = total + self.weights[name] * parts[name]
         return total, parts
 
-    def _count(self, name: str, n: int, with_grad: bool) -> None:
+    def count(self, name: str, n: int, with_grad: bool) -> None:
+        """Count n images scored by metric `name` (a method that calls a metric's own embeddings, as SRPO's
+        relative reward does, counts its passes here too)."""
         with self._lock:
             (self.grad_calls if with_grad else self.calls)[name] += n
         if self.meter is not None:

@@ -46,6 +46,7 @@ from soarbench.geneval.backends import Backend
 from soarbench.geneval.grammar import COLORS, TAGS
 from soarbench.geneval.rules import DEFAULT_RULES, Detection, relative_position
 from soarbench.io import atomic_write_bytes, atomic_write_text
+from soarbench.worlds import World
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
 
@@ -684,3 +685,7 @@ def write_web_captions(jsonl: str | os.PathLike, out: str | os.PathLike, noise: 
     out = Path(out)
     atomic_write_text(out, "".join(lines))
     return out
+
+
+WORLD = World(name="shapes", manifest=MANIFEST, owns_folder=owns_folder, is_current=is_current_training_split,
+              write=write_training_split)

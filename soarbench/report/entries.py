@@ -1,5 +1,11 @@
-"""Budget views: the same comparison under a second way of matching budgets, in a final table of its own.
+"""What the experiment.toml in a report's folders asks of the report: its controls and its budget views.
 
+`soarbench run` writes the experiment file into its output folder; the report reads two [experiment] entries
+from it (soarbench/experiment.py checks them against the runs before any run starts):
+
+    controls = { negative = "sft_lr0", positive = "flow_grpo_control" }   # checked by report/controls.py
+
+Budget views: the same comparison under a second way of matching budgets, in a final table of its own.
 The experiment's runs are matched in one budget unit (e.g. fwd_bwd_equiv, matched compute). A view adds runs
 budgeted in another unit and names which groups it compares, e.g. matched data passes: SFT given exactly the
 training images SOAR saw (SOAR's step costs about 7x SFT's, so at matched compute SFT sees 7x more data):
@@ -20,6 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from soarbench.errors import UserError, did_you_mean
 
+CONTROL_KINDS = ("negative", "positive")
 VIEW_KEYS = ("title", "reference", "groups")
 
 
@@ -82,3 +89,25 @@ def read_experiment_entry(paths: Iterable[Path | str], key: str, validate: Calla
 
 def read_views(paths: Iterable[Path | str]) -> tuple[View, ...]:
     return read_experiment_entry(paths, "views", validate_views) or ()
+
+
+def validate_controls(controls: object, where: str) -> dict[str, str]:
+    """{kind: group} from an experiment's `controls` table; one clear line for anything else."""
+    if controls is None:
+        return {}
+    if not isinstance(controls, Mapping):
+        raise UserError(f"{where}: 'controls' must be a table, e.g. "
+                        f"{{ negative = \"sft_lr0\", positive = \"flow_grpo\" }}")
+    out = {}
+    for kind, group in controls.items():
+        if kind not in CONTROL_KINDS:
+            raise UserError(f"{where}: {did_you_mean('control', kind, CONTROL_KINDS)}")
+        if not isinstance(group, str) or not group:
+            raise UserError(f"{where}: controls.{kind} must be the name of a [runs.NAME] group, got {group!r}")
+        out[kind] = group
+    return out
+
+
+def read_controls(paths: Iterable[Path | str]) -> dict[str, str]:
+    """The controls named by experiment.toml in any of the report's folders (the first one that names them)."""
+    return read_experiment_entry(paths, "controls", validate_controls) or {}
