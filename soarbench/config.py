@@ -372,7 +372,7 @@ NEW_BUDGET_UNITS = ("reward_fwd_bwd", "vae_decodes", "device_s")
 
 
 def budget_units() -> list[str]:
-    from soarbench.harness.budget import UNITS
+    from soarbench.cost import UNITS
 
     return list(UNITS) + [u for u in NEW_BUDGET_UNITS if u not in UNITS]
 

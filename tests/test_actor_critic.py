@@ -118,7 +118,7 @@ def _hand_head(adapter, seed=0):
 
 
 def test_features_come_from_norm_out_and_are_counted(adapter):
-    from soarbench.harness.meter import Meter
+    from soarbench.meter import Meter
 
     adapter.meter = Meter()
     text = adapter.encode_prompts(["a red circle", "a blue square"])
@@ -318,7 +318,7 @@ def test_bad_steering_input_is_one_line(run, tiny_model_dir, cli, tmp_path):
 # ---- the diffusion critic (critic = "diffusion", the default) ------------------------------------------------
 def _lora_setup(adapter, **options):
     """ActorCritic.setup on the tiny adapter outside the loop (one process, no engine)."""
-    from soarbench.harness.meter import Meter
+    from soarbench.meter import Meter
     from soarbench.methods.base import Ctx
     from soarbench.models.roles import Roles
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from soarbench.errors import UserError
-from soarbench.harness.meter import Meter
+from soarbench.meter import Meter
 from soarbench.harness.train import train
 from soarbench.methods.base import Ctx
 from soarbench.methods.diffusion_nft import (DiffusionNFT, _adaptive_branch, nft_terms, old_decay,

@@ -12,7 +12,7 @@ import torch
 import soarbench  # noqa: F401  (torchvision fallback first)
 from soarbench.errors import UserError
 from soarbench.harness.data import PromptShare
-from soarbench.harness.meter import Meter
+from soarbench.meter import Meter
 from soarbench.methods import build_method
 from soarbench.methods.base import Ctx, RunShape
 from soarbench.methods.direct_align import (SRPO, branch_sigmas, branch_x0, gap, noisy, one_step_x0,
@@ -342,7 +342,7 @@ def test_cli_refuses_a_non_differentiable_reward_in_one_line(tiny_model_dir, sha
 
 # ------------------------------------------------------------- issue 24: timesteps, words, rounding (reference)
 def test_timestep_is_drawn_per_sample_by_global_index_or_once_per_step():
-    from soarbench.harness.rng import keyed_generator
+    from soarbench.rng import keyed_generator
 
     def expected(*key):  # the draw re-implemented here: uniform in [5, 995] from the keyed generator
         return int(torch.randint(5, 996, (1,), generator=keyed_generator(*key)))

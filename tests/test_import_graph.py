@@ -100,3 +100,24 @@ def test_soarbench_has_no_import_cycles():
     graph = import_graph()
     assert len(graph) > 50 and "soarbench.report.tables" in graph["soarbench.report.paper"]
     assert cycles(graph) == []
+
+
+def package_pairs(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """Pairs of soarbench's sub-packages (or top-level modules) whose modules import each other, in either
+    direction: soarbench.a.x -> soarbench.b.y and soarbench.b.z -> soarbench.a.w make the pair (a, b)."""
+    def package(module: str) -> str:
+        return module.split(".")[1] if module.count(".") else module
+
+    edges = {(package(a), package(b)) for a, targets in graph.items() for b in targets if package(a) != package(b)}
+    return {tuple(sorted(edge)) for edge in edges if edge[::-1] in edges}
+
+
+def test_package_pairs_that_import_each_other_only_shrink():
+    """What each package may import is one way round, except these pairs, left to untangle (the list may only
+    shrink: a new pair fails here). harness no longer pairs with methods, models or rl since the counters,
+    UnitCost, the meter and the keyed draws moved beside them (soarbench/cost.py, meter.py, rng.py)."""
+    assert package_pairs({"soarbench.a.x": {"soarbench.b.y"}, "soarbench.b.z": {"soarbench.a.w"},
+                          "soarbench.a.w": {"soarbench.c"}}) == {("a", "b")}
+    allowed = {("config", "methods"), ("evaluate", "harness"), ("geneval", "metrics"), ("metrics", "models"),
+               ("models", "rl"), ("models", "sampling")}
+    assert package_pairs(import_graph()) <= allowed

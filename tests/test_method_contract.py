@@ -11,7 +11,7 @@ import torch
 from soarbench.harness.train import train
 from soarbench.methods import METHODS, build_method
 from soarbench.methods.base import LossOutput, MethodBase, Micro, RunShape, log_pair
-from soarbench.harness.budget import UnitCost
+from soarbench.cost import UnitCost
 
 import reward_plugins  # noqa: F401  (the test rewards test_brightness and test_embed)
 

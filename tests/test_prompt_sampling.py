@@ -12,7 +12,7 @@ import pytest
 from soarbench import config as C
 from soarbench.errors import UserError
 from soarbench.harness.data import PromptData, Record
-from soarbench.harness.meter import Meter
+from soarbench.meter import Meter
 from soarbench.worlds import shapes
 
 SHAPES = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes"

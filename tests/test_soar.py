@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from soarbench import flow
-from soarbench.harness.meter import Meter
+from soarbench.meter import Meter
 from soarbench.methods.base import Batch, Ctx
 from soarbench.methods.sft import SFT, FlowMatchingDraw
 from soarbench.methods.soar import SOAR, correction_velocity, renoise_toward

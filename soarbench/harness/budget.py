@@ -1,23 +1,7 @@
 """The matched budget: what one unit of a method's work costs (its plan), what a run actually spent (the meter's
 global counters), and when to stop and evaluate (the schedule).
 
-Counters (all global, summed over ranks, at sample level):
-  images           generated images (rollouts that reach a clean latent; 0 for SFT and SOAR)
-  data_images      training-set images learned from (one per data sample drawn: SFT, SOAR, SePPO; 0 for the
-                   online methods, which learn from their own rollouts); "matched data passes" budgets in it
-  unique_prompts   distinct captions / prompts trained on
-  no_grad_fwd      transformer forwards without gradient (a CFG pair counts 2)
-  fwd_bwd          transformer forward+backward passes (a CFG pair counts 2)
-  reward_calls     reward-model forwards without gradient, per image (0 for SFT and SOAR)
-  reward_fwd_bwd   reward-model forward+backward passes, per image (differentiable rewards)
-  vae_decodes      VAE decodes, per image (with or without gradient)
-  value_passes     critic evaluations, per sample and state (actor-critic: each is one backbone forward, also
-                   counted in no_grad_fwd, or in fwd_bwd when it trains the diffusion critic's own adapter, so
-                   fwd_bwd_equiv already prices it; 0 for every other method)
-  optimizer_steps
-  wall_s           measured seconds of training (evaluation and checkpoints excluded)
-  device_s         wall_s times the number of devices: the GPU-seconds a run spent
-  fwd_bwd_equiv    fwd_bwd + no_grad_fraction * no_grad_fwd (a forward costs about a third of forward+backward)
+The counters and a unit's cost (`UnitCost`, what a method declares in its plan) are in soarbench/cost.py.
 
 A method declares the cost of one unit of its work ONCE (`UnitCost`, from `Method.plan`); the meter inside the
 model adapter and the reward functions counts what is actually spent; a test asserts meter == plan for every
@@ -29,13 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
+from soarbench.cost import COUNTED, MEASURED, UNITS, StepCost, UnitCost  # noqa: F401 (the budget's names)
 from soarbench.errors import UserError
-
-COUNTED = ("images", "data_images", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd", "vae_decodes",
-           "value_passes")
-UNITS = ("images", "data_images", "unique_prompts", "no_grad_fwd", "fwd_bwd", "reward_calls", "reward_fwd_bwd",
-         "vae_decodes", "value_passes", "optimizer_steps", "wall_s", "device_s", "fwd_bwd_equiv")
-MEASURED = ("wall_s", "device_s")  # decided while running: no unit cost can be planned in these
 
 
 @dataclass
@@ -91,42 +70,6 @@ class Counters:
         c = cls(**{k: state[k] for k in names if k in state})
         c._seen = set(state.get("seen", []))
         return c
-
-
-@dataclass
-class UnitCost:
-    """What one unit of a method's work spends over all ranks (a step, or an online method's epoch of
-    `optimizer_steps` steps), from the config's arithmetic, before anything runs.
-
-    `micro_batches` is the number of backward passes each rank makes per optimizer step (the engine's gradient
-    accumulation); it must not change during a run."""
-
-    images: int = 0
-    data_images: int = 0
-    unique_prompts: int = 0  # an upper bound: a unit sees at most this many new prompts
-    no_grad_fwd: int = 0
-    fwd_bwd: int = 0
-    reward_calls: int = 0
-    reward_fwd_bwd: int = 0
-    vae_decodes: int = 0
-    value_passes: int = 0  # critic evaluations (each also a backbone pass in no_grad_fwd or fwd_bwd)
-    optimizer_steps: int = 1
-    micro_batches: int = 1
-    samples_per_step: int = 0  # the global batch of one optimizer step (recorded in run.json)
-
-    def value(self, unit: str, no_grad_fraction: float) -> float:
-        if unit == "fwd_bwd_equiv":
-            return self.fwd_bwd + no_grad_fraction * self.no_grad_fwd
-        if unit in MEASURED:
-            return float("nan")
-        return float(getattr(self, unit))
-
-    def counted(self) -> dict[str, int]:
-        """The per-unit amounts the meter must reproduce."""
-        return {name: getattr(self, name) for name in COUNTED} | {"optimizer_steps": self.optimizer_steps}
-
-
-StepCost = UnitCost  # the name of the first three methods' per-step cost
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from soarbench.errors import UserError
-from soarbench.harness.rng import key_seed, keyed_rand, keyed_randn
+from soarbench.rng import key_seed, keyed_rand, keyed_randn
 from soarbench.io import read_jsonl
 from soarbench.methods.base import Batch
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings

@@ -32,7 +32,7 @@ from soarbench.harness.checkpoint import (STATE_FILE, checkpoint_dir, latest_che
 from soarbench.harness.data import ImageData, PromptData, ensure_generated, read_records
 from soarbench.harness.engine import Engine
 from soarbench.harness.faults import fault
-from soarbench.harness.meter import Meter
+from soarbench.meter import Meter
 from soarbench.io import append_jsonl, atomic_write_json, atomic_write_text
 from soarbench.methods import build_method
 from soarbench.methods.base import Ctx, RunShape
@@ -421,7 +421,7 @@ def _seed_global_rngs(seed: int) -> None:
 
     import numpy as np
 
-    from soarbench.harness.rng import key_seed
+    from soarbench.rng import key_seed
 
     s = key_seed(seed, "global")
     torch.manual_seed(s)

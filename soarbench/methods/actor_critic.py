@@ -83,8 +83,8 @@ from dataclasses import dataclass, field
 import torch
 
 from soarbench.errors import UserError
-from soarbench.harness.budget import UnitCost
-from soarbench.harness.rng import keyed_generator
+from soarbench.cost import UnitCost
+from soarbench.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, Micro, ParamGroup, RunShape, deal_steps, eval_mode, log_pair,
                                     require_frozen_copies, samples_per_step)
 from soarbench.methods.flow_grpo import FlowGRPO

@@ -30,8 +30,8 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-from soarbench.harness.budget import UnitCost
-from soarbench.harness.rng import keyed_generator, keyed_randn
+from soarbench.cost import UnitCost
+from soarbench.rng import keyed_generator, keyed_randn
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
 
 
@@ -99,7 +99,7 @@ class Ctx:
     adapter: SD3Adapter
     roles: Any  # soarbench.models.roles.Roles
     engine: Any  # soarbench.harness.engine.Engine (rank, world_size, all_reduce_sum, all_gather_objects)
-    meter: Any  # soarbench.harness.meter.Meter
+    meter: Any  # soarbench.meter.Meter
     sigmas: torch.Tensor  # the 1000-entry shifted training grid, on the device
     seed: int = 0
     unit: int = 0  # the unit of work being done (a step, or an epoch), 0-based: part of every draw's key

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 import torch
 
 from soarbench.errors import UserError, did_you_mean
-from soarbench.harness.budget import UnitCost
-from soarbench.harness.rng import keyed_generator
+from soarbench.cost import UnitCost
+from soarbench.rng import keyed_generator
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
                                     deal_steps, eval_mode, require_frozen_copies, require_geneval_rows,
                                     samples_per_step)

@@ -54,8 +54,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from soarbench.errors import UserError, did_you_mean
-from soarbench.harness.budget import UnitCost
-from soarbench.harness.rng import keyed_generator, keyed_randn
+from soarbench.cost import UnitCost
+from soarbench.rng import keyed_generator, keyed_randn
 from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, eval_mode, log_pair
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.rewards import RewardFunction, parse_weights

@@ -60,8 +60,8 @@ import torch.nn.functional as F
 
 from soarbench import flow
 from soarbench.errors import UserError, did_you_mean
-from soarbench.harness.budget import UnitCost
-from soarbench.harness.rng import keyed_generator
+from soarbench.cost import UnitCost
+from soarbench.rng import keyed_generator
 from soarbench.methods.base import (Batch, Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, eval_mode,
                                     log_pair, require_frozen_copies)
 from soarbench.methods.sft import FlowMatchingDraw, draw_flow_matching

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from soarbench import flow
-from soarbench.harness.budget import UnitCost
+from soarbench.cost import UnitCost
 from soarbench.methods.base import Batch, Ctx, LossOutput, MethodBase, Micro, RunShape, log_pair
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from soarbench import flow
-from soarbench.harness.budget import UnitCost
+from soarbench.cost import UnitCost
 from soarbench.methods.base import Batch, Ctx, LossOutput, Micro, RunShape, log_pair
 from soarbench.methods.sft import SFT
 from soarbench.sampling.sde import SDE_VARIANTS, sde_step

@@ -227,7 +227,7 @@ class SD3Adapter:
         self.source = source
         self.checkpoint = checkpoint
         self._null: TextEmbeddings | None = None
-        from soarbench.harness.meter import NULL_METER
+        from soarbench.meter import NULL_METER
 
         self.meter = NULL_METER  # the training loop installs its meter: passes are counted where they happen
         self.net = None  # the module velocity() calls by default (the engine-prepared policy); None: the transformer

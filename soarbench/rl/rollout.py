@@ -25,7 +25,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from soarbench.harness.rng import keyed_randn
+from soarbench.rng import keyed_randn
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
 from soarbench.sampling.ode import cfg_velocity, sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS, sde_step, step_log_prob

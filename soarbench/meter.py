@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from soarbench.harness.budget import COUNTED
+from soarbench.cost import COUNTED
 
 
 class Meter:
