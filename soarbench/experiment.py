@@ -233,7 +233,7 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     from soarbench.benchmarks import eval_benchmarks
     from soarbench.evaluate import evaluate
     from soarbench.harness.budget import Counters
-    from soarbench.harness.train import eval_precision, evaluation_adapter, model_info, resolve_config
+    from soarbench.harness.train import eval_settings, evaluation_adapter, model_info, resolve_config
     from soarbench.models.sd3 import weights_fingerprint
 
     cfg = C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}})
@@ -255,10 +255,7 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
             "weights_sha256": weights_fingerprint(cfg["model"]["path"])}
     for bench in eval_benchmarks(ecfg):
         target = folder / "evals" / "step_000000" / bench.name
-        summary = evaluate(adapter, bench, target, seed=int(ecfg.get("seed", 0)),
-                           batch_size=int(ecfg.get("batch_size", 64)), model_info=info, config=cfg,
-                           guidance=ecfg.get("guidance"), metric_names=ecfg.get("metrics") or None,
-                           precision=eval_precision(cfg),
+        summary = evaluate(adapter, bench, target, model_info=info, config=cfg, **eval_settings(cfg),
                            log=lambda message: log(f"[base] {message}"))
         main = next(iter(summary["scores"].items()))
         log(f"[base] {bench.name} {main[0]} = {main[1]:.4f}")

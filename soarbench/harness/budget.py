@@ -154,7 +154,8 @@ class Budget:
             f"  per {name}: global batch {cost.samples_per_step} per optimizer step = {world_size} process(es) x "
             f"{accumulation} accumulation slot(s); images {cost.images}, data images {cost.data_images}, fwd+bwd "
             f"{cost.fwd_bwd}, no-grad fwd {cost.no_grad_fwd}, reward calls {cost.reward_calls}, reward fwd+bwd "
-            f"{cost.reward_fwd_bwd}, VAE decodes {cost.vae_decodes}" + (f", value passes {cost.value_passes}" if cost.value_passes else ""),
+            f"{cost.reward_fwd_bwd}, VAE decodes {cost.vae_decodes}"
+            + (f", value passes {cost.value_passes}" if cost.value_passes else ""),
         ]
         if planned is None:
             lines.append("  steps: as many as fit in the wall-clock budget")

@@ -16,7 +16,7 @@ def markdown_report(title: str, data: ReportData, benchmarks: Sequence[Benchmark
                     figures: Sequence[tuple[str, str]] = ()) -> str:
     """report.md: provenance, the paper table (paper.PaperTable) and its comparisons, then each benchmark's tables,
     the figures (relative path, title) as image links, notes on the statistics and any warnings."""
-    out = [f"# {title}", "", *md_provenance(data), ""]
+    out = [f"# {title}", "", *_md_provenance(data), ""]
     if paper is not None:
         out += ["## Main table (as in the SOAR paper)", "", paper_markdown(paper), ""]
         if paper.comparisons:
@@ -45,5 +45,5 @@ def markdown_report(title: str, data: ReportData, benchmarks: Sequence[Benchmark
     return "\n".join(out)
 
 
-def md_provenance(data: ReportData) -> list[str]:
+def _md_provenance(data: ReportData) -> list[str]:
     return [f"- {label}: {md_escape(text)}" for label, text in provenance_items(data)]
