@@ -22,6 +22,7 @@ against the constructor of the registered class by `validate_method_options`.
 """
 from __future__ import annotations
 
+import dataclasses
 import copy
 import difflib
 import inspect
@@ -585,8 +586,13 @@ def _check_batches(train: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------ method options
 def _constructor_parameters(cls: type) -> dict[str, tuple[inspect.Parameter, Any]]:
-    """name -> (parameter, type hint) of cls.__init__, following **kwargs into the base classes' __init__."""
+    """name -> (parameter, type hint) of cls.__init__, following **kwargs into the base classes' __init__; a class
+    that takes its options as a dataclass (`Options`, the group-rollout methods) is read from that dataclass."""
     params: dict[str, tuple[inspect.Parameter, Any]] = {}
+    options = getattr(cls, "Options", None)
+    if options is not None and dataclasses.is_dataclass(options):
+        hints = typing.get_type_hints(options)
+        return {p.name: (p, hints.get(p.name)) for p in inspect.signature(options).parameters.values()}
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:

@@ -68,9 +68,9 @@ def test_value_loss_on_a_hand_made_batch():
                             "value_loss_weight": 2.0, "critic": "head"})
     method.head = _constant_head({"shapes_soft": 0.25, "ac_brightness": -1.0})
     targets = torch.tensor([[1.0, 0.0], [0.5, 2.0], [0.0, -1.0]])  # 3 samples x 2 rewards
-    epoch = Epoch(traj=None, prompts=[], embeddings={}, steps=torch.zeros(3, 2, dtype=torch.long),
-                  features=torch.randn(3, 2, 6), targets=targets, advantages=torch.zeros(3, 2), parts=[],
-                  policy=False)
+    epoch = Epoch(prompts=[], groups=torch.arange(3), rewards=torch.zeros(3), scores={}, embeddings={},
+                  steps=torch.zeros(3, 2, dtype=torch.long), advantages=torch.zeros(3, 2), train_policy=False,
+                  extra={"features": torch.randn(3, 2, 6), "targets": targets})
     row = torch.tensor([0, 2])
     for world in (1, 2):
         out = method.loss(SimpleNamespace(world_size=world), Micro((epoch, row[:1], row, None, 1), 1.0))

@@ -108,14 +108,14 @@ def test_rollout_records_the_dance_density_and_ends_with_x0_hat(adapter):
     null = adapter.null_embeddings()
     for i in (0, 2):
         x, s0, s1 = traj.latents[:, i], traj.sigmas[i].item(), traj.sigmas[i + 1].item()
-        v = cfg_velocity(adapter, x, torch.tensor([s0]), text, null, 4.5).double()
+        v = cfg_velocity(adapter.velocity, x, torch.tensor([s0]), text, null, 4.5).double()
         x = x.double()
         mean = x - (s0 - s1) * v + 0.5 * eta**2 * (s0 - s1) * (-(x - (1 - s0) * (x - s0 * v)) / s0**2)
         std = eta * math.sqrt(s0 - s1)
         expected = norm.logpdf(traj.latents[:, i + 1].double().numpy(), loc=mean.numpy(), scale=std)
         np.testing.assert_allclose(traj.log_probs[:, i].numpy(), expected.reshape(2, -1).mean(1), rtol=1e-5)
     last = traj.latents[:, N - 1]
-    v = cfg_velocity(adapter, last, traj.sigmas[N - 1].reshape(1), text, null, 4.5)
+    v = cfg_velocity(adapter.velocity, last, traj.sigmas[N - 1].reshape(1), text, null, 4.5)
     assert torch.allclose(traj.final_latents, last - traj.sigmas[N - 1] * v, atol=1e-6)  # the reference's x0_hat
     assert (traj.log_probs[:, N - 1] == 0).all()
     # recomputed with the same weights, the density is the recorded one
@@ -191,7 +191,7 @@ def test_run_counts_no_reference_pass_and_shares_noise_within_groups(tiny_model_
         assert not torch.allclose(start[0], start[2])
         assert not torch.allclose(e.traj.latents[0, 1], e.traj.latents[1, 1])  # per-step noise per sample
         assert e.steps.shape == (n, K) and int(e.steps.max()) <= N - 2
-        assert sorted(torch.cat(e.parts).tolist()) == list(range(n))  # every sample is trained, none dropped
+        assert sorted(torch.cat(e.batches).tolist()) == list(range(n))  # every sample is trained, none dropped
     assert not torch.allclose(epochs[0].traj.latents[0, 0], epochs[1].traj.latents[0, 0])
     ckpt = SD3Adapter.from_pretrained(tmp_path / "r" / "checkpoints" / "step_000004")
     assert "lora" not in json.dumps([name for name, _ in ckpt.transformer.named_parameters()])
@@ -276,7 +276,7 @@ def test_bad_option_through_the_cli_exits_2(cli, tiny_model_dir, shapes_data, tm
 
 # ---- issue 24: the reference's timestep rounding and EMA ----------------------------------------------------
 def test_rounded_timesteps_reach_the_model_and_the_sde_keeps_exact_sigmas(adapter):
-    from soarbench.methods.dance_grpo import RoundedTimesteps
+    from soarbench.methods.dance_grpo import rounded_timesteps
 
     prompts = ["a photo of a red circle", "a photo of two squares"]
     text = adapter.encode_prompts(prompts)
@@ -284,14 +284,14 @@ def test_rounded_timesteps_reach_the_model_and_the_sde_keeps_exact_sigmas(adapte
     N, sigmas = 5, dance_sigmas(5)
     seen, real = [], adapter.velocity
 
-    def spy(z, sigma, text, transformer=None):
+    def spy(z, sigma, text, net=None):
         seen.append(sigma.detach().reshape(-1)[0].item())
-        return real(z, sigma, text, transformer)
+        return real(z, sigma, text, net)
 
     adapter.velocity = spy
     try:
-        rounded = RoundedTimesteps(adapter)
-        traj = sde_rollout(rounded, text, noise, num_steps=N, guidance=4.5, variant="dance", noise_level=0.3,
+        rounded = rounded_timesteps(adapter.velocity)
+        traj = sde_rollout(adapter, text, noise, velocity=rounded, num_steps=N, guidance=4.5, variant="dance", noise_level=0.3,
                            sde_window=(0, N - 1), noise_fn=lambda i: torch.zeros_like(noise), sigmas=sigmas)
         # the reference (train_grpo_flux.py): timestep_value = int(sigma * 1000) on the fp32 sigma, fed as /1000
         want = [float(torch.tensor(int(s * 1000)) / 1000) for s in sigmas[:N]]
@@ -300,7 +300,7 @@ def test_rounded_timesteps_reach_the_model_and_the_sde_keeps_exact_sigmas(adapte
         assert torch.equal(traj.sigmas, sigmas.float())  # the SDE step's arithmetic keeps the exact sigmas
         seen.clear()
         for j in range(N - 1):  # the recomputation rounds alike: the ratio starts at exactly 1
-            out = step_log_prob_under(rounded, traj, j, text, guidance=4.5)
+            out = step_log_prob_under(adapter, traj, j, text, guidance=4.5, velocity=rounded)
             assert torch.equal(out.log_prob, traj.log_prob_at(j))
         assert seen == pytest.approx(want[:N - 1], abs=1e-7)
         exact = sde_rollout(adapter, text, noise, num_steps=N, guidance=4.5, variant="dance", noise_level=0.3,
@@ -329,7 +329,7 @@ def test_epoch_ema_is_the_references_constant_decay_once_per_epoch():
         ref = 0.9 * ref + 0.1 * p.detach()
         assert torch.allclose(ema.shadow[0], ref, atol=1e-6)
     warm = build_method("dance_grpo", {"ema": True, "ema_decay": 0.995})
-    assert warm.ema_schedule == "step"  # the default keeps the warm-up decay every ema_every steps
+    assert warm.opt.ema_schedule == "step"  # the default keeps the warm-up decay every ema_every steps
     with pytest.raises(UserError, match="ema_schedule"):
         build_method("dance_grpo", {"ema_schedule": "daily"})
 

@@ -366,9 +366,9 @@ def sigmas_seen(adapter):
     seen = []
     real = adapter.velocity
 
-    def spy(z, sigma, text, transformer=None):
+    def spy(z, sigma, text, net=None):
         seen.append(sigma.detach().cpu().double().reshape(-1))
-        return real(z, sigma, text, transformer)
+        return real(z, sigma, text, net)
 
     adapter.velocity = spy
     try:

@@ -101,7 +101,7 @@ def test_init_same_noise_gives_a_group_one_start(tiny_model_dir, shapes_data, tm
     draw), so a group's rewards differ only by the SDE noise the loss credits."""
     import torch
 
-    import soarbench.methods.flow_grpo as fg
+    import soarbench.methods.group as fg  # Flow-GRPO's rollout is the PPO family's (methods/group.py)
 
     starts = []
     real = fg.sde_rollout

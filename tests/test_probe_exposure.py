@@ -89,7 +89,7 @@ class StubAdapter:
         tokens = torch.tensor([[[-1.0, 0.0, 0.0, 0.0, 0.0]]])
         return TextEmbeddings(tokens, tokens[:, 0])
 
-    def velocity(self, z, sigma, text, transformer=None):
+    def velocity(self, z, sigma, text, net=None):
         self.calls += 1
         sigma = sigma.reshape(-1).expand(z.shape[0]).reshape(-1, 1, 1, 1)
         out = torch.empty_like(z)

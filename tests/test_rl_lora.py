@@ -20,14 +20,14 @@ def _inputs(adapter):
 
 def _velocity(adapter, model, inputs):
     with torch.no_grad():
-        return adapter.velocity(*inputs, transformer=model)
+        return adapter.velocity(*inputs, net=model)
 
 
 def _train_step(adapter, model, inputs, lr=0.5):
     """One SGD step on mean(v^2): enough to move the LoRA B matrices off zero."""
     params = lora_parameters(model)
     optimizer = torch.optim.SGD(params, lr=lr)
-    adapter.velocity(*inputs, transformer=model).pow(2).mean().backward()
+    adapter.velocity(*inputs, net=model).pow(2).mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -55,7 +55,7 @@ def test_recorded_log_prob_is_the_flow_sde_density_of_the_next_state(adapter):
     assert torch.equal(traj.sigmas, sampling_sigmas(adapter.scheduler_config, STEPS))
     # step 0 by hand from the spec's formulas; at sigma = 1 the std uses the grid's second sigma
     a, s0, s1, x = 0.7, 1.0, traj.sigmas[1].item(), traj.latents[:, 0]
-    v = cfg_velocity(adapter, x, torch.ones(1), text, adapter.null_embeddings(), 4.5)
+    v = cfg_velocity(adapter.velocity, x, torch.ones(1), text, adapter.null_embeddings(), 4.5)
     s, dt = a * math.sqrt(s0 / (1 - s1)), s1 - s0
     mean = x * (1 + s**2 * dt / (2 * s0)) + v * (1 + s**2 * (1 - s0) / (2 * s0)) * dt
     std = s * math.sqrt(-dt)
@@ -74,7 +74,7 @@ def test_steps_outside_the_window_are_deterministic_euler(adapter):
     assert not torch.allclose(a.latents[:, 3], b.latents[:, 3])
     null = adapter.null_embeddings()
     for i in (0, 1, 4, 5):
-        v = cfg_velocity(adapter, a.latents[:, i], a.sigmas[i].reshape(1), text, null, 4.5)
+        v = cfg_velocity(adapter.velocity, a.latents[:, i], a.sigmas[i].reshape(1), text, null, 4.5)
         assert torch.equal(a.latents[:, i + 1], a.latents[:, i] + (a.sigmas[i + 1] - a.sigmas[i]) * v)
         assert (a.log_probs[:, i] == 0).all()
     assert (a.log_probs[:, 2:4] != 0).all() and torch.isfinite(a.log_probs).all()
@@ -145,12 +145,12 @@ def test_gradient_flows_through_the_conditional_branch_only(trainable_adapter):
     def grads(v):
         return torch.autograd.grad((v * weights).sum(), params, allow_unused=True)
 
-    v = guided_velocity(adapter, noise, sigma, text, null, g)
+    v = guided_velocity(adapter.velocity, noise, sigma, text, null, g)
     with torch.no_grad():
-        assert torch.equal(v, cfg_velocity(adapter, noise, sigma, text, null, g))
+        assert torch.equal(v, cfg_velocity(adapter.velocity, noise, sigma, text, null, g))
     detached = grads(v)
     conditional = grads(g * adapter.velocity(noise, sigma, text).float())  # d v = g d v_cond
-    full = grads(guided_velocity(adapter, noise, sigma, text, null, g, detach_uncond=False))
+    full = grads(guided_velocity(adapter.velocity, noise, sigma, text, null, g, detach_uncond=False))
     pairs = [(d, c, f) for d, c, f in zip(detached, conditional, full) if c is not None]
     assert pairs
     for d, c, _ in pairs:

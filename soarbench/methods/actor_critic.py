@@ -78,43 +78,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from soarbench.errors import UserError
 from soarbench.cost import UnitCost
-from soarbench.rng import keyed_generator
-from soarbench.methods.base import (Ctx, LossOutput, Micro, ParamGroup, RunShape, deal_steps, eval_mode, log_pair,
-                                    require_frozen_copies, samples_per_step)
-from soarbench.methods.flow_grpo import FlowGRPO
+from soarbench.errors import UserError
+from soarbench.methods.base import Ctx, LossOutput, Micro, ParamGroup, RunShape, eval_mode, log_pair, \
+    require_frozen_copies
+from soarbench.methods.group import Epoch, PPOMethod, PPOOptions
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.models.value_head import (CriticExport, DiffusionCritic, ValueHead, backbone_features, feature_dim,
                                          lora_adapter_active, recompute_inside)
-from soarbench.rl.ppo import clipped_policy_loss, kl_to_reference
-from soarbench.rl.rewards import RewardFunction
-from soarbench.rl.rollout import Trajectory, step_log_prob_under
+from soarbench.rl.rollout import Trajectory
 
 HEAD = "value_head"  # the name of the head in roles.modules and of its checkpoint component
 CRITIC = "critic"  # the diffusion critic's LoRA adapter (peft) / its trainable copy in roles.modules
 CRITICS = ("diffusion", "head")
 VERSION = "1-reconstructed (arXiv 2605.27736; no public code)"
-
-
-@dataclass
-class Epoch:
-    """One epoch's rollouts of ALL processes (gathered), with the critic's features and advantages."""
-
-    traj: Trajectory
-    prompts: list[str]
-    embeddings: dict  # prompt -> its embedding (shared by the rollout and the training passes)
-    steps: torch.Tensor  # (N, K) the trained step indices of each sample
-    features: torch.Tensor  # (N, K, F) critic features at the trained states (before this epoch's updates)
-    targets: torch.Tensor  # (N, H) raw reward per head
-    advantages: torch.Tensor  # (N, K)
-    parts: list[torch.Tensor]  # the sample indices of each optimizer step
-    policy: bool  # phase 2: train the policy too
-    logs: dict[str, float] = field(default_factory=dict)
 
 
 def critic_advantages(rewards: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, eps: float = 1e-4,
@@ -130,51 +111,42 @@ def value_loss_terms(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return (predicted.float() - targets.float()) ** 2
 
 
-class ActorCritic(FlowGRPO):
+@dataclass(frozen=True, kw_only=True)
+class ActorCriticOptions(PPOOptions):
+    value_pretrain_units: int = 2
+    value_loss_weight: float = 1.0
+    value_lr: float = 1e-3
+    value_width: int = 256
+    critic: str = "diffusion"
+    critic_lr: float | None = None  # None: train.lr
+
+    min_group = 1  # the critic, not the group, is the baseline: groups of one are allowed
+
+    def check(self) -> None:
+        super().check()
+        if self.value_pretrain_units < 0 or self.value_width < 1 or not self.value_loss_weight > 0:
+            raise UserError("[method] value_pretrain_units must be >= 0, value_width >= 1, value_loss_weight > 0")
+        if self.critic not in CRITICS:
+            raise UserError(f"[method] critic must be \"diffusion\" (the transformer with its own adapter, the "
+                            f"paper's) or \"head\" (an MLP on the frozen reference backbone), got '{self.critic}'")
+        lr = None if self.critic_lr in (None, "") else self.critic_lr  # "" is how a printed config writes None
+        if lr is not None and not float(lr) > 0:
+            raise UserError(f"[method] critic_lr must be > 0 (or left out: train.lr), got {lr}")
+        object.__setattr__(self, "critic_lr", None if lr is None else float(lr))
+
+
+class ActorCritic(PPOMethod):
+    """Flow-GRPO's sibling: the same rollouts and PPO step, with critic advantages and a value loss."""
+
     name = "actor_critic"
     version = VERSION  # each instance adds its critic: "...; critic = diffusion"
-    source = "prompts"
+    Options = ActorCriticOptions
 
-    def __init__(self, group_size: int = 4, batch_size: int = 16, num_steps: int = 10, guidance: float = 4.5,
-                 sde_type: str = "flow_sde", noise_level: float = 0.7, sde_window: int = 0,
-                 clip_range: float = 1e-4, beta: float = 0.04, adv_clip: float = 5.0,
-                 timestep_fraction: float = 0.99, optimizer_steps_per_epoch: int = 2, cfg_train: bool = True,
-                 rewards: dict[str, float] | None = None, reward_options: dict[str, dict] | None = None,
-                 lora: bool = True, lora_r: int = 32, lora_alpha: float = 64, ema: bool = True,
-                 ema_decay: float = 0.9, ema_every: int = 8, resolution: int = 0, value_pretrain_units: int = 2,
-                 value_loss_weight: float = 1.0, value_lr: float = 1e-3, value_width: int = 256,
-                 critic: str = "diffusion", critic_lr: float | None = None):
-        # batch_size = images per epoch over all processes = (prompts per epoch) x group_size; group_size 1 is
-        # allowed (Flow-GRPO's __init__, which needs groups of >= 2, is not called): the critic is the baseline
-        if group_size < 1 or batch_size < 1 or batch_size % group_size:
-            raise UserError(f"[method] batch_size = {batch_size} images is not a whole number of groups of "
-                            f"{group_size} (both >= 1)")
-        if optimizer_steps_per_epoch < 1 or num_steps < 1 or batch_size % optimizer_steps_per_epoch:
-            raise UserError(f"[method] the epoch's {batch_size} images do not split into "
-                            f"{optimizer_steps_per_epoch} optimizer steps (both, and num_steps, must be >= 1)")
-        if value_pretrain_units < 0 or value_width < 1 or not value_loss_weight > 0:
-            raise UserError("[method] value_pretrain_units must be >= 0, value_width >= 1, value_loss_weight > 0")
-        if critic not in CRITICS:
-            raise UserError(f"[method] critic must be \"diffusion\" (the transformer with its own adapter, the "
-                            f"paper's) or \"head\" (an MLP on the frozen reference backbone), got '{critic}'")
-        critic_lr = None if critic_lr in (None, "") else critic_lr  # "" is how a printed config writes None
-        if critic_lr is not None and not float(critic_lr) > 0:
-            raise UserError(f"[method] critic_lr must be > 0 (or left out: train.lr), got {critic_lr}")
-        # the attributes Flow-GRPO's inherited helpers read (setup, trained_steps, after_update, _size)
-        self.k, self.m, self.T, self.g = int(group_size), int(batch_size) // int(group_size), int(num_steps), float(guidance)
-        self.variant, self.a, self.window = sde_type, float(noise_level), int(sde_window)
-        self.clip, self.beta, self.adv_clip = float(clip_range), float(beta), float(adv_clip)
-        self.fraction, self.opt_steps, self.cfg_train = float(timestep_fraction), int(optimizer_steps_per_epoch), bool(cfg_train)
-        self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
-        self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
-        self.resolution = int(resolution)
-        self.reward_fn = RewardFunction.from_config(rewards or {"geneval": 1.0}, reward_options or {})
-        if self.trained_steps() < 1:
-            raise UserError(f"[method] timestep_fraction = {timestep_fraction} of {num_steps} steps trains no step")
-        self.pretrain, self.value_weight = int(value_pretrain_units), float(value_loss_weight)
-        self.value_lr, self.value_width = float(value_lr), int(value_width)
-        self.critic, self.critic_lr = critic, None if critic_lr is None else float(critic_lr)
-        self.version = f"{VERSION}; critic = {critic}"
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.pretrain = self.opt.value_pretrain_units
+        self.critic = self.opt.critic
+        self.version = f"{VERSION}; critic = {self.critic}"
         self.head: ValueHead | None = None
         self._critic_params: list[torch.nn.Parameter] = []  # the diffusion critic's backbone weights that train
         self._critic_net: torch.nn.Module | None = None  # DiffusionCritic (DDP-wrapped over processes), built lazily
@@ -182,36 +154,32 @@ class ActorCritic(FlowGRPO):
     # ---- the contract ---------------------------------------------------------------------------------------
     def unit_plan(self, shape: RunShape, unit: int) -> UnitCost:
         """The cost of epoch `unit` (0-based): phase 1 (value pre-training) before value_pretrain_units."""
-        n, K = self.m * self.k, self.trained_steps()
-        per_step = samples_per_step(n, self.opt_steps, shape)
-        cfg = 2 if self.g != 1.0 else 1
-        train_cfg = 2 if (self.cfg_train and self.g != 1.0) else 1
+        n, K = self.opt.batch_size, self.trained_steps()
         policy = unit >= self.pretrain
-        fwd_bwd = n * K * train_cfg if policy else 0
-        ref = n * K * train_cfg if (policy and self.beta > 0) else 0
+        trained = n * K * self.train_cfg() if policy else 0
+        ref = trained if self.opt.beta > 0 else 0
         critic = n * K if self.critic == "diffusion" else 0  # the value loss's backbone passes, with gradient
-        return UnitCost(images=n, unique_prompts=self.m, no_grad_fwd=n * self.T * cfg + n * K + ref,
-                        fwd_bwd=fwd_bwd + critic, reward_calls=n * len(self.reward_fn.names), vae_decodes=n,
-                        value_passes=n * K + critic, optimizer_steps=self.opt_steps,
-                        micro_batches=shape.accumulation * K, samples_per_step=per_step)
+        return self.epoch_cost(shape, no_grad_fwd=n * K + ref, fwd_bwd=trained + critic, value_passes=n * K + critic)
 
     def plan(self, shape: RunShape) -> UnitCost:
         """A phase-2 epoch (the steady state); unit_plan gives each epoch's own cost, phase 1 included."""
         return self.unit_plan(shape, self.pretrain)
+
+    def roles_needed(self) -> list[str]:
+        """Flow-GRPO's KL reference, which the head critic also reads its features from."""
+        return ["ref"] if self.opt.beta > 0 or self.critic == "head" else []
 
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
         """Flow-GRPO's policy (LoRA or full, EMA, KL reference), the critic's backbone (its own adapter, or the
         frozen reference), and the value head as its own parameter group (the critic's adapter another)."""
         groups = super().setup(ctx)
         diffusion = self.critic == "diffusion"
-        if self.beta <= 0 and not diffusion:
-            ctx.roles.add_role("ref")  # the critic's backbone (LoRA: the adapters disabled; full: a frozen copy)
-        backbone = ("critic_lora" if self.use_lora else "critic_transformer") if diffusion else "reference"
-        self.head = ValueHead(self.reward_fn.names, feature_dim(ctx.adapter.transformer.config), self.value_width,
-                              self.reward_fn.weights, backbone).to(ctx.device)
-        groups = groups + [ParamGroup(ctx.roles.add_module(HEAD, self.head), lr=self.value_lr, name="value")]
+        backbone = ("critic_lora" if self.opt.lora else "critic_transformer") if diffusion else "reference"
+        self.head = ValueHead(self.reward_fn.names, feature_dim(ctx.adapter.transformer.config),
+                              self.opt.value_width, self.reward_fn.weights, backbone).to(ctx.device)
+        groups = groups + [ParamGroup(ctx.roles.add_module(HEAD, self.head), lr=self.opt.value_lr, name="value")]
         if diffusion:
-            groups.append(ParamGroup(self._add_critic(ctx), lr=self.critic_lr, name="critic"))
+            groups.append(ParamGroup(self._add_critic(ctx), lr=self.opt.critic_lr, name="critic"))
         return groups
 
     def _add_critic(self, ctx: Ctx) -> list[torch.nn.Parameter]:
@@ -223,7 +191,7 @@ class ActorCritic(FlowGRPO):
                             f"a DDP wrapper of its own, which the {engine.name} engine does not run: use a DDP "
                             f"accelerate config, or critic = \"head\"")
         roles = ctx.roles
-        if self.use_lora:
+        if self.opt.lora:
             from peft import LoraConfig
 
             from soarbench.rl import lora as L
@@ -255,7 +223,7 @@ class ActorCritic(FlowGRPO):
         DDP wrapper of its own reduces the critic's gradients (its weights are the only ones requiring grad while
         it is built)."""
         if self._critic_net is None:
-            backbone = ctx.roles.base if self.use_lora else ctx.roles.modules[CRITIC]
+            backbone = ctx.roles.base if self.opt.lora else ctx.roles.modules[CRITIC]
             module = DiffusionCritic(ctx.adapter, backbone, self.head)
             if ctx.world_size > 1:
                 from torch.nn.parallel import DistributedDataParallel
@@ -284,7 +252,7 @@ class ActorCritic(FlowGRPO):
         net = self._critic(ctx)
         if hasattr(net, "require_backward_grad_sync"):
             net.require_backward_grad_sync = bool(sync)  # read by DDP's forward, as its no_sync() does
-        if not self.use_lora:
+        if not self.opt.lora:
             return net(z, sigma, text)
         from soarbench.rl import lora as L
 
@@ -294,35 +262,28 @@ class ActorCritic(FlowGRPO):
         with lora_adapter_active(peft, CRITIC), recompute_inside(peft, lambda: lora_adapter_active(peft, CRITIC)):
             return net(z, sigma, text)
 
-    @torch.no_grad()
-    def collect(self, ctx: Ctx, data) -> Epoch:
-        share = data.next(ctx)
-        adapter = ctx.adapter
-        prompts_all, embeddings, text, traj = self.rollout(ctx, share)  # Flow-GRPO's rollout
-        steps = traj.trainable_steps()[:, : self.trained_steps()]
-        critic = ctx.roles.modules.get(CRITIC, adapter.transformer)
-        with eval_mode(adapter.transformer), eval_mode(critic):
-            features = self._features(ctx, traj, steps, text)
-        _, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
-        targets = torch.stack([parts[n].to(ctx.device) for n in self.reward_fn.names], dim=1)  # (B, H)
-        # every process needs every sample: advantages are normalised globally, samples are dealt over all slots,
-        # and every process trains the (unwrapped) value head on the same global batch
-        traj = Trajectory(latents=ctx.all_gather(traj.latents), log_probs=ctx.all_gather(traj.log_probs),
-                          sigmas=traj.sigmas, trainable=ctx.all_gather(traj.trainable), variant=traj.variant,
-                          noise_level=traj.noise_level)
-        steps, features, targets = ctx.all_gather(steps), ctx.all_gather(features), ctx.all_gather(targets.float())
-        values = self.head(features)  # (N, K, H) the critic before this epoch's updates
+    def observe(self, ctx: Ctx, traj: Trajectory, text: TextEmbeddings) -> dict[str, torch.Tensor]:
+        """The critic's features at this share's trained states, before this epoch's updates."""
+        critic = ctx.roles.modules.get(CRITIC, ctx.adapter.transformer)
+        with eval_mode(ctx.adapter.transformer), eval_mode(critic):
+            return {"features": self._features(ctx, traj, traj.trainable_steps()[:, : self.trained_steps()], text)}
+
+    def advantages(self, ctx: Ctx, epoch: Epoch) -> None:
+        """A[n, j] = sum_h w_h (R_h - V_h(z_j)) over the epoch, normalised by its std (module docstring)."""
+        targets = torch.stack([epoch.scores[n].float() for n in self.reward_fn.names], dim=1)  # (N, H)
+        values = self.head(epoch.extra["features"])  # (N, K, H) the critic before this epoch's updates
         weights = torch.tensor([self.reward_fn.weights[n] for n in self.reward_fn.names], device=targets.device)
-        adv = critic_advantages(targets, values, weights, clip=self.adv_clip)
-        n = len(prompts_all)
-        order = torch.randperm(n, generator=keyed_generator(ctx.seed, ctx.unit, "order"))
-        reward = (targets * weights).sum(1)
+        epoch.advantages = critic_advantages(targets, values, weights, clip=self.opt.adv_clip)
+        epoch.extra.update(targets=targets, values=values, weights=weights)
+        epoch.train_policy = ctx.unit >= self.pretrain
+
+    def epoch_logs(self, ctx: Ctx, epoch: Epoch) -> dict[str, float]:
+        targets, values = epoch.extra["targets"], epoch.extra["values"]
+        reward = (targets * epoch.extra["weights"]).sum(1)
         logs = {"reward_mean": float(reward.mean()), "phase": 1.0 if ctx.unit < self.pretrain else 2.0,
                 "value_mse": float(value_loss_terms(values, targets[:, None, :].expand_as(values)).mean())}
         logs.update({f"reward_{name}": float(targets[:, h].mean()) for h, name in enumerate(self.reward_fn.names)})
-        return Epoch(traj=traj, prompts=prompts_all, embeddings=embeddings, steps=steps, features=features,
-                     targets=targets, advantages=adv, parts=list(order.chunk(self.opt_steps)),
-                     policy=ctx.unit >= self.pretrain, logs=logs)
+        return logs
 
     def _features(self, ctx: Ctx, traj: Trajectory, steps: torch.Tensor, text: TextEmbeddings) -> torch.Tensor:
         """(B, K, F) critic features at each sample's trained states, one batched backbone forward per column (the
@@ -342,7 +303,7 @@ class ActorCritic(FlowGRPO):
         if self.critic == "head":
             with ctx.roles.use("ref") as ref:
                 yield ref
-        elif self.use_lora:
+        elif self.opt.lora:
             from soarbench.rl import lora as L
 
             with lora_adapter_active(L.peft_model(ctx.roles.base), CRITIC) as peft:
@@ -350,61 +311,37 @@ class ActorCritic(FlowGRPO):
         else:
             yield ctx.roles.modules[CRITIC]
 
-    def updates(self, ctx: Ctx, epoch: Epoch):
-        def head(idx, row):  # row: every process's samples of the slot, for the head the engine does not wrap
-            return epoch, idx, row, TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
-        return deal_steps(ctx, epoch.parts, epoch.steps.shape[1], head)
-
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, row, text, column = micro.data
-        traj = epoch.traj.select(idx) if (epoch.policy or self.critic == "diffusion") else None
-        j = epoch.steps[idx, column]
-        if epoch.policy:
-            out = self._policy_terms(ctx, epoch, idx, text, column, traj, j)
+        targets = epoch.extra["targets"]
+        if epoch.train_policy:
+            out = self.policy_terms(ctx, epoch, idx, text, column, epoch.advantages[idx, column])
         else:
-            out = LossOutput(loss=torch.zeros((), device=epoch.targets.device), logs={})
+            out = LossOutput(loss=torch.zeros((), device=targets.device), logs={})
         # the critic's term last: nothing switches adapters (and the critic's requires_grad) before the backward
         if self.critic == "diffusion":
             # each process its own samples; the critic's DDP wrapper averages like the engine's (module docstring)
             engine = getattr(ctx, "engine", None)
             sync = engine is None or engine.acc.sync_gradients
+            traj, j = epoch.traj.select(idx), epoch.steps[idx, column]
             n = len(idx)
             values = self.critic_values(ctx, traj.latents[torch.arange(n, device=j.device), j],
                                         traj.sigmas[j].to(traj.latents.device), text, sync=sync)
-            sq, count, W = value_loss_terms(values, epoch.targets[idx]), n, 1
+            sq, count, W = value_loss_terms(values, targets[idx]), n, 1
         else:
             # the head: replicated over processes, so each carries 1/W of it (see the module docstring)
             W = ctx.world_size
-            sq, count = value_loss_terms(self.head(epoch.features[row, column]), epoch.targets[row]), len(row)
+            sq, count = value_loss_terms(self.head(epoch.extra["features"][row, column]), targets[row]), len(row)
         logs = {"value_loss": log_pair(sq.sum(1).sum() / W, count / W)}
-        for h, name in enumerate(self.reward_fn.names):
+        for h, name in enumerate(self.reward_weights):
             logs[f"value_loss_{name}"] = log_pair(sq[:, h].sum() / W, count / W)
-        return LossOutput(loss=out.loss + self.value_weight * sq.sum() / W, logs={**out.logs, **logs})
-
-    def _policy_terms(self, ctx: Ctx, epoch: Epoch, idx, text, column, traj, j) -> LossOutput:
-        """Phase 2's PPO-clip and KL terms of the micro-batch (a sum over its samples)."""
-        guidance = self.g if self.cfg_train else 1.0
-        with ctx.roles.use("policy") as net:
-            out = step_log_prob_under(ctx.adapter, traj, j, text, guidance, transformer=net)
-        n = len(idx)
-        policy = clipped_policy_loss(out.log_prob, traj.log_probs[torch.arange(n), j], epoch.advantages[idx, column],
-                                     self.clip)
-        per_sample = policy.per_sample
-        logs = {"policy_loss": log_pair(per_sample.sum(), n), "approx_kl": log_pair(policy.approx_kl * n, n),
-                "clipfrac": log_pair(policy.clipfrac * n, n)}
-        if self.beta > 0:
-            with torch.no_grad(), ctx.roles.use("ref") as ref_net:
-                ref = step_log_prob_under(ctx.adapter, traj, j, text, guidance, transformer=ref_net)
-            kl = kl_to_reference(out.mean, ref.mean, out.kl_std)
-            per_sample = per_sample + self.beta * kl
-            logs["kl"] = log_pair(kl.sum(), n)
-        return LossOutput(loss=per_sample.sum(), logs=logs)
+        return LossOutput(loss=out.loss + self.opt.value_loss_weight * sq.sum() / W, logs={**out.logs, **logs})
 
     def export(self, ctx: Ctx) -> dict[str, torch.nn.Module]:
         """The policy's components and the value head (CHECKPOINT/value_head/, read by --steer), with the diffusion
         critic's own LoRA (peft layout) or transformer beside it."""
         head = self.head
-        if self.critic == "diffusion" and self.use_lora:
+        if self.critic == "diffusion" and self.opt.lora:
             from peft import get_peft_model_state_dict
 
             from soarbench.rl import lora as L

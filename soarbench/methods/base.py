@@ -122,6 +122,13 @@ class Ctx:
     def velocity(self, z, sigma, text, role: str = "policy", guidance: float = 1.0, detach_uncond: bool = False):
         return self.roles.velocity(z, sigma, text, role=role, guidance=guidance, detach_uncond=detach_uncond)
 
+    def velocity_of(self, role: str = "policy") -> Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor]:
+        """`role`'s velocity v(z, sigma, text) as the samplers take it (soarbench.sampling.ode.Velocity): the one
+        door to the network, so no sampler or rollout is handed a module."""
+        def velocity(z, sigma, text):
+            return self.roles.velocity(z, sigma, text, role=role)
+        return velocity
+
     def generators(self, ids, purpose: str) -> list[torch.Generator]:
         """One CPU generator per sample, keyed by (seed, unit, purpose, global sample index)."""
         return [keyed_generator(self.seed, self.unit, purpose, int(i)) for i in ids]

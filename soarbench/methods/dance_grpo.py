@@ -38,22 +38,23 @@ clipfrac, ratio_dev (mean |ratio - 1|, 0 on-policy), reward_mean, reward_std and
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from soarbench.errors import UserError, did_you_mean
 from soarbench.cost import UnitCost
-from soarbench.rng import keyed_generator
-from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    deal_steps, eval_mode, require_geneval_rows, samples_per_step)
-from soarbench.models.sd3 import TextEmbeddings
+from soarbench.errors import UserError, did_you_mean
+from soarbench.methods.base import Ctx, LossOutput, Micro, RunShape, log_pair
+from soarbench.methods.group import Epoch, GroupOptions, GroupRollout, ppo_logs, trained_timesteps
+from soarbench.models.roles import Roles
 from soarbench.rl.advantages import group_zscore
-from soarbench.rl.ppo import clipped_policy_loss
-from soarbench.rl.rewards import RewardFunction, parse_weights
 from soarbench.rl.lora import EMA
-from soarbench.methods.flow_grpo import Epoch  # the same epoch of gathered rollouts
-from soarbench.rl.rollout import encode_once, initial_noise, Trajectory, sde_rollout, step_log_prob_under
+from soarbench.rl.ppo import ppo_step
+from soarbench.rl.rollout import Trajectory, initial_noise, sde_rollout  # initial_noise: DanceGRPO's shared start
 from soarbench.sampling.ode import sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS
+
+__all__ = ["DanceGRPO", "ConstantEMA", "dance_sigmas", "initial_noise", "rounded_timesteps", "trained_timesteps"]
 
 SIGMA_GRIDS = ("linspace", "scheduler")
 EMA_SCHEDULES = ("step", "epoch")
@@ -71,18 +72,12 @@ def reference_timestep(sigma: torch.Tensor) -> torch.Tensor:
     return torch.floor(sigma.float() * 1000) / 1000
 
 
-class RoundedTimesteps:
-    """The adapter, except that its velocity sees the reference's rounded timestep (every other attribute is the
-    adapter's own): the rollout and the recomputation round alike, the step arithmetic keeps the exact sigma."""
-
-    def __init__(self, adapter):
-        self._adapter = adapter
-
-    def __getattr__(self, name):
-        return getattr(self._adapter, name)
-
-    def velocity(self, z, sigma, text, transformer=None):
-        return self._adapter.velocity(z, reference_timestep(sigma).to(sigma.device), text, transformer)
+def rounded_timesteps(velocity):
+    """`velocity` fed the reference's rounded timestep: the rollout and the recomputation round alike, while the
+    SDE step's arithmetic keeps the exact sigma."""
+    def rounded(z, sigma, text):
+        return velocity(z, reference_timestep(sigma).to(sigma.device), text)
+    return rounded
 
 
 def dance_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -91,178 +86,131 @@ def dance_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     return (shift * t / (1 + (shift - 1) * t)).float()
 
 
-def trained_timesteps(seed: int, unit: int, ids, transitions: int, count: int) -> torch.Tensor:
-    """(B, count) long: for each global sample index, the first `count` entries of a random permutation of its
-    `transitions` trainable steps, keyed by (seed, unit, "timesteps", sample)."""
-    rows = [torch.randperm(transitions, generator=keyed_generator(seed, unit, "timesteps", int(i)))[:count]
-            for i in ids]
-    return torch.stack(rows) if rows else torch.empty((0, count), dtype=torch.long)
+@dataclass(frozen=True, kw_only=True)
+class DanceGRPOOptions(GroupOptions):
+    group_size: int = 12
+    batch_size: int = 48
+    num_steps: int = 16
+    eta: float = 0.3
+    sde_type: str = "dance"
+    sigma_grid: str = "linspace"
+    shift: float = 3.0
+    init_same_noise: bool = True
+    clip_range: float = 1e-4
+    adv_eps: float = 1e-8
+    timestep_fraction: float = 0.6
+    optimizer_steps_per_epoch: int = 1
+    cfg_train: bool = True  # false: train the conditional velocity alone (ratios then start off 1)
+    ema: bool = False
+    ema_decay: float = 0.995
+    ema_every: int = 1
+    # images per sampling call; 0: this process's whole share at once. The reference samples one at a time and
+    # trains one at a time; equal batch sizes keep bf16 ratios at exactly 1 where kernels depend on the batch.
+    rollout_batch_size: int = 0
+    ema_schedule: str = "step"
+    round_timestep: bool = False
 
-
-class DanceGRPO(MethodBase):
-    name = "dance_grpo"
-    source = "prompts"
-
-    def __init__(self, group_size: int = 12, batch_size: int = 48, num_steps: int = 16, guidance: float = 4.5,
-                 eta: float = 0.3, sde_type: str = "dance", sigma_grid: str = "linspace", shift: float = 3.0,
-                 init_same_noise: bool = True, clip_range: float = 1e-4, adv_clip: float = 5.0,
-                 adv_eps: float = 1e-8, timestep_fraction: float = 0.6, optimizer_steps_per_epoch: int = 1,
-                 cfg_train: bool = True, rewards: dict[str, float] | None = None,
-                 reward_options: dict[str, dict] | None = None, lora: bool = True, lora_r: int = 32,
-                 lora_alpha: float = 64, ema: bool = False, ema_decay: float = 0.995, ema_every: int = 1,
-                 resolution: int = 0, rollout_batch_size: int = 0, ema_schedule: str = "step",
-                 round_timestep: bool = False):
-        # batch_size = images per epoch over all processes = (unique prompts per epoch) x group_size
-        if group_size < 2:
+    def check(self) -> None:
+        if self.group_size < 2:
             raise UserError(f"[method] group_size must be >= 2 (the unbiased std of a group of one is undefined), "
-                            f"got {group_size}")
-        if batch_size % group_size:
-            raise UserError(f"[method] batch_size = {batch_size} images is not a whole number of groups of "
-                            f"{group_size}")
-        if sde_type not in SDE_VARIANTS:
-            raise did_you_mean("[method] sde_type", str(sde_type), SDE_VARIANTS)
-        if sigma_grid not in SIGMA_GRIDS:
-            raise did_you_mean("[method] sigma_grid", str(sigma_grid), SIGMA_GRIDS)
-        if not eta > 0:
-            raise UserError(f"[method] eta must be > 0 (the SDE's noise level), got {eta}")
-        trained = int((num_steps - 1) * timestep_fraction)
-        if num_steps < 2 or not 0 < timestep_fraction <= 1 or trained < 1:
-            raise UserError(f"[method] num_steps = {num_steps} and timestep_fraction = {timestep_fraction} train "
-                            f"int((num_steps - 1) x fraction) = {trained} timesteps; need at least 1")
-        if ema_schedule not in EMA_SCHEDULES:
-            raise did_you_mean("[method] ema_schedule", str(ema_schedule), EMA_SCHEDULES)
-        if rollout_batch_size < 0:
+                            f"got {self.group_size}")
+        super().check()
+        if self.sde_type not in SDE_VARIANTS:
+            raise did_you_mean("[method] sde_type", str(self.sde_type), SDE_VARIANTS)
+        if self.sigma_grid not in SIGMA_GRIDS:
+            raise did_you_mean("[method] sigma_grid", str(self.sigma_grid), SIGMA_GRIDS)
+        if not self.eta > 0:
+            raise UserError(f"[method] eta must be > 0 (the SDE's noise level), got {self.eta}")
+        trained = int((self.num_steps - 1) * self.timestep_fraction)
+        if self.num_steps < 2 or not 0 < self.timestep_fraction <= 1 or trained < 1:
+            raise UserError(f"[method] num_steps = {self.num_steps} and timestep_fraction = {self.timestep_fraction} "
+                            f"train int((num_steps - 1) x fraction) = {trained} timesteps; need at least 1")
+        if self.ema_schedule not in EMA_SCHEDULES:
+            raise did_you_mean("[method] ema_schedule", str(self.ema_schedule), EMA_SCHEDULES)
+        if self.rollout_batch_size < 0:
             raise UserError(f"[method] rollout_batch_size must be >= 0 (0: a process's whole share), "
-                            f"got {rollout_batch_size}")
-        if optimizer_steps_per_epoch < 1 or batch_size % optimizer_steps_per_epoch:
-            raise UserError(f"[method] the epoch's {batch_size} images do not split into "
-                            f"optimizer_steps_per_epoch = {optimizer_steps_per_epoch} optimizer steps")
-        self.k, self.m, self.T = int(group_size), int(batch_size) // int(group_size), int(num_steps)
-        self.g, self.variant, self.eta = float(guidance), sde_type, float(eta)
-        self.grid, self.shift = sigma_grid, float(shift)
-        self.same_noise, self.clip = bool(init_same_noise), float(clip_range)
-        self.adv_clip, self.adv_eps = float(adv_clip), float(adv_eps)
-        self.fraction, self.K, self.opt_steps = float(timestep_fraction), trained, int(optimizer_steps_per_epoch)
-        self.cfg_train = bool(cfg_train)  # false: train the conditional velocity alone (ratios then start off 1)
-        self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
-        self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
-        self.ema_schedule, self.round_timestep = str(ema_schedule), bool(round_timestep)
-        self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
-        # images per sampling call; 0: this process's whole share at once. The reference samples one at a time and
-        # trains one at a time; equal batch sizes keep bf16 ratios at exactly 1 where kernels depend on the batch.
-        self.rollout_batch = int(rollout_batch_size)
-        # names and weights are checked now; the scorers (and their weights) load when the run starts (setup)
-        self.reward_weights = parse_weights(rewards or {"geneval": 1.0})
-        self.reward_options = dict(reward_options or {})
-        self.reward_fn: RewardFunction | None = None
+                            f"got {self.rollout_batch_size}")
+
+
+class DanceGRPO(GroupRollout):
+    name = "dance_grpo"
+    Options = DanceGRPOOptions
 
     @property
-    def group_size(self) -> int:
-        return self.k
+    def K(self) -> int:
+        return self.trained_steps()
+
+    def trained_steps(self) -> int:
+        """K = int((N - 1) x timestep_fraction): the last transition is never trained."""
+        return int((self.opt.num_steps - 1) * self.opt.timestep_fraction)
 
     # ---- the contract ---------------------------------------------------------------------------------------
     def plan(self, shape: RunShape) -> UnitCost:
         """One epoch (all processes): N-step rollouts, rewards, and K trained timesteps per sample. No reference."""
-        n = self.m * self.k
-        per_step = samples_per_step(n, self.opt_steps, shape)
-        cfg = 2 if self.g != 1.0 else 1
-        train_cfg = 2 if (self.cfg_train and self.g != 1.0) else 1
-        return UnitCost(images=n, unique_prompts=self.m, no_grad_fwd=n * self.T * cfg,
-                        fwd_bwd=n * self.K * train_cfg, reward_calls=n * len(self.reward_weights), vae_decodes=n,
-                        optimizer_steps=self.opt_steps, micro_batches=shape.accumulation * self.K,
-                        samples_per_step=per_step)
+        o = self.opt
+        train_cfg = self.cfg_factor(o.guidance) if o.cfg_train else 1
+        return self.epoch_cost(shape, no_grad_fwd=0, fwd_bwd=o.batch_size * self.K * train_cfg)
 
-    def setup(self, ctx: Ctx) -> list[ParamGroup]:
-        """LoRA (or the whole transformer) and the optional EMA; no reference role (DanceGRPO has no KL)."""
-        roles = ctx.roles
-        params = roles.lora(self.lora_r, self.lora_alpha) if self.use_lora else roles.full(("transformer",))
-        if self.use_ema:
-            roles.add_ema(params, self.ema_decay, self.ema_every)
-            if self.ema_schedule == "epoch":  # the reference's: constant decay, once per epoch
-                roles.ema = ConstantEMA(params, decay=self.ema_decay, every=1)
-        self.reward_fn = RewardFunction.from_config(self.reward_weights, self.reward_options)
-        self.reward_fn.meter = ctx.meter  # reward calls are counted where they are made
-        return [ParamGroup(params)]
+    def add_ema(self, roles: Roles, params) -> None:
+        if self.opt.ema_schedule == "epoch":  # the reference's: constant decay, once per epoch
+            roles.ema = ConstantEMA(params, decay=self.opt.ema_decay, every=1)
+        else:
+            super().add_ema(roles, params)
 
     def sigmas(self, adapter) -> torch.Tensor:
-        if self.grid == "scheduler":
-            return sampling_sigmas(adapter.scheduler_config, self.T)
-        return dance_sigmas(self.T, self.shift)
+        if self.opt.sigma_grid == "scheduler":
+            return sampling_sigmas(adapter.scheduler_config, self.opt.num_steps)
+        return dance_sigmas(self.opt.num_steps, self.opt.shift)
 
-    def unit_logs(self, buffer: Epoch) -> dict[str, float]:
-        return buffer.logs
+    def velocity(self, ctx: Ctx):
+        """The policy's velocity the rollouts and the recomputation call (its timestep rounded with
+        `round_timestep`)."""
+        policy = ctx.velocity_of("policy")
+        return rounded_timesteps(policy) if self.opt.round_timestep else policy
 
-    @torch.no_grad()
-    def collect(self, ctx: Ctx, data) -> Epoch:
-        share = data.next(ctx)
-        adapter = self.model(ctx)
-        require_geneval_rows(share.metadata, self.reward_weights)
-        prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
-        table = encode_once(adapter, prompts)
-        text = TextEmbeddings.cat([table[p] for p in share.prompts])
-        shape = adapter.latent_shape(*self._size(adapter))
-        noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, shape, self.same_noise, ctx.device)
-        chunk, count = self.rollout_batch or len(share.ids), len(share.ids)
+    def sample(self, ctx: Ctx, share, text, noise) -> Trajectory:
+        """Steps 0 .. N-2 stochastic (trainable); the last is the Euler step to sigma 0 (see the docstring); in
+        sampling calls of rollout_batch_size images."""
+        o, shape = self.opt, noise.shape[1:]
+        chunk, count = o.rollout_batch_size or len(share.ids), len(share.ids)
         parts = []
-        with eval_mode(adapter.transformer), ctx.roles.use("policy") as net:
-            for lo in range(0, count, chunk):
-                ids = share.ids[lo:lo + chunk]
-                # steps 0 .. N-2 stochastic (trainable); the last is the Euler step to sigma 0 (see the docstring)
-                parts.append(sde_rollout(adapter, text[lo:lo + chunk], noise[lo:lo + chunk], num_steps=self.T,
-                                         guidance=self.g, variant=self.variant, noise_level=self.eta,
-                                         sde_window=(0, self.T - 1), transformer=net, sigmas=self.sigmas(adapter),
-                                         noise_fn=lambda i, ids=ids: ctx.randn(shape, ids, f"sde_{i}")))
-        traj = Trajectory.cat(parts)
-        rewards, parts = self.reward_fn(adapter.decode(traj.final_latents), share.prompts, share.metadata)
-        # every process needs every sample's reward (advantages) and trajectory (the steps deal samples over slots)
-        traj = Trajectory(latents=ctx.all_gather(traj.latents), log_probs=ctx.all_gather(traj.log_probs),
-                          sigmas=traj.sigmas, trainable=ctx.all_gather(traj.trainable), variant=traj.variant,
-                          noise_level=traj.noise_level)
-        reward_all = ctx.all_gather(rewards.to(ctx.device)).cpu()
-        groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
-        adv = group_zscore(reward_all, groups, eps=self.adv_eps, clip=self.adv_clip)
-        n = len(prompts)
-        order = torch.randperm(n, generator=keyed_generator(ctx.seed, ctx.unit, "order"))
-        # the gathered samples are in global-index order (each process holds a contiguous block)
-        columns = trained_timesteps(ctx.seed, ctx.unit, range(n), self.T - 1, self.K)
-        steps = traj.trainable_steps().cpu().gather(1, columns)
-        logs = {"reward_mean": float(reward_all.mean()), "reward_std": float(reward_all.std(correction=0))}
-        logs.update({f"reward_{k}": float(ctx.all_gather(v.to(ctx.device)).mean()) for k, v in parts.items()})
-        return Epoch(traj=traj, prompts=prompts, embeddings=table, advantages=adv.to(ctx.device),
-                     parts=list(order.chunk(self.opt_steps)), steps=steps.to(ctx.device), logs=logs)
+        for lo in range(0, count, chunk):
+            ids = share.ids[lo:lo + chunk]
+            parts.append(sde_rollout(ctx.adapter, text[lo:lo + chunk], noise[lo:lo + chunk], num_steps=o.num_steps,
+                                     guidance=o.guidance, variant=o.sde_type, noise_level=o.eta,
+                                     sde_window=(0, o.num_steps - 1), velocity=self.velocity(ctx),
+                                     sigmas=self.sigmas(ctx.adapter),
+                                     noise_fn=lambda i, ids=ids: ctx.randn(shape, ids, f"sde_{i}")))
+        return Trajectory.cat(parts)
 
-    def updates(self, ctx: Ctx, epoch: Epoch):
-        def head(idx, row):
-            return epoch, idx, TextEmbeddings.cat([epoch.embeddings[epoch.prompts[int(i)]] for i in idx])
-        return deal_steps(ctx, epoch.parts, self.K, head)
+    def advantages(self, ctx: Ctx, epoch: Epoch) -> None:
+        epoch.advantages = group_zscore(epoch.rewards, epoch.groups, eps=self.opt.adv_eps,
+                                        clip=self.opt.adv_clip).to(ctx.device)
+
+    def trained_columns(self, ctx: Ctx, epoch: Epoch) -> torch.Tensor:
+        """A keyed random subset of each sample's first N - 1 transitions."""
+        columns = trained_timesteps(ctx.seed, ctx.unit, range(len(epoch.prompts)), self.opt.num_steps - 1, self.K)
+        return epoch.traj.trainable_steps().cpu().gather(1, columns).to(ctx.device)
+
+    def epoch_logs(self, ctx: Ctx, epoch: Epoch) -> dict[str, float]:
+        return {"reward_mean": float(epoch.rewards.mean()), "reward_std": float(epoch.rewards.std(correction=0)),
+                **self.score_logs(epoch)}
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
-        epoch, idx, text, column = micro.data
-        traj = epoch.traj.select(idx)
-        j = epoch.steps[idx, column]
-        guidance = self.g if self.cfg_train else 1.0
-        with ctx.roles.use("policy") as net:
-            out = step_log_prob_under(self.model(ctx), traj, j, text, guidance, transformer=net)
-        policy = clipped_policy_loss(out.log_prob, traj.log_prob_at(j), epoch.advantages[idx], self.clip)
-        n = len(idx)
-        logs = {"policy_loss": log_pair(policy.per_sample.sum(), n), "approx_kl": log_pair(policy.approx_kl * n, n),
-                "clipfrac": log_pair(policy.clipfrac * n, n),
-                "ratio_dev": log_pair((policy.ratio - 1).abs().sum(), n)}  # mean |ratio - 1|: 0 when on-policy
-        return LossOutput(loss=policy.per_sample.sum(), logs=logs)
+        epoch, idx, _, text, column = micro.data
+        o = self.opt
+        step = ppo_step(ctx.adapter, epoch.traj.select(idx), epoch.steps[idx, column], text,
+                        o.guidance if o.cfg_train else 1.0, epoch.advantages[idx], o.clip_range,
+                        policy=self.velocity(ctx))
+        logs = ppo_logs(step, len(idx))
+        logs["ratio_dev"] = log_pair((step.policy.ratio - 1).abs().sum(), len(idx))  # mean |ratio - 1|: 0 on-policy
+        return LossOutput(loss=step.total.sum(), logs=logs)
 
     def after_update(self, ctx: Ctx, step: int, end_of_unit: bool) -> None:
         if ctx.roles.ema is None:
             return
-        if self.ema_schedule == "epoch":
+        if self.opt.ema_schedule == "epoch":
             if end_of_unit:
                 ctx.roles.ema.step(ctx.unit)  # every = 1 and a constant decay: the index only names the epoch
         else:
             ctx.roles.ema.step(step - 1)  # 0-based index of the optimizer step just taken
-
-    def model(self, ctx: Ctx):
-        """The adapter the rollouts and the recomputation call (its timestep rounded with `round_timestep`)."""
-        return RoundedTimesteps(ctx.adapter) if self.round_timestep else ctx.adapter
-
-    def _size(self, adapter) -> tuple[int, int]:
-        size = self.resolution or int(adapter.vae.config.sample_size)
-        return size, size

@@ -40,18 +40,15 @@ and the shuffle by the epoch, so a step's gradient does not depend on how many p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from soarbench.errors import UserError, did_you_mean
 from soarbench.cost import UnitCost
-from soarbench.rng import keyed_generator
-from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, log_pair,
-                                    deal_steps, eval_mode, require_frozen_copies, require_geneval_rows,
-                                    samples_per_step)
+from soarbench.errors import UserError, did_you_mean
+from soarbench.methods.base import Ctx, LossOutput, Micro, RunShape, log_pair
+from soarbench.methods.group import Epoch, GroupOptions, GroupRollout, trained_timesteps
 from soarbench.rl.advantages import group_advantages
-from soarbench.rl.rewards import RewardFunction
 from soarbench.sampling.dpm import SOLVERS, dpm_rollout
 from soarbench.sampling.ode import sampling_sigmas
 
@@ -115,141 +112,76 @@ def nft_terms(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, v_theta: tor
     return NFTTerms(total=policy + kl_weight * kl, policy=policy, positive=positive, negative=negative, kl=kl)
 
 
-@dataclass
-class Epoch:
-    """One epoch's rollouts of ALL processes (gathered), ready for training."""
+@dataclass(frozen=True, kw_only=True)
+class DiffusionNFTOptions(GroupOptions):
+    guidance: float = 1.0
+    solver: str = "dpm2"
+    beta: float = 1.0
+    kl_weight: float = 1e-4
+    global_std: bool = True
+    optimizer_steps_per_epoch: int = 1
+    decay_schedule: str = "linear"
+    ema_every: int = 1
 
-    latents: torch.Tensor  # (N, C, H, W) fp32 clean latents of the old policy's rollouts
-    prompts: list[str]
-    advantages: torch.Tensor  # (N,) clipped A
-    r: torch.Tensor  # (N,) optimality probability
-    sigmas: torch.Tensor  # (T,) the rollout's sigmas (1 ... > 0), the training timesteps
-    steps: torch.Tensor  # (N, K) each sample's trained sigma indices (a keyed permutation's first K)
-    parts: list[torch.Tensor]  # the sample indices of each optimizer step
-    logs: dict[str, float] = field(default_factory=dict)
+    def check(self) -> None:
+        super().check()
+        if self.solver not in SOLVERS:
+            raise did_you_mean("[method] solver", self.solver, SOLVERS)
+        if self.decay_schedule not in DECAY_SCHEDULES:
+            raise did_you_mean("[method] decay_schedule", self.decay_schedule, DECAY_SCHEDULES)
+        if int(self.num_steps * self.timestep_fraction) < 1 or self.timestep_fraction > 1:
+            raise UserError(f"[method] num_steps = {self.num_steps} x timestep_fraction = {self.timestep_fraction} "
+                            f"must train at least one and at most all of the rollout's timesteps")
+        if not self.beta > 0:
+            raise UserError(f"[method] beta must be > 0 (the loss divides by it), got {self.beta}")
+        if self.adv_clip <= 0 or self.kl_weight < 0:
+            raise UserError(f"[method] adv_clip must be > 0 and kl_weight >= 0, got {self.adv_clip} and "
+                            f"{self.kl_weight}")
 
 
-class DiffusionNFT(MethodBase):
+class DiffusionNFT(GroupRollout):
     name = "diffusion_nft"
-    source = "prompts"
-
-    def __init__(self, group_size: int = 4, batch_size: int = 16, num_steps: int = 10, guidance: float = 1.0,
-                 solver: str = "dpm2", beta: float = 1.0, kl_weight: float = 1e-4, adv_clip: float = 5.0,
-                 global_std: bool = True, timestep_fraction: float = 0.99, optimizer_steps_per_epoch: int = 1,
-                 decay_schedule: str = "linear", rewards: dict[str, float] | None = None,
-                 reward_options: dict[str, dict] | None = None, lora: bool = True, lora_r: int = 32,
-                 lora_alpha: float = 64, ema: bool = True, ema_decay: float = 0.9, ema_every: int = 1,
-                 resolution: int = 0):
-        # batch_size = images per epoch over all processes = (unique prompts per epoch) x group_size
-        if group_size < 2:
-            raise UserError(f"[method] group_size must be >= 2: the advantage compares a prompt's images with each "
-                            f"other (got {group_size})")
-        if group_size > batch_size or batch_size % group_size:
-            raise UserError(f"[method] batch_size = {batch_size} images per epoch is not a whole number of groups "
-                            f"of group_size = {group_size}")
-        if solver not in SOLVERS:
-            raise did_you_mean("[method] solver", solver, SOLVERS)
-        if decay_schedule not in DECAY_SCHEDULES:
-            raise did_you_mean("[method] decay_schedule", decay_schedule, DECAY_SCHEDULES)
-        if num_steps < 1 or int(num_steps * timestep_fraction) < 1 or timestep_fraction > 1:
-            raise UserError(f"[method] num_steps = {num_steps} x timestep_fraction = {timestep_fraction} must train "
-                            f"at least one and at most all of the rollout's timesteps")
-        if not beta > 0:
-            raise UserError(f"[method] beta must be > 0 (the loss divides by it), got {beta}")
-        if adv_clip <= 0 or kl_weight < 0:
-            raise UserError(f"[method] adv_clip must be > 0 and kl_weight >= 0, got {adv_clip} and {kl_weight}")
-        if optimizer_steps_per_epoch < 1 or batch_size % optimizer_steps_per_epoch:
-            raise UserError(f"[method] the epoch's {batch_size} images do not split into "
-                            f"optimizer_steps_per_epoch = {optimizer_steps_per_epoch} steps")
-        self.k, self.m = int(group_size), int(batch_size) // int(group_size)
-        self.T, self.g = int(num_steps), float(guidance)
-        self.solver, self.beta, self.kl_weight, self.adv_clip = solver, float(beta), float(kl_weight), float(adv_clip)
-        self.global_std, self.fraction = bool(global_std), float(timestep_fraction)
-        self.opt_steps, self.decay_schedule = int(optimizer_steps_per_epoch), decay_schedule
-        self.use_lora, self.lora_r, self.lora_alpha = bool(lora), int(lora_r), float(lora_alpha)
-        self.use_ema, self.ema_decay, self.ema_every = bool(ema), float(ema_decay), int(ema_every)
-        self.resolution = int(resolution)  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
-        self.reward_fn = RewardFunction.from_config(rewards or {"geneval": 1.0}, reward_options or {})
-
-    @property
-    def group_size(self) -> int:
-        return self.k
-
-    def trained_steps(self) -> int:
-        return int(self.T * self.fraction)
+    Options = DiffusionNFTOptions
+    shared_embeddings = False  # each batch's prompts encoded with it, as the reference does
+    frozen_copies = "the old policy and the reference"
 
     # ---- the contract ---------------------------------------------------------------------------------------
     def plan(self, shape: RunShape) -> UnitCost:
         """One epoch (all processes): old-policy rollouts, rewards, and per trained (sample, timestep) one policy
         forward+backward, one old-policy forward and (kl_weight > 0) one reference forward."""
-        n = self.m * self.k
-        per_step = samples_per_step(n, self.opt_steps, shape)
-        K = self.trained_steps()
-        cfg = 2 if self.g != 1.0 else 1
-        return UnitCost(images=n, unique_prompts=self.m,
-                        no_grad_fwd=n * self.T * cfg + n * K * (2 if self.kl_weight > 0 else 1),
-                        fwd_bwd=n * K, reward_calls=n * len(self.reward_fn.names), vae_decodes=n,
-                        optimizer_steps=self.opt_steps, micro_batches=shape.accumulation * K,
-                        samples_per_step=per_step)
+        trained = self.opt.batch_size * self.trained_steps()
+        return self.epoch_cost(shape, no_grad_fwd=trained * (2 if self.opt.kl_weight > 0 else 1), fwd_bwd=trained)
 
-    def setup(self, ctx: Ctx) -> list[ParamGroup]:
-        """The trained LoRA (or transformer), the old policy as a copy of it, the reference, the EMA."""
-        roles = ctx.roles
-        if self.use_lora:
-            params = roles.lora(self.lora_r, self.lora_alpha)  # before "old" exists: the trained adapter only
-        else:
-            require_frozen_copies(ctx, "diffusion_nft", "the old policy and the reference")
-            params = roles.full(("transformer",))
-        roles.add_role("old")  # a copy of the policy: v_old == v_theta until the first soft update
-        if self.kl_weight > 0:
-            roles.add_role("ref")
-        if self.use_ema:
-            roles.add_ema(params, self.ema_decay, self.ema_every)
-        self.reward_fn.meter = ctx.meter  # reward calls are counted where they are made
-        return [ParamGroup(params)]
+    def roles_needed(self) -> list[str]:
+        """The old policy (a copy of the policy: v_old == v_theta until the first soft update) and the reference."""
+        return ["old"] + (["ref"] if self.opt.kl_weight > 0 else [])
 
-    def unit_logs(self, buffer: Epoch) -> dict[str, float]:
-        return buffer.logs
+    def sample(self, ctx: Ctx, share, text, noise) -> torch.Tensor:
+        """The old policy's ODE rollout: clean latents."""
+        o = self.opt
+        return dpm_rollout(ctx.adapter, text, noise, num_steps=o.num_steps, guidance=o.guidance, solver=o.solver,
+                           velocity=ctx.velocity_of("old"))
 
-    @torch.no_grad()
-    def collect(self, ctx: Ctx, data) -> Epoch:
-        share = data.next(ctx)
-        adapter = ctx.adapter
-        require_geneval_rows(share.metadata, self.reward_fn.names)
-        text = adapter.encode_prompts(share.prompts)
-        size = self.resolution or int(adapter.vae.config.sample_size)
-        noise = ctx.randn(adapter.latent_shape(size, size), share.ids, "rollout_noise")
-        with eval_mode(adapter.transformer), ctx.roles.use("old") as net:
-            x0 = dpm_rollout(adapter, text, noise, num_steps=self.T, guidance=self.g, solver=self.solver,
-                             transformer=net)
-        rewards, parts = self.reward_fn(adapter.decode(x0), share.prompts, share.metadata)
-        # every process needs every sample (advantages; the steps deal samples over slots)
-        latents = ctx.all_gather(x0.float())
-        reward_all = ctx.all_gather(rewards.to(ctx.device).float()).cpu()
-        groups = torch.tensor([g for chunk in ctx.all_gather_objects(share.groups) for g in chunk])
-        prompts = [p for chunk in ctx.all_gather_objects(share.prompts) for p in chunk]
-        adv = group_advantages(reward_all, groups, global_std=self.global_std, clip=self.adv_clip)
-        n, K = len(prompts), self.trained_steps()
-        order = torch.randperm(n, generator=keyed_generator(ctx.seed, ctx.unit, "order"))
-        steps = torch.stack([torch.randperm(self.T, generator=keyed_generator(ctx.seed, ctx.unit, "timesteps", i))[:K]
-                             for i in range(n)])
-        sigmas = sampling_sigmas(adapter.scheduler_config, self.T)[: self.T]
-        r = optimality_probability(adv, self.adv_clip)
-        logs = {"reward_mean": float(reward_all.mean()), "advantage_abs_mean": float(adv.abs().mean())}
-        logs.update({f"reward_{k}": float(ctx.all_gather(v.to(ctx.device).float()).mean()) for k, v in parts.items()})
-        return Epoch(latents=latents, prompts=prompts, advantages=adv.to(ctx.device), r=r.to(ctx.device),
-                     sigmas=sigmas.to(ctx.device), steps=steps.to(ctx.device), parts=list(order.chunk(self.opt_steps)),
-                     logs=logs)
+    def advantages(self, ctx: Ctx, epoch: Epoch) -> None:
+        o = self.opt
+        adv = group_advantages(epoch.rewards, epoch.groups, global_std=o.global_std, clip=o.adv_clip)
+        epoch.advantages = adv.to(ctx.device)
+        epoch.extra["r"] = optimality_probability(adv, o.adv_clip).to(ctx.device)
+        epoch.extra["sigmas"] = sampling_sigmas(ctx.adapter.scheduler_config, o.num_steps)[: o.num_steps].to(ctx.device)
 
-    def updates(self, ctx: Ctx, epoch: Epoch):
-        def head(idx, row):
-            return epoch, idx, ctx.adapter.encode_prompts([epoch.prompts[int(i)] for i in idx])
-        return deal_steps(ctx, epoch.parts, epoch.steps.shape[1], head)
+    def trained_columns(self, ctx: Ctx, epoch: Epoch) -> torch.Tensor:
+        """Each sample's trained sigma indices: a keyed permutation's first K."""
+        return trained_timesteps(ctx.seed, ctx.unit, range(len(epoch.prompts)), self.opt.num_steps,
+                                 self.trained_steps()).to(ctx.device)
+
+    def epoch_logs(self, ctx: Ctx, epoch: Epoch) -> dict[str, float]:
+        return {"reward_mean": float(epoch.rewards.mean()), "advantage_abs_mean": float(epoch.advantages.abs().mean()),
+                **self.score_logs(epoch)}
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
-        epoch, idx, text, column = micro.data
+        epoch, idx, _, text, column = micro.data
         x0 = epoch.latents[idx]
-        t = epoch.sigmas[epoch.steps[idx, column]]
+        t = epoch.extra["sigmas"][epoch.steps[idx, column]]
         eps = ctx.randn(x0.shape[1:], idx.tolist(), f"train_noise_{column}")
         tt = t.reshape(-1, 1, 1, 1)
         x_t = (1 - tt) * x0 + tt * eps
@@ -257,10 +189,11 @@ class DiffusionNFT(MethodBase):
             v_old = ctx.velocity(x_t, t, text, role="old")
         v_theta = ctx.velocity(x_t, t, text, role="policy")
         v_ref = None
-        if self.kl_weight > 0:
+        if self.opt.kl_weight > 0:
             with torch.no_grad():
                 v_ref = ctx.velocity(x_t, t, text, role="ref")
-        terms = nft_terms(x0, x_t, t, v_theta, v_old, epoch.r[idx], self.beta, v_ref, self.adv_clip, self.kl_weight)
+        o = self.opt
+        terms = nft_terms(x0, x_t, t, v_theta, v_old, epoch.extra["r"][idx], o.beta, v_ref, o.adv_clip, o.kl_weight)
         n = len(idx)
         logs = {"policy_loss": log_pair(terms.policy.sum(), n), "positive_loss": log_pair(terms.positive.sum(), n),
                 "negative_loss": log_pair(terms.negative.sum(), n),
@@ -273,4 +206,4 @@ class DiffusionNFT(MethodBase):
         if ctx.roles.ema is not None:
             ctx.roles.ema.step(step)  # the reference passes its step count after the increment (1-based)
         if end_of_unit:
-            ctx.roles.soft_update("old", old_decay(step, self.decay_schedule))
+            ctx.roles.soft_update("old", old_decay(step, self.opt.decay_schedule))

@@ -278,9 +278,10 @@ class DirectAlign(MethodBase):
         # one noise for the whole step, on every process: keyed by (seed, unit) only, never by sample
         eps = keyed_randn(shape, [(ctx.seed, ctx.unit, "shared_noise")], device=ctx.device)[0]
         noise = eps.expand(len(share.ids), *shape)
-        with eval_mode(adapter.transformer), ctx.roles.use("policy") as net:
-            x0 = euler_rollout(lambda z, s: _velocity(adapter, z, s, text, self.g, net, self.round_timestep), noise,
-                               shift_sigmas(self.shift, self.T))
+        policy = ctx.velocity_of("policy")
+        with eval_mode(adapter.transformer):
+            x0 = euler_rollout(lambda z, s: _velocity(adapter, policy, z, s, text, self.g, self.round_timestep),
+                               noise, shift_sigmas(self.shift, self.T))
         adapter.meter.add("images", len(share.ids))
         m = self.draw_m(ctx.seed, ctx.unit, share.ids)
         dj = torch.tensor([gap(int(v), GRID_SIZE, self.ratio) for v in m.tolist()], dtype=torch.long)
@@ -324,9 +325,9 @@ class DirectAlign(MethodBase):
         eps = rollouts.eps.expand_as(x0)
         text = rollouts.text[idx]
         s_from, s_to, k_index = branch_sigmas_per_sample(self.grid, rollouts.m[idx], rollouts.dj[idx], inversion)
-        with ctx.roles.use("policy") as net:
-            x0_hat = branch_x0(lambda z, s: _velocity(adapter, z, s, text, self.g_train, net, self.round_timestep),
-                               x0, eps, s_from, s_to)
+        policy = ctx.velocity_of("policy")
+        x0_hat = branch_x0(lambda z, s: _velocity(adapter, policy, z, s, text, self.g_train, self.round_timestep),
+                           x0, eps, s_from, s_to)
         pixels = adapter.decode(x0_hat, grad=True)
         prompts = [rollouts.prompts[i] for i in idx]
         metadata = [rollouts.metadata[i] for i in idx]
@@ -407,15 +408,15 @@ class SRPO(DirectAlign):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-def _velocity(adapter, z: torch.Tensor, sigma: float | torch.Tensor, text: TextEmbeddings, guidance: float, net,
-              rounded: bool = False):
+def _velocity(adapter, velocity, z: torch.Tensor, sigma: float | torch.Tensor, text: TextEmbeddings,
+              guidance: float, rounded: bool = False):
     from soarbench.sampling.ode import cfg_velocity
 
     # only the model's timestep input is rounded (as the reference), never the sigmas of the update
     s = model_timestep(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1), rounded)
     s = s.to(device=z.device, dtype=torch.float32)
     null = adapter.null_embeddings() if guidance != 1.0 else None
-    return cfg_velocity(adapter, z, s, text, null, guidance, transformer=net).to(z.dtype)
+    return cfg_velocity(velocity, z, s, text, null, guidance).to(z.dtype)
 
 
 def euler_rollout(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,

@@ -214,8 +214,9 @@ class SePPO(MethodBase):
         """x_r for each winner's prompt: the chosen reference's Euler ODE from noise keyed by the global index."""
         adapter = ctx.adapter
         noise = ctx.randn(batch.z0.shape[1:], batch.ids, "reference_noise")
-        with eval_mode(adapter.transformer), ctx.roles.use(ROLE) as net:
-            x_r = euler_sample(adapter, batch.text, noise, num_steps=self.T, guidance=self.g, transformer=net)
+        with eval_mode(adapter.transformer):
+            x_r = euler_sample(adapter, batch.text, noise, num_steps=self.T, guidance=self.g,
+                               velocity=ctx.velocity_of(ROLE))
         ctx.meter.add("images", len(batch.ids))
         return x_r.float()
 

@@ -136,10 +136,12 @@ class Roles:
         from soarbench.sampling.ode import cfg_velocity
 
         with self.use(role) as net:
-            if guidance == 1.0:
+            def velocity(z, sigma, text):
                 return self.adapter.velocity(z, sigma, text, net)
-            return cfg_velocity(self.adapter, z, sigma, text, self.adapter.null_embeddings(), guidance, net,
-                                detach_uncond)
+
+            if guidance == 1.0:
+                return velocity(z, sigma, text)
+            return cfg_velocity(velocity, z, sigma, text, self.adapter.null_embeddings(), guidance, detach_uncond)
 
     # ---- weights moving between roles -----------------------------------------------------------------------
     @torch.no_grad()

@@ -391,9 +391,9 @@ class SD3Adapter:
             return self.pipe.vae.decode(z).sample.clamp(-1, 1).to(latents.dtype)
 
     # ---- velocity --------------------------------------------------------------------------------------
-    def velocity(self, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
-                 transformer=None) -> torch.Tensor:
-        """v_theta(z_sigma, sigma * 1000, text). `transformer` overrides the module (a role's module).
+    def velocity(self, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, net=None) -> torch.Tensor:
+        """v_theta(z_sigma, sigma * 1000, text). `net` overrides the module (a role's, passed by
+        soarbench.models.roles, the one place that chooses weights; samplers take a Velocity instead).
 
         Counted by the meter: a forward with gradient enabled is a forward+backward pass, one without is a no-grad
         forward, each per sample.
@@ -401,13 +401,13 @@ class SD3Adapter:
         A frozen copy held in another dtype than the policy (a bf16 reference under bf16 mixed precision) gets its
         inputs in its own dtype, the timestep in the policy's (bf16 would round sigma * 1000 to 8 significant bits
         before the sinusoidal embedding), and returns its velocity in the policy's dtype."""
-        net = transformer if transformer is not None else (self.net if self.net is not None else self.pipe.transformer)
+        module = net if net is not None else (self.net if self.net is not None else self.pipe.transformer)
         self.meter.add("fwd_bwd" if torch.is_grad_enabled() else "no_grad_fwd", z.shape[0])
         dtype = own = self.pipe.transformer.dtype
-        if transformer is not None and isinstance(getattr(transformer, "dtype", None), torch.dtype):
-            own = transformer.dtype  # a diffusers module (a role's copy); wrappers (DDP, compile) are the policy
+        if net is not None and isinstance(getattr(net, "dtype", None), torch.dtype):
+            own = net.dtype  # a diffusers module (a role's copy); wrappers (DDP, compile) are the policy
         sigma = sigma.reshape(-1).expand(z.shape[0]) if sigma.numel() == 1 else sigma.reshape(-1)
-        out = net(hidden_states=z.to(own), timestep=(sigma * 1000).to(dtype),
+        out = module(hidden_states=z.to(own), timestep=(sigma * 1000).to(dtype),
                   encoder_hidden_states=text.tokens.to(own), pooled_projections=text.pooled.to(own),
                   return_dict=False)[0]
         return out if own == dtype else out.to(dtype)

@@ -137,7 +137,7 @@ def backbone_features(adapter, net: nn.Module, z: torch.Tensor, sigma: torch.Ten
 
     handle = _norm_out(net).register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        adapter.velocity(z, sigma, text, transformer=net)
+        adapter.velocity(z, sigma, text, net)
     finally:
         handle.remove()
     adapter.meter.add("value_passes", z.shape[0])

@@ -86,7 +86,7 @@ def integrate_from(adapter, z: torch.Tensor, grid: torch.Tensor, text, null, gui
     grid = grid.to(z.device)
     z = z.float()
     for s0, s1 in zip(grid[:-1], grid[1:]):
-        v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance)
+        v = cfg_velocity(adapter.velocity, z, s0.reshape(1), text, null, guidance)
         z = z + (s1 - s0) * v
     return z
 

@@ -13,13 +13,18 @@ KL to the reference policy (the same network with the LoRA off), per sample:
     KL_n = mean over C*H*W of (mean_n - mean_ref_n)^2 / (2 std_n^2)
 
 where mean is the SDE step's deterministic part. Flow-GRPO's std here is its diffusion coefficient, not the
-step's std (see rollout.kl_std); the total loss is L_policy + beta mean_n KL_n.
+step's std (see rollout.kl_std); the total loss is L_policy + beta mean_n KL_n. `ppo_step` is that whole per-step
+loss on recorded trajectories (Flow-GRPO, the actor-critic, and DanceGRPO with beta = 0).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+
+from soarbench.models.sd3 import TextEmbeddings
+from soarbench.rl.rollout import Trajectory, step_log_prob_under
+from soarbench.sampling.ode import Velocity
 
 
 class PolicyLoss(NamedTuple):
@@ -60,3 +65,25 @@ def kl_to_reference(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tenso
         std = std.reshape(-1, *([1] * (mean.dim() - 1)))
     sq = (mean.float() - ref_mean.detach().float()) ** 2 / (2 * std**2)
     return sq.flatten(1).mean(dim=1)
+
+
+class PPOStep(NamedTuple):
+    total: torch.Tensor  # (B,) PPO-clip + beta KL per sample, differentiable
+    policy: PolicyLoss
+    kl: torch.Tensor | None  # (B,) the KL to the reference (None when beta == 0: no reference forward)
+
+
+def ppo_step(adapter, traj: Trajectory, step_index: torch.Tensor, text: TextEmbeddings, guidance: float,
+             advantages: torch.Tensor, clip_range: float, beta: float = 0.0, policy: Velocity | None = None,
+             reference: Velocity | None = None) -> PPOStep:
+    """The per-sample loss of one recorded step j of each trajectory: its log-prob recomputed under `policy` (with
+    gradient), PPO-clip against the recorded log-prob with the (B,) advantages, and with beta > 0 the KL to the
+    step's mean under `reference` (no gradient)."""
+    out = step_log_prob_under(adapter, traj, step_index, text, guidance, velocity=policy)
+    loss = clipped_policy_loss(out.log_prob, traj.log_prob_at(step_index), advantages, clip_range)
+    if beta <= 0:
+        return PPOStep(loss.per_sample, loss, None)
+    with torch.no_grad():
+        ref = step_log_prob_under(adapter, traj, step_index, text, guidance, velocity=reference)
+    kl = kl_to_reference(out.mean, ref.mean, out.kl_std)
+    return PPOStep(loss.per_sample + beta * kl, loss, kl)

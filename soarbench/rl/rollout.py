@@ -27,7 +27,7 @@ import torch
 
 from soarbench.rng import keyed_randn
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
-from soarbench.sampling.ode import cfg_velocity, sampling_sigmas
+from soarbench.sampling.ode import Velocity, cfg_velocity, sampling_sigmas
 from soarbench.sampling.sde import SDE_VARIANTS, sde_step, step_log_prob
 
 # Variants whose noise term is s sqrt(|dt|); the other two (sde, cps) scale their noise by sigma alone.
@@ -172,16 +172,17 @@ def _check_batch(text: TextEmbeddings, batch_size: int) -> None:
 def sde_rollout(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, num_steps: int = 10,
                 guidance: float = 4.5, variant: str = "flow_sde", noise_level: float = 0.7,
                 sde_window: tuple[int, int] | None = None, generator: torch.Generator | None = None,
-                transformer=None, noise_fn=None, sigmas: torch.Tensor | None = None) -> Trajectory:
+                velocity: Velocity | None = None, noise_fn=None, sigmas: torch.Tensor | None = None) -> Trajectory:
     """Sample B images from `noise` (B, C, H, W), recording every state and each stochastic step's log-prob.
 
     sde_window=(start, size) makes only steps start..start+size-1 stochastic; None makes all of them stochastic.
     `generator` draws the SDE noise (on the latents' device); `noise_fn(i)`, when given, returns step i's noise
     (B, C, H, W) instead (the harness keys it by sample, so a sample's rollout does not depend on its batch);
-    `transformer` overrides the adapter's module. `sigmas` (num_steps + 1 values from 1 down to 0) replaces the
+    `velocity` is the network (default: the adapter's; a method passes `ctx.velocity_of("policy")`). `sigmas` (num_steps + 1 values from 1 down to 0) replaces the
     scheduler's grid (DanceGRPO samples on shift(linspace(1, 0, N + 1))).
     """
     check_variant(variant)
+    velocity = velocity or adapter.velocity
     batch = noise.shape[0]
     _check_batch(text, batch)
     if sigmas is None:
@@ -196,7 +197,7 @@ def sde_rollout(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, 
     states, log_probs = [z], []
     for i in range(num_steps):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance, transformer)
+        v = cfg_velocity(velocity, z, s0.reshape(1), text, null, guidance)
         if stochastic[i]:
             eps = noise_fn(i).to(z.device) if noise_fn is not None else None
             step = sde_step(variant, z, v, s0, s1, noise_level, eps=eps, generator=generator,
@@ -212,26 +213,25 @@ def sde_rollout(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, 
                       noise_level=float(noise_level))
 
 
-def guided_velocity(adapter: SD3Adapter, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
-                    null: TextEmbeddings, guidance: float, transformer=None,
-                    detach_uncond: bool = True) -> torch.Tensor:
+def guided_velocity(velocity: Velocity, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
+                    null: TextEmbeddings, guidance: float, detach_uncond: bool = True) -> torch.Tensor:
     """The CFG velocity v = v_u + g (v_c - v_u) with gradient, from one forward over [uncond; cond].
 
     The values are those of `ode.cfg_velocity` (same batching, same arithmetic). With `detach_uncond` the
     unconditional branch is a constant, so d v = g d v_c: the policy gradient trains the conditional velocity
     only, instead of also pushing the unconditional one with weight 1 - g < 0. `sigma` is (1,) or (B,).
     """
-    return cfg_velocity(adapter, z, sigma, text, null, guidance, transformer, detach_uncond)
+    return cfg_velocity(velocity, z, sigma, text, null, guidance, detach_uncond)
 
 
 def step_log_prob_under(adapter: SD3Adapter, traj: Trajectory, step_index: int | torch.Tensor,
-                        text: TextEmbeddings, guidance: float, transformer=None, null: TextEmbeddings | None = None,
-                        detach_uncond: bool = True) -> StepLogProb:
+                        text: TextEmbeddings, guidance: float, velocity: Velocity | None = None,
+                        null: TextEmbeddings | None = None, detach_uncond: bool = True) -> StepLogProb:
     """log p_theta(x_{j+1} | x_j) of the recorded step j of each trajectory, with gradient through the velocity.
 
     `step_index` is an int or one index per sample (B,) (e.g. a column of `traj.trainable_steps()`); `text` holds
-    the B prompts' embeddings and `guidance` must be the rollout's for the ratio to start at 1. Run it under
-    `lora.adapters_disabled` (and no_grad) for the reference policy's `mean` in the KL term.
+    the B prompts' embeddings and `guidance` must be the rollout's for the ratio to start at 1. `velocity` is the
+    network (default: the adapter's); `ctx.velocity_of("ref")` under no_grad gives the reference's `mean` for the KL.
     """
     batch = traj.batch_size
     _check_batch(text, batch)
@@ -241,8 +241,8 @@ def step_log_prob_under(adapter: SD3Adapter, traj: Trajectory, step_index: int |
         raise ValueError("a requested step is deterministic (outside the SDE window): it has no log-probability")
     x, x_next = traj.latents[rows, j], traj.latents[rows, j + 1]
     sigma0, sigma1 = traj.sigmas[j], traj.sigmas[j + 1]
-    v = guided_velocity(adapter, x, sigma0, text, null if null is not None else adapter.null_embeddings(),
-                        guidance, transformer, detach_uncond)
+    v = guided_velocity(velocity or adapter.velocity, x, sigma0, text,
+                        null if null is not None else adapter.null_embeddings(), guidance, detach_uncond)
     # The density is evaluated at the recorded x_{j+1}; the zero noise only avoids drawing a sample never used.
     step = sde_step(traj.variant, x, v, sigma0, sigma1, traj.noise_level, eps=torch.zeros_like(x),
                     sigma_next_at_one=float(traj.sigmas[1]))

@@ -30,7 +30,7 @@ import torch
 
 from soarbench.errors import did_you_mean
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
-from soarbench.sampling.ode import cfg_velocity, sampling_sigmas
+from soarbench.sampling.ode import Velocity, cfg_velocity, sampling_sigmas
 
 SOLVERS = ("dpm2", "euler")
 
@@ -93,17 +93,19 @@ def ode_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n
 
 @torch.no_grad()
 def dpm_rollout(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, num_steps: int = 10,
-                guidance: float = 1.0, solver: str = "dpm2", transformer=None) -> torch.Tensor:
+                guidance: float = 1.0, solver: str = "dpm2", velocity: Velocity | None = None) -> torch.Tensor:
     """Clean latents (B, C, H, W) from `noise` on the scheduler's grid of `num_steps` steps; counts the images.
 
-    `transformer` is the module to sample with (a role's module, e.g. `roles.use("old")`)."""
+    `velocity` is the network (default: the adapter's; DiffusionNFT passes `ctx.velocity_of("old")`)."""
     check_solver(solver)
     sigmas = sampling_sigmas(adapter.scheduler_config, num_steps).to(noise.device)
     null = adapter.null_embeddings() if guidance != 1.0 else None
 
-    def velocity(z, sigma):
-        return cfg_velocity(adapter, z, sigma, text, null, guidance, transformer)
+    network = velocity or adapter.velocity
 
-    out = ode_sample(velocity, noise, sigmas, solver)
+    def guided(z, sigma):
+        return cfg_velocity(network, z, sigma, text, null, guidance)
+
+    out = ode_sample(guided, noise, sigmas, solver)
     adapter.meter.add("images", noise.shape[0])
     return out

@@ -3,6 +3,10 @@
 The sigma schedule is the scheduler's own (`FlowMatchEulerDiscreteScheduler.set_timesteps`), so soarbench's
 images match diffusers' StableDiffusion3Pipeline for the same initial noise (a test checks this).
 CFG: v = v_uncond + g (v_cond - v_uncond), with the empty prompt's embedding as the unconditional branch.
+
+Samplers reach the network through one door, a `Velocity`: v(z, sigma, text) -> the model's velocity. The default
+is the adapter's own (`SD3Adapter.velocity`, the policy); a training method passes `ctx.velocity_of(role)`, which
+computes with that role's weights (soarbench.models.roles): no sampler knows which module it calls.
 """
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ from typing import Callable
 import torch
 
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
+
+# v(z (B, C, H, W), sigma ((1,) or (B,)), text (B prompts)) -> velocity (B, C, H, W): the one door to the network
+Velocity = Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor]
 
 
 def sampling_sigmas(scheduler_config: dict, num_steps: int) -> torch.Tensor:
@@ -22,18 +29,18 @@ def sampling_sigmas(scheduler_config: dict, num_steps: int) -> torch.Tensor:
     return sched.sigmas.float()
 
 
-def cfg_velocity(adapter: SD3Adapter, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
-                 null: TextEmbeddings, guidance: float, transformer=None,
-                 detach_uncond: bool = False) -> torch.Tensor:
-    """One batched forward over [uncond; cond] (or cond only when guidance == 1).
+def cfg_velocity(velocity: Velocity, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings,
+                 null: TextEmbeddings | None, guidance: float, detach_uncond: bool = False) -> torch.Tensor:
+    """The guided velocity (fp32) from one batched `velocity` call over [uncond; cond] (cond only when
+    guidance == 1, where `null` may be None).
 
     `detach_uncond` makes the unconditional branch a constant under autograd (Flow-GRPO's training pass), so
     d v = g d v_cond; the values are the same either way."""
     if guidance == 1.0:
-        return adapter.velocity(z, sigma, text, transformer).float()
+        return velocity(z, sigma, text).float()
     n = z.shape[0]
     both = TextEmbeddings.cat([null.repeat(n), text])
-    v = adapter.velocity(torch.cat([z, z]), torch.cat([sigma.expand(n), sigma.expand(n)]), both, transformer)
+    v = velocity(torch.cat([z, z]), torch.cat([sigma.expand(n), sigma.expand(n)]), both)
     v_uncond, v_cond = v.float().chunk(2)
     if detach_uncond:
         v_uncond = v_uncond.detach()
@@ -44,19 +51,20 @@ def cfg_velocity(adapter: SD3Adapter, z: torch.Tensor, sigma: torch.Tensor, text
 def euler_sample(adapter: SD3Adapter, text: TextEmbeddings, noise: torch.Tensor, num_steps: int = 40,
                  guidance: float = 4.5, on_step: Callable[[int], None] | None = None,
                  steer: Callable[[torch.Tensor, torch.Tensor, TextEmbeddings], torch.Tensor] | None = None,
-                 transformer=None) -> torch.Tensor:
+                 velocity: Velocity | None = None) -> torch.Tensor:
     """Integrate dz/dsigma = v from sigma = 1 to 0; returns clean model latents.
 
     `steer(z, sigma, text)` (value guidance, soarbench.models.value_head.ValueSteering) is added to each step as
     z' = z + (s' - s) v + |s' - s| steer(z, s, text): sigma decreases, so the latent moves along what steer returns
-    (scale x the value gradient). Without it the update is exactly the plain Euler step. `transformer` overrides the
-    module (a role's, from `roles.use(role)`)."""
+    (scale x the value gradient). Without it the update is exactly the plain Euler step. `velocity` is the network
+    (default: the adapter's; a method passes `ctx.velocity_of(role)`)."""
+    velocity = velocity or adapter.velocity
     sigmas = sampling_sigmas(adapter.scheduler_config, num_steps).to(noise.device)
     null = adapter.null_embeddings()
     z = noise.float()
     for i in range(num_steps):
         s0, s1 = sigmas[i], sigmas[i + 1]
-        v = cfg_velocity(adapter, z, s0.reshape(1), text, null, guidance, transformer)
+        v = cfg_velocity(velocity, z, s0.reshape(1), text, null, guidance)
         if steer is not None:
             push = steer(z, s0.reshape(1), text)  # at z_t, before the step
             z = z + (s1 - s0) * v
