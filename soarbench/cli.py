@@ -446,9 +446,7 @@ def run_eval(*, model: Optional[Path], images: Optional[Path], prompts: Optional
             log(f"note: these images are not exactly benchmark '{benchmark}' ({len(bench.prompts)} prompts x "
                  f"{bench.images_per_prompt} images): the scores are not its official numbers")
     else:
-        import torch
-
-        from soarbench.evaluate import evaluate
+        from soarbench.evaluate import EvalSpec, evaluate
         from soarbench.models.sd3 import SD3Adapter, weights_fingerprint
 
         from soarbench.harness.engine import Engine, resolve_device
@@ -464,12 +462,12 @@ def run_eval(*, model: Optional[Path], images: Optional[Path], prompts: Optional
             from soarbench.models.value_head import load_steering
 
             steering = load_steering(model, adapter, *steer_setting)
-        summary = evaluate(adapter, bench, out, seed=0 if seed is None else seed, metric_names=names,
-                           batch_size=batch_size,
+        spec = EvalSpec(seed=0 if seed is None else seed, batch_size=batch_size, num_steps=steps, guidance=guidance,
+                        metric_names=names, precision=precision)
+        summary = evaluate(adapter, bench, out, spec,
                            model_info={"path": str(model), "label": model.name, "method": "eval", "step": None,
                                        "weights_sha256": weights_fingerprint(model)},  # reuse keyed to content
-                           num_steps=steps, guidance=guidance, on_progress=progress,
-                           precision=precision, engine=engine, steering=steering, log=log)
+                           on_progress=progress, engine=engine, steering=steering, log=log)
     return summary
 
 

@@ -13,6 +13,11 @@ content, not to paths: `soarbench eval --model` records the model's weights fing
 (soarbench.models.sd3.weights_fingerprint) in settings.json, and when the model at that path has changed since,
 every sample is redone (said in one line).
 
+One entry, three callers: an `EvalSpec` says how a model is sampled and scored (seed, batch size, steps,
+guidance, metrics, precision); `soarbench eval` builds it from its flags, a training run and an experiment's base
+from the config's [eval] table (`EvalSpec.from_config`), and `evaluate_config` evaluates every benchmark of that
+table at one step (a run's evaluations and the experiment's base model alike).
+
 `score_images` scores images made elsewhere, without a model, into the same files (no images/ folder: each
 sample's `file` is the absolute path of its source image and `sha256` its content; `seed` and `sampling` are null).
 It reads GenEval's official layout, DIR/NNNNN/metadata.jsonl + DIR/NNNNN/samples/NNNN.png, or a flat folder of
@@ -26,7 +31,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -51,6 +55,52 @@ from soarbench.models.sd3 import SD3Adapter
 from soarbench.sampling.ode import euler_sample
 
 SCHEMA = "soarbench.eval/1"
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a model is sampled and scored on a benchmark; None takes the benchmark's own (40 steps, CFG 4.5, its
+    metrics)."""
+
+    seed: int = 0
+    batch_size: int = 64
+    num_steps: int | None = None
+    guidance: float | None = None
+    metric_names: list[str] | None = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast while sampling
+
+    @classmethod
+    def from_config(cls, cfg: dict, num_steps: int | None = None) -> "EvalSpec":
+        """A run's [eval] table (the same for its own evaluations and for the experiment's base): precision "auto"
+        is the training's mixed precision (fp32 without)."""
+        ecfg = cfg.get("eval", {})
+        precision = ecfg.get("precision", "auto")
+        if precision == "auto":
+            mixed = cfg["train"]["mixed_precision"]
+            precision = "fp32" if mixed == "no" else mixed
+        return cls(seed=int(ecfg.get("seed", 0)), batch_size=int(ecfg.get("batch_size", 64)), num_steps=num_steps,
+                   guidance=ecfg.get("guidance"), metric_names=ecfg.get("metrics") or None, precision=precision)
+
+
+def evaluate_config(adapter: SD3Adapter, cfg: dict, step_folder: Path, model_info: dict, prefix: str, engine=None,
+                    log: Callable[[str], None] = print,
+                    on_summary: Callable[[int, Any, dict, Path], None] | None = None) -> None:
+    """Every benchmark of the config's [eval] table (and each few-step endpoint) at one step, into
+    step_folder/<benchmark>; the main process logs "<prefix> <benchmark> <main metric> = <score>" and passes each
+    summary to `on_summary(index, bench, summary, folder)` (a run's TensorBoard)."""
+    from soarbench.benchmarks import eval_benchmarks
+
+    spec = EvalSpec.from_config(cfg)  # steps: each benchmark's num_steps
+    for i, bench in enumerate(eval_benchmarks(cfg.get("eval", {}))):
+        folder = Path(step_folder) / bench.name
+        summary = evaluate(adapter, bench, folder, spec, model_info=model_info, config=cfg, engine=engine,
+                           log=lambda message: log(f"{prefix} {message}"))
+        if summary is None:  # not the main process
+            continue
+        main = next(iter(summary["scores"].items()))
+        log(f"{prefix} {bench.name} {main[0]} = {main[1]:.4f}")
+        if on_summary is not None:
+            on_summary(i, bench, summary, folder)
 
 
 def sample_seed(seed: int, prompt_index: int, image_index: int) -> int:
@@ -155,12 +205,12 @@ def _start_over(out_dir: Path, old_weights: str | None, settings: dict, log: Cal
             f"{old_weights[:12]}..., now {new[:12]}...): all {n} samples are redone")
 
 
-def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0,
-             metric_names: list[str] | None = None, batch_size: int = 64, model_info: dict | None = None,
-             config: dict | None = None, on_progress: Callable[[int, int], None] | None = None,
-             num_steps: int | None = None, guidance: float | None = None, precision: str = "fp32",
-             engine=None, steering=None, log: Callable[[str], None] = _note) -> dict[str, Any] | None:
-    """Generate and score the benchmark; with an engine, every process takes its share of the batches.
+def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, spec: EvalSpec | None = None, *,
+             model_info: dict | None = None, config: dict | None = None,
+             on_progress: Callable[[int, int], None] | None = None, engine=None, steering=None,
+             log: Callable[[str], None] = _note, **settings) -> dict[str, Any] | None:
+    """Generate and score the benchmark as `spec` says (or an EvalSpec of the keyword `settings`: seed,
+    batch_size, num_steps, guidance, metric_names, precision); with an engine, every process takes its share.
 
     Batches are fixed chunks of the benchmark's samples in order and batch j goes to process j mod W, so each batch
     is computed exactly as a one-process run computes it: the images and scores equal a one-process run's. After an
@@ -175,16 +225,18 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
     keys the folder to the model's content: when it differs from the one recorded, every sample is redone and
     `log` says so in one line.
     """
+    spec = spec if spec is not None else EvalSpec(**settings)
+    seed, batch_size, precision = spec.seed, spec.batch_size, spec.precision
     out_dir = Path(out_dir)
     rank, world = (engine.rank, engine.world_size) if engine is not None else (0, 1)
     is_main = rank == 0
-    num_steps = bench.num_steps if num_steps is None else num_steps
-    guidance = bench.guidance if guidance is None else guidance
+    num_steps = bench.num_steps if spec.num_steps is None else spec.num_steps
+    guidance = bench.guidance if spec.guidance is None else spec.guidance
     if num_steps < 1:
         raise UserError(f"eval: num_steps must be >= 1, got {num_steps}")
     if batch_size < 1:
         raise UserError(f"eval: batch_size must be >= 1, got {batch_size}")
-    names, metrics = _build_metrics(bench, metric_names)
+    names, metrics = _build_metrics(bench, spec.metric_names)
     info = _with_method_version(model_info or {"path": str(adapter.source)}, adapter)
     settings = {"model": str(info.get("path")), "benchmark": bench.name, "n_prompts": len(bench.prompts),
                 **bench.sampling_settings(),
@@ -229,13 +281,12 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
                 latents = euler_sample(adapter, text, noise, num_steps=num_steps, guidance=guidance, steer=steer)
                 images = to_pil(adapter.decode(latents.float()).float())
             meta = [bench.metadata[p] for p, _ in chunk] if bench.metadata is not None else None
-            records = {n: m.score(images, prompts, meta) for n, m in metrics.items()}
+            records = score_batch(metrics, images, prompts, meta)
             for j, ((p, k), image) in enumerate(zip(chunk, images)):
                 sid = f"{p:05d}_{k}"
                 atomic_write_bytes(out_dir / "images" / f"{sid}.png", png_bytes(image))
                 append_jsonl(shard_path, {"id": sid, "prompt_index": p, "image_index": k, "seed": seeds[j],
-                                          "prompt": prompts[j], "file": f"images/{sid}.png",
-                                          "records": {n: records[n][j] for n in names}})
+                                          "prompt": prompts[j], "file": f"images/{sid}.png", "records": records[j]})
             finished += len(chunk)
             fault("eval_batch")
             if on_progress is not None:
@@ -252,10 +303,7 @@ def evaluate(adapter: SD3Adapter, bench: Benchmark, out_dir: Path, seed: int = 0
         atomic_write_text(samples_path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
         for shard in out_dir.glob("samples.rank*.jsonl"):
             shard.unlink()
-    scores, per_prompt = _aggregate(metrics, rows)
-    if "geneval" in metrics:
-        write_geneval_results(out_dir / "results.jsonl", rows)
-
+    scores, per_prompt = _score_rows(out_dir, metrics, rows)
     return _write_summary(
         out_dir, label=(model_info or {}).get("label", "model"), model=info,
         benchmark={"name": bench.name, "n_prompts": len(bench.prompts), **bench.sampling_settings(),
@@ -310,6 +358,20 @@ def _build_metrics(bench: Benchmark, metric_names: list[str] | None) -> tuple[li
     for name in names:
         METRICS.check(name)
     return names, {n: build_metric(n, **bench.metrics.get(n, {})) for n in names}
+
+
+def score_batch(metrics: dict[str, Metric], images, prompts: list[str], metadata) -> list[dict[str, dict]]:
+    """One record per metric for each image of a batch (a model's samples or an image folder's alike)."""
+    records = {name: metric.score(images, prompts, metadata) for name, metric in metrics.items()}
+    return [{name: records[name][j] for name in metrics} for j in range(len(images))]
+
+
+def _score_rows(out_dir: Path, metrics: dict[str, Metric], rows: list[dict]):
+    """(scores, per-prompt means) of every finished row, and GenEval's results.jsonl beside them."""
+    scores, per_prompt = _aggregate(metrics, rows)
+    if "geneval" in metrics:
+        write_geneval_results(out_dir / "results.jsonl", rows)
+    return scores, per_prompt
 
 
 def _aggregate(metrics: dict[str, Metric], rows: list[dict]) -> tuple[dict[str, float], dict[str, list[float]]]:
@@ -527,20 +589,17 @@ def score_images(images_dir: Path, bench: Benchmark, out_dir: Path, prompts_file
         images = [load_rgb(s.path, max_pixels=max_pixels) for s in chunk]
         prompts = [s.prompt for s in chunk]
         meta = [s.metadata for s in chunk] if all(s.metadata is not None for s in chunk) else None
-        records = {n: m.score(images, prompts, meta) for n, m in metrics.items()}
+        records = score_batch(metrics, images, prompts, meta)
         for j, s in enumerate(chunk):
             append_jsonl(samples_path, {"id": s.id, "prompt_index": s.prompt_index, "image_index": s.image_index,
                                         "seed": None, "prompt": s.prompt, "file": str(s.path),
-                                        "sha256": digests[s.id], "records": {n: records[n][j] for n in names}})
+                                        "sha256": digests[s.id], "records": records[j]})
         if on_progress is not None:
             on_progress(len(samples) - len(todo) + start + len(chunk), len(samples))
     seconds = time.perf_counter() - t_start
 
     rows = sorted(read_done(samples_path).values(), key=lambda r: (r["prompt_index"], r["image_index"]))
-    scores, per_prompt = _aggregate(metrics, rows)
-    if "geneval" in metrics:
-        write_geneval_results(out_dir / "results.jsonl", rows)
-
+    scores, per_prompt = _score_rows(out_dir, metrics, rows)
     counts = Counter(s.prompt_index for s in samples)
     covers = (counts == Counter(dict(enumerate(bench.image_counts())))
               and all(s.prompt == bench.prompts[s.prompt_index] for s in samples))

@@ -230,10 +230,9 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     every run's extra benchmarks and every run's few-step endpoints, so that each has its baseline."""
     import torch
 
-    from soarbench.benchmarks import eval_benchmarks
-    from soarbench.evaluate import evaluate
+    from soarbench.evaluate import evaluate_config
     from soarbench.harness.budget import Counters
-    from soarbench.harness.train import eval_settings, evaluation_adapter, model_info, resolve_config
+    from soarbench.harness.train import evaluation_adapter, model_info, resolve_config
     from soarbench.models.sd3 import weights_fingerprint
 
     cfg = C.deep_merge(cfg, {"run": {"name": "base", "group": "base"}})
@@ -253,9 +252,4 @@ def evaluate_base(cfg: dict, folder: Path, log, extra_benchmarks: dict[str, dict
     adapter = evaluation_adapter(cfg, device)  # as the runs hold it: their lr-0 control reproduces it byte for byte
     info = {**model_info(cfg, "base", 0, Counters(), Path(cfg["model"]["path"])),
             "weights_sha256": weights_fingerprint(cfg["model"]["path"])}
-    for bench in eval_benchmarks(ecfg):
-        target = folder / "evals" / "step_000000" / bench.name
-        summary = evaluate(adapter, bench, target, model_info=info, config=cfg, **eval_settings(cfg),
-                           log=lambda message: log(f"[base] {message}"))
-        main = next(iter(summary["scores"].items()))
-        log(f"[base] {bench.name} {main[0]} = {main[1]:.4f}")
+    evaluate_config(adapter, cfg, folder / "evals" / "step_000000", info, "[base]", log=log)

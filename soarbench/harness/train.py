@@ -376,23 +376,20 @@ class Run:
             self.pending_eval = None
 
     def evaluate(self, step: int) -> None:
-        """Every process evaluates its share of the benchmark with the weights the method evaluates."""
-        from soarbench.benchmarks import eval_benchmarks
-        from soarbench.evaluate import evaluate
+        """Every process evaluates its share of the benchmarks with the weights the method evaluates."""
+        from soarbench.evaluate import evaluate_config
 
-        ecfg = self.ecfg
         info = model_info(self.cfg, self.method_name if step else "base", step, self.counters,
                           self.out_dir / "checkpoints" / f"step_{step:06d}", self.method.version if step else "")
-        for i, bench in enumerate(eval_benchmarks(ecfg)):
-            folder = self.out_dir / "evals" / f"step_{step:06d}" / bench.name
-            with self.meter.paused(), (self.method.eval_weights(self.ctx) if step else contextlib.nullcontext()):
-                summary = evaluate(self.adapter, bench, folder, model_info=info, config=self.cfg, engine=self.engine,
-                                   **eval_settings(self.cfg))  # steps: bench.num_steps
-            if summary is not None and self.engine.is_main:
-                main = next(iter(summary["scores"].items()))
-                self.log(f"eval step {step}: {bench.name} {main[0]} = {main[1]:.4f}")
-                if self.writer is not None:
-                    self.writer.eval(summary, folder, step, "eval" if i == 0 else f"eval/{bench.name}")
+
+        def to_tensorboard(i, bench, summary, folder):
+            if self.writer is not None:
+                self.writer.eval(summary, folder, step, "eval" if i == 0 else f"eval/{bench.name}")
+
+        with self.meter.paused(), (self.method.eval_weights(self.ctx) if step else contextlib.nullcontext()):
+            evaluate_config(self.adapter, self.cfg, self.out_dir / "evals" / f"step_{step:06d}", info,
+                            f"eval step {step}:", engine=self.engine,
+                            log=self.log if self.engine.is_main else (lambda message: None), on_summary=to_tensorboard)
         self.pending_eval = None
 
 
@@ -428,18 +425,6 @@ def _seed_global_rngs(seed: int) -> None:
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def eval_settings(cfg: dict) -> dict:
-    """evaluate()'s sampling and scoring settings from a run's [eval] table, the same for its own evaluations and
-    for the base's (experiment.evaluate_base): precision "auto" is the training's mixed precision (fp32 without)."""
-    ecfg = cfg.get("eval", {})
-    precision = ecfg.get("precision", "auto")
-    if precision == "auto":
-        mixed = cfg["train"]["mixed_precision"]
-        precision = "fp32" if mixed == "no" else mixed
-    return {"seed": int(ecfg.get("seed", 0)), "batch_size": int(ecfg.get("batch_size", 64)),
-            "guidance": ecfg.get("guidance"), "metric_names": ecfg.get("metrics") or None, "precision": precision}
 
 
 def evaluation_adapter(cfg: dict, device) -> SD3Adapter:

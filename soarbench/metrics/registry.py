@@ -1,43 +1,72 @@
-"""Every metric soarbench knows, as lazy entries: heavy imports happen only when a metric is built."""
+"""Every metric soarbench knows, as lazy entries: heavy imports happen only when a metric is built.
+
+Each entry carries its display facts beside what it needs: the title a report's column shows, the decimals its
+values are printed with, and the benchmark the papers read it on (`metric_display`); adding a metric is one entry
+here and its class.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from soarbench.registry import LazyRegistry
 
 if TYPE_CHECKING:  # metrics.base imports torch: naming and checking metrics must not
     from soarbench.metrics.base import Metric
 
+PREFERENCE_BENCHMARK = "drawbench"  # where the papers read the preference metrics
+
+
+class MetricDisplay(NamedTuple):
+    title: str  # a report column's title
+    decimals: int  # how its values are printed
+    paper_benchmark: str  # the benchmark the papers read it on (a column measured elsewhere says so)
+
+
+def metric_display(name: str) -> MetricDisplay:
+    """The registered metric's display facts (no metric is built, nothing heavy is imported)."""
+    meta = METRICS.meta(name)
+    return MetricDisplay(meta.get("title", name), int(meta.get("decimals", 3)),
+                         meta.get("paper_benchmark", PREFERENCE_BENCHMARK))
+
+
 METRICS = LazyRegistry("metric")
 METRICS.add("geneval", "soarbench.metrics.geneval:GenEvalMetric",
             needs=["a detector backend: shapes (built in); mask2former, the official one (mmdet in-process, or "
                    "`soarbench metrics serve-geneval` + SOARBENCH_GENEVAL_SERVER; weights mask2former-mmdet and "
                    "clip-vit-large-patch14)"],
-            modules=["scipy"])
+            modules=["scipy"],
+            title="GenEval", decimals=3, paper_benchmark="geneval")
 METRICS.add("clipscore", "soarbench.metrics.clipscore:ClipScoreMetric",
             needs=["reward_ckpts/clip-vit-large-patch14/ (soarbench ckpts download clip-vit-large-patch14)"],
-            weights=["clip-vit-large-patch14"], modules=["transformers"])
+            weights=["clip-vit-large-patch14"], modules=["transformers"],
+            title="ClipScore", decimals=3)
 METRICS.add("pickscore", "soarbench.metrics.pickscore:PickScoreMetric",
             needs=["reward_ckpts/PickScore_v1/ (soarbench ckpts download pickscore-v1)",
                    "reward_ckpts/CLIP-ViT-H-14-laion2B-s32B-b79K/ (soarbench ckpts download clip-vit-h-14-processor)"],
-            weights=["pickscore-v1", "clip-vit-h-14-processor"], modules=["transformers"])
+            weights=["pickscore-v1", "clip-vit-h-14-processor"], modules=["transformers"],
+            title="PickScore", decimals=2)
 METRICS.add("hpsv2", "soarbench.metrics.hpsv2:HPSv2Metric",
             needs=["reward_ckpts/HPS_v2.1_compressed.pt (soarbench ckpts download hpsv2.1)"],
-            weights=["hpsv2.1"], modules=["open_clip"])
+            weights=["hpsv2.1"], modules=["open_clip"],
+            title="HPSv2.1", decimals=3)
 METRICS.add("aesthetic", "soarbench.metrics.aesthetic:AestheticMetric",
             needs=["reward_ckpts/clip-vit-large-patch14/ (soarbench ckpts download clip-vit-large-patch14)",
                    "reward_ckpts/sac+logos+ava1-l14-linearMSE.pth (soarbench ckpts download aesthetic-mlp)"],
-            weights=["clip-vit-large-patch14", "aesthetic-mlp"], modules=["transformers"])
+            weights=["clip-vit-large-patch14", "aesthetic-mlp"], modules=["transformers"],
+            title="Aesthetic", decimals=2)
 METRICS.add("imagereward", "soarbench.metrics.imagereward:ImageRewardMetric",
             needs=["reward_ckpts/ImageReward/ (soarbench ckpts download imagereward-v1)",
                    "reward_ckpts/bert-base-uncased/ (soarbench ckpts download bert-base-uncased-tokenizer)"],
-            weights=["imagereward-v1", "bert-base-uncased-tokenizer"], modules=["transformers"])
+            weights=["imagereward-v1", "bert-base-uncased-tokenizer"], modules=["transformers"],
+            title="ImgRwd", decimals=2)
 METRICS.add("shapes_soft", "soarbench.metrics.shapes_soft:ShapesSoftMetric",
-            needs=["nothing (built in): a differentiable colour / position reward for the shapes world"])
+            needs=["nothing (built in): a differentiable colour / position reward for the shapes world"],
+            title="ShapesSoft", decimals=3, paper_benchmark="shapes")
 METRICS.add("ocr", "soarbench.metrics.ocr:OCRMetric",
             needs=["rapidocr + onnxruntime (pip install rapidocr==3.10.* onnxruntime; models ship in the wheel)",
                    "optional reference engine: pip install paddleocr==2.9.1 paddlepaddle"],
-            modules=["rapidocr", "onnxruntime"])
+            modules=["rapidocr", "onnxruntime"],
+            title="OCR", decimals=3, paper_benchmark="ocr")
 
 
 def availability(name: str, weights_root=None) -> list[str]:

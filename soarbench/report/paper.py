@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from soarbench.report.collect import BASE_METHOD, EvalSummary, ReportData, per_prompt_scores
+from soarbench.metrics.registry import metric_display
 from soarbench.report.published import PAPER_METRICS, PublishedRow, load_published
 from soarbench.report.stats import mde_paired, mde_two_groups
 from soarbench.report.tables import (
@@ -39,12 +40,8 @@ from soarbench.report.tables import (
     paired_tests,
 )
 
-TITLES = {"geneval": "GenEval", "ocr": "OCR", "pickscore": "PickScore", "clipscore": "ClipScore",
-          "hpsv2": "HPSv2.1", "aesthetic": "Aesthetic", "imagereward": "ImgRwd"}
-# The benchmark each metric is read from in the paper; a metric measured elsewhere says where in its header.
-PAPER_BENCHMARK = {"geneval": "geneval", "ocr": "ocr"}
-PREFERENCE_BENCHMARK = "drawbench"
-DECIMALS = {"geneval": 3, "ocr": 3, "pickscore": 2, "clipscore": 3, "hpsv2": 3, "aesthetic": 2, "imagereward": 2}
+# Each metric's title, decimals and the benchmark the papers read it on are its registry entry's display facts
+# (soarbench.metrics.registry.metric_display); a metric measured elsewhere says where in its header.
 # Raw budget counters shown beside the matched unit, when the summaries record them.
 RAW_COUNTERS = ("optimizer_steps", "images", "fwd_bwd", "no_grad_fwd", "reward_calls")
 MEASURED, PUBLISHED = "measured", "published"
@@ -68,8 +65,7 @@ class PaperColumn:
     def qualifiers(self) -> list[str]:
         """What the header says under the title: protocol, then benchmark (when not the paper's), then engine."""
         parts = [self.protocol or "not measured"]
-        expected = PAPER_BENCHMARK.get(self.metric, PREFERENCE_BENCHMARK)
-        if self.benchmark and self.benchmark != expected:
+        if self.benchmark and self.benchmark != _paper_benchmark(self.metric):
             parts.append(f"on {self.benchmark}")
         if self.engine:
             parts.append(self.engine)
@@ -82,7 +78,7 @@ class PaperColumn:
 
     @property
     def decimals(self) -> int:
-        return DECIMALS.get(self.metric, 3)
+        return metric_display(self.metric).decimals
 
 
 @dataclass(frozen=True)
@@ -157,7 +153,7 @@ def build_paper_table(data: ReportData, published: Sequence[PublishedRow] | None
 
 
 def _paper_benchmark(metric: str) -> str:
-    return PAPER_BENCHMARK.get(metric, PREFERENCE_BENCHMARK)
+    return metric_display(metric).paper_benchmark
 
 
 def _why_not_beside(column: PaperColumn, protocol: str) -> str | None:
@@ -197,7 +193,7 @@ def _finals(data: ReportData, metric: str) -> tuple[str | None, list[Checkpoint]
     benches = [b for b in data.benchmarks() if any(metric in e.scores for e in data.evals_for(b))]
     if not benches:
         return None, []
-    preferred = PAPER_BENCHMARK.get(metric, PREFERENCE_BENCHMARK)
+    preferred = _paper_benchmark(metric)
     bench = preferred if preferred in benches else benches[0]
     evals = [e for e in data.evals_for(bench) if metric in e.scores]
     cps = checkpoints(evals, data.group_methods)
@@ -208,9 +204,9 @@ def _column(metric: str, finals: tuple[str | None, list[Checkpoint]]) -> PaperCo
     bench, cps = finals
     evals = [e for cp in cps for e in cp.evals]
     if not evals:
-        return PaperColumn(metric, TITLES[metric])
+        return PaperColumn(metric, metric_display(metric).title)
     higher = next((h for e in evals if isinstance(h := _info(e, metric).get("higher_is_better"), bool)), True)
-    return PaperColumn(metric, TITLES[metric], higher, _protocol(evals, metric), bench,
+    return PaperColumn(metric, metric_display(metric).title, higher, _protocol(evals, metric), bench,
                        _engine(evals) if metric == "ocr" else None)
 
 
