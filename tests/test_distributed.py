@@ -16,25 +16,9 @@ from soarbench.harness.train import train
 from soarbench.models import SD3Adapter
 
 import reward_plugins  # registers the test rewards in this process too
+from micro_runs import MICRO_RUNS, method_toml
 
-METHODS = {
-    "sft": 'name = "sft"',
-    "soar": 'name = "soar"\ntrajectory_length = 2',
-    "flow_grpo": 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\nlora_alpha = 8\n'
-                 'ema_every = 1\nrewards = { test_brightness = 1.0 }',
-    "direct_align": 'name = "direct_align"\nnum_steps = 2\nguidance = 2.0\nrewards = { shapes_soft = 1.0 }',
-    "srpo": 'name = "srpo"\nnum_steps = 2\ntrain_guidance = 2.0\nrewards = { test_embed = 1.0 }',
-    "diffusion_nft": 'name = "diffusion_nft"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
-                     'lora_alpha = 8\nrewards = { test_brightness = 1.0 }',
-    "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
-                  'rewards = { test_brightness = 1.0 }',
-    # one value pre-training epoch, then one PPO epoch: both phases, and the value head compared too
-    "actor_critic": 'name = "actor_critic"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
-                    'lora_alpha = 8\nema_every = 1\noptimizer_steps_per_epoch = 1\nvalue_pretrain_units = 1\n'
-                    'rewards = { test_brightness = 1.0 }',
-    "seppo": 'name = "seppo"\nnum_steps = 2\nguidance = 2.0\npool_every = 1\npool_size = 2\nlora_r = 4\n'
-             'lora_alpha = 8',
-}
+METHODS = sorted(MICRO_RUNS)
 LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
@@ -55,7 +39,7 @@ def job(tmp_path_factory, tiny_model_dir, shapes_data):
 def _config(job: Path, method: str, batch: int, accumulation: int) -> Path:
     path = job / f"{method}-{batch}-{accumulation}.toml"
     path.write_text(f'[model]\npath = "{job / "model"}"\nmax_sequence_length = 0\n'
-                    f'[data]\njsonl = "{job / "train.jsonl"}"\n[method]\n{METHODS[method]}\n'
+                    f'[data]\njsonl = "{job / "train.jsonl"}"\n[method]\n{method_toml(method)}\n'
                     f'[train]\nseed = 5\nbatch_size = {batch}\ngradient_accumulation_steps = {accumulation}\n'
                     'lr = 1e-3\nthreads = 1\ndevice = "cpu"\ncheckpoint_every = 1\ncheck_replicas = true\n'
                     '[budget]\nunit = "optimizer_steps"\namount = 2\n')

@@ -14,30 +14,14 @@ from soarbench.methods.base import LossOutput, MethodBase, Micro, RunShape, log_
 from soarbench.cost import UnitCost
 
 import reward_plugins  # noqa: F401  (the test rewards test_brightness and test_embed)
+from micro_runs import MICRO_RUNS
 
 BATCH = 2
-# the smallest run of each registered method; a new method must add its own line here
-MICRO_RUNS = {
-    "sft": {},
-    "soar": {"trajectory_length": 2},
-    "flow_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"test_brightness": 1.0},
-                  "lora_r": 4, "lora_alpha": 8, "ema_every": 1},
-    "direct_align": {"num_steps": 2, "guidance": 2.0, "rewards": {"shapes_soft": 1.0}},
-    "srpo": {"num_steps": 2, "train_guidance": 2.0, "rewards": {"test_embed": 1.0}},
-    "diffusion_nft": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"test_brightness": 1.0},
-                      "lora_r": 4, "lora_alpha": 8},
-    "dance_grpo": {"group_size": 2, "batch_size": 4, "num_steps": 5, "rewards": {"test_brightness": 1.0},
-                   "lora_r": 4, "lora_alpha": 8, "optimizer_steps_per_epoch": 2, "ema": True},
-    # one value pre-training epoch, then one PPO epoch: each priced by unit_plan
-    "actor_critic": {"group_size": 2, "batch_size": 4, "num_steps": 3, "rewards": {"test_brightness": 1.0},
-                     "lora_r": 4, "lora_alpha": 8, "ema_every": 1, "value_pretrain_units": 1},
-    "seppo": {"num_steps": 2, "guidance": 2.0, "pool_every": 1, "lora_r": 4, "lora_alpha": 8},
-}
 
 
 def _cfg(model_dir, data, name, units=2, **method):
     """A run of `units` units of work, and each unit's planned cost (unit_plan: a first phase may differ)."""
-    options = {**MICRO_RUNS.get(name, {}), **method}
+    options = {**MICRO_RUNS.get(name, {}), **method}  # toy_shrink (defined below) has no options
     built = build_method(name, dict(options))
     plans = [built.unit_plan(RunShape(1, 1, BATCH), u) for u in range(units)]
     return {"model": {"path": str(model_dir), "max_sequence_length": 0}, "data": {"jsonl": str(data)},
@@ -83,7 +67,6 @@ class ToyShrink(MethodBase):
 
 
 METHODS.add("toy_shrink", f"{__name__}:ToyShrink")
-MICRO_RUNS["toy_shrink"] = {}
 
 
 def test_a_method_registered_from_outside_trains_under_the_loop(tiny_model_dir, shapes_data, tmp_path):

@@ -19,30 +19,19 @@ from soarbench.harness.train import train
 from soarbench.models import SD3Adapter
 
 import reward_plugins  # noqa: F401  (the test rewards)
+from micro_runs import MICRO_RUNS, method_toml
 
-METHODS = {
-    "sft": 'name = "sft"',
-    "soar": 'name = "soar"\ntrajectory_length = 2',
-    "flow_grpo": 'name = "flow_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\nlora_alpha = 8\n'
-                 'ema_every = 1\noptimizer_steps_per_epoch = 1\nrewards = { geneval = 1.0 }',
-    "diffusion_nft": 'name = "diffusion_nft"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
-                     'lora_alpha = 8\nrewards = { geneval = 1.0 }',
-    "dance_grpo": 'name = "dance_grpo"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 4\nlora_r = 4\nlora_alpha = 8\n'
-                  'optimizer_steps_per_epoch = 1\nrewards = { geneval = 1.0 }',
-    "direct_align": 'name = "direct_align"\nnum_steps = 2\nguidance = 2.0\nrewards = { shapes_soft = 1.0 }',
-    "srpo": 'name = "srpo"\nnum_steps = 2\ntrain_guidance = 2.0\nrewards = { test_embed = 1.0 }',
-    "actor_critic": 'name = "actor_critic"\ngroup_size = 2\nbatch_size = 4\nnum_steps = 3\nlora_r = 4\n'
-                    'lora_alpha = 8\noptimizer_steps_per_epoch = 1\nvalue_pretrain_units = 1\n'
-                    'rewards = { geneval = 1.0 }',
-    "seppo": 'name = "seppo"\nnum_steps = 2\nguidance = 2.0\npool_every = 1\npool_size = 3\nlora_r = 4\n'
-             'lora_alpha = 8',
-}
+# the group methods resume on the GenEval reward (its rules engine through the crash), one optimizer step an epoch
+_GENEVAL_EPOCHS = {"rewards": {"geneval": 1.0}, "optimizer_steps_per_epoch": 1}
+RESUME_OVERRIDES = {name: _GENEVAL_EPOCHS for name in ("flow_grpo", "diffusion_nft", "dance_grpo", "actor_critic")}
+METHODS = sorted(MICRO_RUNS)
 
 
 def _write_config(folder: Path, model: Path, data: Path, method: str) -> Path:
     path = folder / f"{method}.toml"
     path.write_text(f'[model]\npath = "{model}"\nmax_sequence_length = 0\n[data]\njsonl = "{data}"\n'
-                    f'[method]\n{METHODS[method]}\n[train]\nseed = 3\nbatch_size = 2\nlr = 1e-3\nthreads = 1\n'
+                    f'[method]\n{method_toml(method, **RESUME_OVERRIDES.get(method, {}))}\n'
+                    '[train]\nseed = 3\nbatch_size = 2\nlr = 1e-3\nthreads = 1\n'
                     'checkpoint_every = 1\n[budget]\nunit = "optimizer_steps"\namount = 4\n'
                     '[eval]\nbenchmark = "shapes"\npoints = 2\nnum_steps = 2\nbatch_size = 4\n'
                     'benchmark_options = { n_per_tag = 1 }\n')
