@@ -413,7 +413,8 @@ def check_device(where: str, value: str) -> None:
         raise UserError(f"config: {where} = {_show(value)}: {problem}")
 
 
-def _check_world(where: str, value: str) -> None:
+def check_world(where: str, value: str) -> None:
+    """A world name (data.generate.world, a probe's generate table) that no world registers: one line, did-you-mean."""
     from soarbench.worlds import WORLDS
 
     if value not in WORLDS.names():
@@ -422,7 +423,7 @@ def _check_world(where: str, value: str) -> None:
 
 
 GENERATE_SCHEMA: dict[str, Field] = {
-    "world": Field("str", REQUIRED, check=_check_world),
+    "world": Field("str", REQUIRED, check=check_world),
     "n_images": Field("int", 4000, low=1),
     "seed": Field("int", 1, low=0),
     "image_size": Field("int", 32, low=8),

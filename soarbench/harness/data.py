@@ -16,6 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -280,10 +281,10 @@ class ImageData:
         self.sampler.load_state_dict(state["sampler"])
 
 
-def generation_plan(dcfg: dict) -> tuple[Path, dict] | None:
-    """Where data.generate would write and the draw it would write (None when it is off), or a one-line refusal
-    before anything is written: generation writes only into a folder it owns (new, empty, or holding its own
-    manifest), never over the user's data."""
+def generation_plan(dcfg: dict) -> tuple[Any, Path, dict] | None:
+    """The world data.generate names, where it would write and the draw it would write (None when it is off), or a
+    one-line refusal before anything is written: generation writes only into a folder it owns (new, empty, or
+    holding its own manifest), never over the user's data."""
     gen = dcfg.get("generate")
     if not gen:
         return None
@@ -298,17 +299,17 @@ def generation_plan(dcfg: dict) -> tuple[Path, dict] | None:
                         f"to train on it, or point data.jsonl into a new folder")
     draw = {"n_images": int(gen.get("n_images", 4000)), "seed": int(gen.get("seed", 1)),
             "size": int(gen.get("image_size", 32))}
-    return target, draw
+    return world, target, draw
 
 
 def generating_world(gen: dict):
-    """The registered world (soarbench/worlds) that data.generate names; did-you-mean for any other name."""
-    from soarbench.errors import did_you_mean
+    """The registered world (soarbench/worlds) that data.generate names (the config check's one-line refusal for
+    any other name: a probe's generate table is not part of a validated train config)."""
+    from soarbench.config import check_world
     from soarbench.worlds import WORLDS
 
     name = str(gen.get("world"))
-    if name not in WORLDS.names():
-        raise did_you_mean("data.generate.world", name, WORLDS.names())
+    check_world("data.generate.world", name)
     return WORLDS.load(name)
 
 
@@ -319,8 +320,7 @@ def ensure_generated(dcfg: dict, engine=None) -> None:
     plan = generation_plan(dcfg)
     if plan is None:
         return
-    world = generating_world(dcfg["generate"])
-    target, draw = plan
+    world, target, draw = plan
     current = world.is_current(target.parent, **draw)
     if engine is not None:
         engine.barrier()  # every process has checked the folder before the main one writes into it
