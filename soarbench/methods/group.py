@@ -230,8 +230,8 @@ class GroupRollout(MethodBase):
             text = TextEmbeddings.cat([embeddings[p] for p in share.prompts])
         else:
             embeddings, text = None, adapter.encode_prompts(share.prompts)
-        noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, adapter.latent_shape(*self.rollout_size(
-            adapter)), self.same_noise, ctx.device)
+        shape = adapter.latent_shape(*self.rollout_size(adapter))
+        noise = initial_noise(ctx.seed, ctx.unit, share.ids, share.groups, shape, self.same_noise, ctx.device)
         with eval_mode(adapter.transformer):
             rollout = self.sample(ctx, share, text, noise)
         local = self.observe(ctx, rollout, text)
@@ -244,9 +244,7 @@ class GroupRollout(MethodBase):
                       scores={name: ctx.all_gather(v.to(ctx.device)) for name, v in scores.items()},
                       embeddings=embeddings, extra={name: ctx.all_gather(v) for name, v in local.items()})
         if sde:
-            epoch.traj = Trajectory(latents=ctx.all_gather(rollout.latents), log_probs=ctx.all_gather(
-                rollout.log_probs), sigmas=rollout.sigmas, trainable=ctx.all_gather(rollout.trainable),
-                variant=rollout.variant, noise_level=rollout.noise_level)
+            epoch.traj = rollout.map_batch(ctx.all_gather)
         else:
             epoch.latents = ctx.all_gather(rollout.float())
         self.advantages(ctx, epoch)

@@ -65,6 +65,11 @@ class Trajectory:
         return replace(self, latents=self.latents[index], log_probs=self.log_probs[index],
                        trainable=self.trainable[index])
 
+    def map_batch(self, fn) -> "Trajectory":
+        """The same grid, variant and noise level with `fn` applied to each per-sample tensor (e.g. an all-gather
+        over processes)."""
+        return replace(self, latents=fn(self.latents), log_probs=fn(self.log_probs), trainable=fn(self.trainable))
+
     @staticmethod
     def cat(parts: Sequence["Trajectory"]) -> "Trajectory":
         """Concatenate along the batch (e.g. the sampling batches of one epoch, each with its own window)."""
