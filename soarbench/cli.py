@@ -639,7 +639,7 @@ def methods_list():
       soarbench methods list
     """
     from soarbench.methods import METHODS
-    from soarbench.methods.info import method_info
+    from soarbench.method_info import method_info
 
     typer.echo("method\tpaper\treconstructed\treference code\ttrains on")
     for name in METHODS.names():
@@ -660,7 +660,7 @@ def methods_show(name: str = typer.Argument(..., help="A method name (soarbench 
       soarbench train --config benchmarks/shapes/soar.toml --set method.lambda_aux=0.5 --out runs/soar-half
     """
     from soarbench.methods import METHODS
-    from soarbench.methods.info import method_info
+    from soarbench.method_info import method_info
 
     METHODS.check(name)
     info = method_info(name)

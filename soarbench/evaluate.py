@@ -46,7 +46,7 @@ from soarbench import provenance
 from soarbench.benchmarks import Benchmark
 from soarbench.errors import UserError
 from soarbench.io import append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
-from soarbench.harness.faults import fault
+from soarbench.faults import fault
 from soarbench.images import MAX_PIXELS, MIN_SCORED_SIDE, image_size, load_rgb
 from soarbench.metrics.base import Metric
 from soarbench.metrics.pixels import to_pil  # noqa: F401  (one 8-bit conversion for evaluation and rewards)

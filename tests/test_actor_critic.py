@@ -352,7 +352,7 @@ def _plain(tiny_model_dir, state):
 
 def test_the_critic_is_a_lora_of_its_own(adapter, tiny_model_dir):
     from soarbench.models import SD3Adapter
-    from soarbench.rl import lora as L
+    from soarbench.models import lora as L
 
     base = SD3Adapter.from_pretrained(tiny_model_dir).transformer.state_dict()
     method, ctx, groups = _lora_setup(adapter)
@@ -398,7 +398,7 @@ def test_the_critic_is_a_lora_of_its_own(adapter, tiny_model_dir):
 def test_the_critic_backpropagates_correctly_under_gradient_checkpointing(adapter):
     """Checkpointed blocks are recomputed in the backward, when the policy's adapter is active again: the critic's
     gradient must still be its own (the same as without checkpointing), and the policy's beside it unchanged."""
-    from soarbench.rl import lora as L
+    from soarbench.models import lora as L
 
     method, ctx, groups = _lora_setup(adapter)
     named = dict(L.peft_model(ctx.roles.base).named_parameters())
@@ -441,7 +441,7 @@ def test_the_critic_backpropagates_correctly_under_gradient_checkpointing(adapte
 
 
 def test_the_critic_adapter_is_part_of_the_resumable_state(adapter):
-    from soarbench.rl import lora as L
+    from soarbench.models import lora as L
 
     method, ctx, groups = _lora_setup(adapter)
     state = ctx.roles.state_dict()

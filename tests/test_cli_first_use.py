@@ -80,7 +80,7 @@ def test_methods_show_lists_every_constructor_option_with_its_default(cli):
 
 def test_every_option_of_every_method_has_a_meaning_and_no_meaning_is_stale():
     from soarbench import config as C
-    from soarbench.methods.info import _METHOD_OPTIONS, method_info
+    from soarbench.method_info import _METHOD_OPTIONS, method_info
 
     for name in METHODS.names():
         params = set(C._constructor_parameters(METHODS.load(name)))

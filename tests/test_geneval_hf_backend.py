@@ -19,7 +19,7 @@ from soarbench.geneval.backends import BACKENDS, load_backend
 from soarbench.geneval.grammar import COLORS
 from soarbench.geneval.hf_backend import ClipColorClassifier, geneval_name, mask_box, masked_crop
 from soarbench.geneval.rules import Detection
-from soarbench.metrics.geneval import GenEvalMetric
+from soarbench.geneval.metric import GenEvalMetric
 from soarbench.metrics.weights import load_manifest
 
 try:  # pytest puts tests/ on sys.path (rootdir conftest, no __init__.py)

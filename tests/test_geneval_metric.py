@@ -10,7 +10,7 @@ from PIL import Image
 
 from soarbench.errors import UserError
 from soarbench.geneval import grammar
-from soarbench.metrics.geneval import GenEvalMetric
+from soarbench.geneval.metric import GenEvalMetric
 from soarbench.metrics.registry import build_metric
 from soarbench.worlds.shapes import render_metadata, shapes_metadata
 

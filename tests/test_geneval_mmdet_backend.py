@@ -29,7 +29,7 @@ from soarbench.geneval import grammar
 from soarbench.geneval import mmdet_backend
 from soarbench.geneval.backends import BACKENDS, load_backend
 from soarbench.geneval.rules import Detection
-from soarbench.metrics.geneval import GenEvalMetric
+from soarbench.geneval.metric import GenEvalMetric
 from soarbench.metrics.weights import load_manifest
 
 try:  # pytest puts tests/ on sys.path (rootdir conftest, no __init__.py)

@@ -19,7 +19,7 @@ from soarbench.geneval.backends import Backend
 from soarbench.geneval.rules import Detection
 from soarbench.metrics import ocr, synthetic
 from soarbench.metrics.clipscore import OPENAI_MEAN, OPENAI_STD, ClipScoreMetric
-from soarbench.metrics.geneval import GenEvalMetric
+from soarbench.geneval.metric import GenEvalMetric
 from soarbench.metrics.registry import METRICS, build_metric
 
 torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import soarbench  # noqa: F401  (torchvision fallback first)
 from soarbench.metrics import aesthetic, clipscore, hpsv2, pickscore, synthetic
 from soarbench.metrics import pixels as pixels_lib
 from soarbench.metrics.base import Metric, MetricInfo
-from soarbench.metrics.geneval import GenEvalMetric
+from soarbench.geneval.metric import GenEvalMetric
 from soarbench.rl.rewards import REWARD_FIELDS, RewardFunction
 
 torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import torch
 
 from soarbench.errors import UserError
 from soarbench.models import SD3Adapter
-from soarbench.rl.lora import (EMA, adapters_disabled, add_lora, load_lora, lora_parameters, lora_state_dict,
+from soarbench.models.lora import (EMA, adapters_disabled, add_lora, load_lora, lora_parameters, lora_state_dict,
                                merged_copy, save_lora)
 
 

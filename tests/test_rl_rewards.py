@@ -9,7 +9,7 @@ from PIL import Image
 from soarbench.errors import UserError
 from soarbench.geneval import grammar
 from soarbench.metrics.base import Metric, MetricInfo
-from soarbench.metrics.geneval import GenEvalMetric
+from soarbench.geneval.metric import GenEvalMetric
 from soarbench.rl.rewards import RewardFunction
 from soarbench.worlds.shapes import BACKGROUND, render_metadata, shapes_metadata
 

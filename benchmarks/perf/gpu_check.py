@@ -75,7 +75,7 @@ def build_sd35_medium(out_dir: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from soarbench.models.tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer_files
+    from soarbench.clip_tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer_files
 
     torch.manual_seed(seed)
     tok_dir = Path(out_dir) / "_tokenizer_src"

@@ -31,7 +31,7 @@ from soarbench.harness.checkpoint import (STATE_FILE, checkpoint_dir, latest_che
                                           write_checkpoint)
 from soarbench.harness.data import ImageData, PromptData, ensure_generated, read_records
 from soarbench.harness.engine import Engine
-from soarbench.harness.faults import fault
+from soarbench.faults import fault
 from soarbench.meter import Meter
 from soarbench.io import append_jsonl, atomic_write_json, atomic_write_text
 from soarbench.methods import build_method
@@ -634,7 +634,7 @@ def _save_lora_diffusers(roles: Roles, folder: Path) -> None:
     from diffusers import StableDiffusion3Pipeline
     from peft import get_peft_model_state_dict
 
-    from soarbench.rl import lora as L
+    from soarbench.models import lora as L
 
     peft = L.peft_model(roles.base)
     with roles.ema_weights():

@@ -194,7 +194,7 @@ class ActorCritic(PPOMethod):
         if self.opt.lora:
             from peft import LoraConfig
 
-            from soarbench.rl import lora as L
+            from soarbench.models import lora as L
 
             peft = L.peft_model(roles.base)
             config = peft.peft_config["default"].to_dict()
@@ -254,7 +254,7 @@ class ActorCritic(PPOMethod):
             net.require_backward_grad_sync = bool(sync)  # read by DDP's forward, as its no_sync() does
         if not self.opt.lora:
             return net(z, sigma, text)
-        from soarbench.rl import lora as L
+        from soarbench.models import lora as L
 
         peft = L.peft_model(ctx.roles.base)
         # under gradient checkpointing the blocks are recomputed in the backward, when the policy's adapter is
@@ -304,7 +304,7 @@ class ActorCritic(PPOMethod):
             with ctx.roles.use("ref") as ref:
                 yield ref
         elif self.opt.lora:
-            from soarbench.rl import lora as L
+            from soarbench.models import lora as L
 
             with lora_adapter_active(L.peft_model(ctx.roles.base), CRITIC) as peft:
                 yield peft
@@ -344,7 +344,7 @@ class ActorCritic(PPOMethod):
         if self.critic == "diffusion" and self.opt.lora:
             from peft import get_peft_model_state_dict
 
-            from soarbench.rl import lora as L
+            from soarbench.models import lora as L
 
             peft = L.peft_model(ctx.roles.base)
             head = CriticExport(self.head, lora_state=get_peft_model_state_dict(peft, adapter_name=CRITIC),

@@ -48,7 +48,7 @@ from soarbench.methods.base import Ctx, LossOutput, Micro, RunShape, log_pair
 from soarbench.methods.group import Epoch, GroupOptions, GroupRollout, ppo_logs, trained_timesteps
 from soarbench.models.roles import Roles
 from soarbench.rl.advantages import group_zscore
-from soarbench.rl.lora import EMA
+from soarbench.models.lora import EMA
 from soarbench.rl.ppo import ppo_step
 from soarbench.rl.rollout import Trajectory, initial_noise, sde_rollout  # initial_noise: DanceGRPO's shared start
 from soarbench.sampling.ode import sampling_sigmas

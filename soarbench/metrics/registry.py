@@ -30,7 +30,7 @@ def metric_display(name: str) -> MetricDisplay:
 
 
 METRICS = LazyRegistry("metric")
-METRICS.add("geneval", "soarbench.metrics.geneval:GenEvalMetric",
+METRICS.add("geneval", "soarbench.geneval.metric:GenEvalMetric",
             needs=["a detector backend: shapes (built in); mask2former, the official one (mmdet in-process, or "
                    "`soarbench metrics serve-geneval` + SOARBENCH_GENEVAL_SERVER; weights mask2former-mmdet and "
                    "clip-vit-large-patch14)"],

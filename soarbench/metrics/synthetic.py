@@ -18,7 +18,7 @@ for HPS v2.1, the 768-d aesthetic head). Real-scale towers are saved in fp16 by 
 fp32), which halves the disk written; the values are random, so scores mean nothing, but the compute per image
 is that of the real model.
 
-Tokenizers are built offline from the CLIP BPE vocabulary open_clip ships (soarbench.models.tokenizer), so no
+Tokenizers are built offline from the CLIP BPE vocabulary open_clip ships (soarbench.clip_tokenizer), so no
 builder touches the network.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def clip_config(scale: str = "tiny", *, family: str = "openai", projection_dim: 
     """A transformers CLIPConfig. family "openai" (ViT-L/14, quick_gelu) or "laion" (ViT-H/14, gelu: PickScore)."""
     from transformers import CLIPConfig
 
-    from soarbench.models.tokenizer import CLIP_VOCAB_SIZE
+    from soarbench.clip_tokenizer import CLIP_VOCAB_SIZE
 
     check_scale(scale)
     if family not in ("openai", "laion"):
@@ -123,7 +123,7 @@ def write_clip_processor(folder: str | Path) -> Path:
     """preprocessor_config.json and the CLIP tokenizer files (vocab, merges, tokenizer.json and configs)."""
     from transformers import CLIPTokenizer
 
-    from soarbench.models.tokenizer import write_clip_tokenizer_files
+    from soarbench.clip_tokenizer import write_clip_tokenizer_files
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

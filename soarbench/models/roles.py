@@ -24,8 +24,9 @@ from typing import Iterator
 
 import torch
 
+from soarbench.models.guidance import cfg_velocity
 from soarbench.models.sd3 import SD3Adapter, TextEmbeddings
-from soarbench.rl import lora as L
+from soarbench.models import lora as L
 
 ROLES = ("policy", "ref", "old", "ema")
 
@@ -133,8 +134,6 @@ class Roles:
     def velocity(self, z: torch.Tensor, sigma: torch.Tensor, text: TextEmbeddings, role: str = "policy",
                  guidance: float = 1.0, detach_uncond: bool = False) -> torch.Tensor:
         """v_role(z, sigma, text); with guidance != 1 the CFG velocity from one batched [uncond; cond] forward."""
-        from soarbench.sampling.ode import cfg_velocity
-
         with self.use(role) as net:
             def velocity(z, sigma, text):
                 return self.adapter.velocity(z, sigma, text, net)

@@ -43,7 +43,7 @@ def build_tiny_sd3(out_dir: Path, cfg: TinySD3Config) -> Path:
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from soarbench.models.tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer_files
+    from soarbench.clip_tokenizer import CLIP_VOCAB_SIZE, write_clip_tokenizer_files
 
     torch.manual_seed(cfg.seed)
     tok_dir = Path(out_dir) / "_tokenizer_src"

@@ -213,7 +213,7 @@ class CriticExport:
         from safetensors.torch import save
 
         from soarbench.io import atomic_write_bytes, atomic_write_text
-        from soarbench.rl import lora as L
+        from soarbench.models import lora as L
 
         folder = Path(folder)
         self.head.save_pretrained(folder)
@@ -232,7 +232,7 @@ def critic_backbone(folder: Path, base_folder: Path) -> nn.Module:
     LoRA merged in, or the critic's own transformer."""
     from diffusers import SD3Transformer2DModel
 
-    from soarbench.rl import lora as L
+    from soarbench.models import lora as L
 
     backbone = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("backbone", "reference")
     if backbone == "critic_transformer":
