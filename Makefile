@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test base clean perf perf-train gpu-check
+.PHONY: install demo test test-fast base clean perf perf-train gpu-check
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --dist worksteal
+
+# the lane without the tiny model (unit tests, closed forms, reference implementations): what a quick edit needs
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n auto --dist worksteal -m "not model"
 
 # re-create the committed base model from its recipe (long on a CPU; pass DEVICE=cuda on a GPU)
 DEVICE ?= auto

@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny SD3 built in the test session (the real diffusers classes, random weights)."""
+"""Shared fixtures: a tiny SD3 built in the test session (the real diffusers classes, random weights).
+
+Every test that needs that model (training, evaluation, the CLI end to end: anything using `tiny_model_dir`,
+directly or through another fixture) is marked `model`; `make test-fast` runs the others (`-m "not model"`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +15,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 MICRO = dict(image_size=32, vae_channels=(8, 8), latent_channels=4, text_hidden=16, text_layers=1, text_heads=2,
              text_max_length=16, layers=1, heads=2, head_dim=8, patch_size=2, seed=0)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tiny_model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.model)
 
 
 @pytest.fixture(scope="session")
