@@ -21,10 +21,10 @@ from soarbench.rng import keyed_generator
 
 # ---- options ----------------------------------------------------------------------------------------------------
 def test_options_take_toml_numbers_as_their_fields_types():
-    o = GroupOptions(lora_alpha=64, guidance=1, group_size=2, batch_size=4)
+    o = GroupOptions(lora_alpha=64, guidance=1, group_size=2.0, batch_size=4, lora=True)
     assert isinstance(o.lora_alpha, float) and o.lora_alpha == 64.0
     assert isinstance(o.guidance, float) and o.guidance == 1.0
-    assert isinstance(o.group_size, int) and o.rewards is None
+    assert isinstance(o.group_size, int) and o.group_size == 2 and o.lora is True and o.rewards is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         o.group_size = 3  # frozen: a method cannot change its options under a run
 

@@ -41,9 +41,6 @@ from soarbench.rl.rewards import RewardFunction, parse_weights
 from soarbench.rl.rollout import Trajectory, encode_once, initial_noise, random_window, sde_rollout
 from soarbench.rng import keyed_generator
 
-_COERCE = {"int": int, "float": float, "bool": bool}
-
-
 def trained_timesteps(seed: int, unit: int, ids, transitions: int, count: int) -> torch.Tensor:
     """(B, count) long: for each global sample index, the first `count` entries of a random permutation of its
     `transitions` trainable steps, keyed by (seed, unit, "timesteps", sample) (DanceGRPO, DiffusionNFT)."""
@@ -77,11 +74,12 @@ class GroupOptions:
     min_group: ClassVar[int] = 2  # the actor-critic's critic is its baseline: groups of one are allowed there
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):  # TOML's 64 for a float option, as the method's arithmetic expects
-            cast = _COERCE.get(f.type)
+        for f in dataclasses.fields(self):  # TOML's 64 for a float option (and 4.0 for an int), nothing else
             value = getattr(self, f.name)
-            if cast is not None and value is not None and not isinstance(value, cast):
-                object.__setattr__(self, f.name, cast(value))
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif f.type == "int" and isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, f.name, int(value))
         self.check()
 
     def check(self) -> None:
