@@ -77,9 +77,20 @@ def _killed_after(args, delay: float) -> int:
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_model_dir, shapes_data, tmp_path_factory):
-    """method -> (config, uninterrupted run folder, (its duration, the moment training began) in seconds), each
-    run once per module."""
+def startup(tiny_model_dir, shapes_data, tmp_path_factory) -> float:
+    """Seconds a `soarbench` command takes to start (imports, the CLI): a dry run, which loads no model."""
+    folder = tmp_path_factory.mktemp("startup")
+    cfg = _write_config(folder, tiny_model_dir, shapes_data, "sft")
+    return _timed(["train", "--config", cfg, "--out", folder / "r", "--dry-run"])[0]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, shapes_data, tmp_path_factory, startup):
+    """method -> (config, uninterrupted run folder, (its duration as a command, the moment training began) in
+    seconds), each run once per module, in this process (`soarbench train`'s own path, without the interpreter's
+    start): the crashed commands, each a process of its own, must reproduce it bit for bit."""
+    from soarbench.cli import run_training
+
     done: dict[str, tuple[Path, Path, tuple[float, float]]] = {}
 
     def get(method: str) -> tuple[Path, Path, tuple[float, float]]:
@@ -87,7 +98,12 @@ def straight(tiny_model_dir, shapes_data, tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"straight_{method}")
             cfg = _write_config(folder, tiny_model_dir, shapes_data, method)
             run = folder / "run"
-            done[method] = cfg, run, _timed(["train", "--config", cfg, "--out", run], started=run / "config.toml")
+            threads, start = torch.get_num_threads(), time.time()
+            try:
+                run_training(cfg, run, log=lambda m: None, progress=lambda *a, **k: None)
+            finally:
+                torch.set_num_threads(threads)  # the config's threads = 1 is this run's, not the worker's
+            done[method] = cfg, run, (startup + time.time() - start, startup)
         return done[method]
 
     return get
