@@ -262,6 +262,18 @@ def require_frozen_copies(ctx: Ctx, method: str, copies: str) -> None:
                         f"train.components = [\"transformer\"])")
 
 
+def trained_weights(ctx: Ctx, method: str, lora: bool, r: int, alpha: float,
+                    copies: str | None = None) -> list[torch.nn.Parameter]:
+    """The policy's trained parameters: a LoRA of rank r (made before any second adapter, so it holds the trained
+    adapter only) or the whole transformer; under full fine-tuning a method that keeps frozen `copies` of the
+    transformer is refused in one line where they cannot exist (`require_frozen_copies`)."""
+    if lora:
+        return ctx.roles.lora(r, alpha)
+    if copies:
+        require_frozen_copies(ctx, method, copies)
+    return ctx.roles.full(("transformer",))
+
+
 def log_pair(total: torch.Tensor, count: float) -> tuple[float, float]:
     """A (sum, count) log entry; the loop sums both over micro-batches and ranks."""
     return float(total.detach().float()), float(count)

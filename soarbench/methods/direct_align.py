@@ -56,7 +56,8 @@ import torch
 from soarbench.errors import UserError, did_you_mean
 from soarbench.cost import UnitCost
 from soarbench.rng import keyed_generator, keyed_randn
-from soarbench.methods.base import Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, eval_mode, log_pair
+from soarbench.methods.base import (Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, eval_mode, log_pair,
+                                    trained_weights)
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.rewards import RewardFunction, parse_weights
 
@@ -254,7 +255,7 @@ class DirectAlign(MethodBase):
 
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
         roles = ctx.roles
-        params = roles.lora(self.lora_r, self.lora_alpha) if self.use_lora else roles.full(("transformer",))
+        params = trained_weights(ctx, self.name, self.use_lora, self.lora_r, self.lora_alpha)
         if self.use_ema:
             roles.add_ema(params, self.ema_decay, self.ema_every)
         self.reward_fn = RewardFunction.from_config(self.weights, self.reward_options)

@@ -34,7 +34,7 @@ import torch
 from soarbench.cost import UnitCost
 from soarbench.errors import UserError
 from soarbench.methods.base import (Ctx, LossOutput, MethodBase, ParamGroup, RunShape, deal_steps, eval_mode,
-                                    log_pair, require_frozen_copies, require_geneval_rows, samples_per_step)
+                                    log_pair, require_geneval_rows, samples_per_step, trained_weights)
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.rl.ppo import PPOStep, ppo_step
 from soarbench.rl.rewards import RewardFunction, parse_weights
@@ -174,12 +174,7 @@ class GroupRollout(MethodBase):
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
         """LoRA (or the whole transformer), the method's roles, the EMA evaluation uses, the reward models."""
         o, roles = self.opt, ctx.roles
-        if o.lora:
-            params = roles.lora(o.lora_r, o.lora_alpha)  # before "old" exists: the trained adapter only
-        else:
-            if self.frozen_copies:
-                require_frozen_copies(ctx, self.name, self.frozen_copies)
-            params = roles.full(("transformer",))
+        params = trained_weights(ctx, self.name, o.lora, o.lora_r, o.lora_alpha, self.frozen_copies)
         for role in self.roles_needed():
             roles.add_role(role)
         if o.ema:

@@ -63,7 +63,7 @@ from soarbench.errors import UserError, did_you_mean
 from soarbench.cost import UnitCost
 from soarbench.rng import keyed_generator
 from soarbench.methods.base import (Batch, Ctx, LossOutput, MethodBase, Micro, ParamGroup, RunShape, eval_mode,
-                                    log_pair, require_frozen_copies)
+                                    log_pair, trained_weights)
 from soarbench.methods.sft import FlowMatchingDraw, draw_flow_matching
 from soarbench.models.sd3 import TextEmbeddings
 from soarbench.sampling.ode import euler_sample
@@ -186,13 +186,9 @@ class SePPO(MethodBase):
                         micro_batches=shape.accumulation, samples_per_step=n)
 
     def setup(self, ctx: Ctx) -> list[ParamGroup]:
-        roles = ctx.roles
-        if self.use_lora:
-            params = roles.lora(self.lora_r, self.lora_alpha)  # before "old" exists: the trained adapter only
-        else:
-            require_frozen_copies(ctx, "seppo", "the reference pool's snapshots and the reference")
-            params = roles.full(("transformer",))
-        roles.add_role(ROLE)
+        params = trained_weights(ctx, "seppo", self.use_lora, self.lora_r, self.lora_alpha,
+                                 "the reference pool's snapshots and the reference")
+        ctx.roles.add_role(ROLE)
         return [ParamGroup(params)]
 
     def unit_logs(self, buffer: Pairs) -> dict[str, float]:
