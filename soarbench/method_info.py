@@ -95,6 +95,9 @@ _METHOD_OPTIONS = {
         "value_loss_weight": "weight of the critic's MSE to the per-reward scores",
         "value_lr": "learning rate of the value head",
         "value_width": "width of the value head's 2-layer MLP",
+        "critic": "the value function's backbone: diffusion (the transformer with an adapter of its own, the "
+                  "paper's) | head (an MLP on the frozen reference's features)",
+        "critic_lr": "learning rate of the diffusion critic's adapter (default: train.lr)",
     },
     "dance_grpo": {
         "eta": "noise scale of the 'dance' SDE step",
