@@ -70,7 +70,7 @@ class EvalSpec:
     precision: str = "fp32"  # fp32 | bf16 | fp16 autocast while sampling
 
     @classmethod
-    def from_config(cls, cfg: dict, num_steps: int | None = None) -> "EvalSpec":
+    def from_config(cls, cfg: dict) -> "EvalSpec":
         """A run's [eval] table (the same for its own evaluations and for the experiment's base): precision "auto"
         is the training's mixed precision (fp32 without)."""
         ecfg = cfg.get("eval", {})
@@ -78,7 +78,7 @@ class EvalSpec:
         if precision == "auto":
             mixed = cfg["train"]["mixed_precision"]
             precision = "fp32" if mixed == "no" else mixed
-        return cls(seed=int(ecfg.get("seed", 0)), batch_size=int(ecfg.get("batch_size", 64)), num_steps=num_steps,
+        return cls(seed=int(ecfg.get("seed", 0)), batch_size=int(ecfg.get("batch_size", 64)),
                    guidance=ecfg.get("guidance"), metric_names=ecfg.get("metrics") or None, precision=precision)
 
 

@@ -121,6 +121,7 @@ class ActorCriticOptions(PPOOptions):
     critic_lr: float | None = None  # None: train.lr
 
     min_group = 1  # the critic, not the group, is the baseline: groups of one are allowed
+    min_group_why = "(the critic is the baseline)"
 
     def check(self) -> None:
         super().check()

@@ -45,7 +45,8 @@ import torch
 from soarbench.cost import UnitCost
 from soarbench.errors import UserError, did_you_mean
 from soarbench.methods.base import Ctx, LossOutput, Micro, RunShape, log_pair
-from soarbench.methods.group import Epoch, GroupOptions, GroupRollout, ppo_logs, trained_timesteps
+from soarbench.methods.group import (Epoch, GroupOptions, GroupRollout, ppo_logs, trained_timesteps,
+                                     training_guidance)
 from soarbench.models.roles import Roles
 from soarbench.rl.advantages import group_zscore
 from soarbench.models.lora import EMA
@@ -110,10 +111,9 @@ class DanceGRPOOptions(GroupOptions):
     ema_schedule: str = "step"
     round_timestep: bool = False
 
+    min_group_why = "(the unbiased std of a group of one is undefined)"
+
     def check(self) -> None:
-        if self.group_size < 2:
-            raise UserError(f"[method] group_size must be >= 2 (the unbiased std of a group of one is undefined), "
-                            f"got {self.group_size}")
         super().check()
         if self.sde_type not in SDE_VARIANTS:
             raise did_you_mean("[method] sde_type", str(self.sde_type), SDE_VARIANTS)
@@ -148,8 +148,8 @@ class DanceGRPO(GroupRollout):
     def plan(self, shape: RunShape) -> UnitCost:
         """One epoch (all processes): N-step rollouts, rewards, and K trained timesteps per sample. No reference."""
         o = self.opt
-        train_cfg = self.cfg_factor(o.guidance) if o.cfg_train else 1
-        return self.epoch_cost(shape, no_grad_fwd=0, fwd_bwd=o.batch_size * self.K * train_cfg)
+        return self.epoch_cost(shape, no_grad_fwd=0,
+                               fwd_bwd=o.batch_size * self.K * self.cfg_factor(training_guidance(o)))
 
     def add_ema(self, roles: Roles, params) -> None:
         if self.opt.ema_schedule == "epoch":  # the reference's: constant decay, once per epoch
@@ -173,13 +173,13 @@ class DanceGRPO(GroupRollout):
         sampling calls of rollout_batch_size images."""
         o, shape = self.opt, noise.shape[1:]
         chunk, count = o.rollout_batch_size or len(share.ids), len(share.ids)
+        velocity, sigmas = self.velocity(ctx), self.sigmas(ctx.adapter)
         parts = []
         for lo in range(0, count, chunk):
             ids = share.ids[lo:lo + chunk]
             parts.append(sde_rollout(ctx.adapter, text[lo:lo + chunk], noise[lo:lo + chunk], num_steps=o.num_steps,
                                      guidance=o.guidance, variant=o.sde_type, noise_level=o.eta,
-                                     sde_window=(0, o.num_steps - 1), velocity=self.velocity(ctx),
-                                     sigmas=self.sigmas(ctx.adapter),
+                                     sde_window=(0, o.num_steps - 1), velocity=velocity, sigmas=sigmas,
                                      noise_fn=lambda i, ids=ids: ctx.randn(shape, ids, f"sde_{i}")))
         return Trajectory.cat(parts)
 
@@ -192,15 +192,14 @@ class DanceGRPO(GroupRollout):
         columns = trained_timesteps(ctx.seed, ctx.unit, range(len(epoch.prompts)), self.opt.num_steps - 1, self.K)
         return epoch.traj.trainable_steps().cpu().gather(1, columns).to(ctx.device)
 
-    def epoch_logs(self, ctx: Ctx, epoch: Epoch) -> dict[str, float]:
-        return {"reward_mean": float(epoch.rewards.mean()), "reward_std": float(epoch.rewards.std(correction=0)),
-                **self.score_logs(epoch)}
+    def extra_logs(self, epoch: Epoch) -> dict[str, float]:
+        return {"reward_std": float(epoch.rewards.std(correction=0))}
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, _, text, column = micro.data
         o = self.opt
         step = ppo_step(ctx.adapter, epoch.traj.select(idx), epoch.steps[idx, column], text,
-                        o.guidance if o.cfg_train else 1.0, epoch.advantages[idx], o.clip_range,
+                        training_guidance(o), epoch.advantages[idx], o.clip_range,
                         policy=self.velocity(ctx))
         logs = ppo_logs(step, len(idx))
         logs["ratio_dev"] = log_pair((step.policy.ratio - 1).abs().sum(), len(idx))  # mean |ratio - 1|: 0 on-policy

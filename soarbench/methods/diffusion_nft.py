@@ -174,9 +174,8 @@ class DiffusionNFT(GroupRollout):
         return trained_timesteps(ctx.seed, ctx.unit, range(len(epoch.prompts)), self.opt.num_steps,
                                  self.trained_steps()).to(ctx.device)
 
-    def epoch_logs(self, ctx: Ctx, epoch: Epoch) -> dict[str, float]:
-        return {"reward_mean": float(epoch.rewards.mean()), "advantage_abs_mean": float(epoch.advantages.abs().mean()),
-                **self.score_logs(epoch)}
+    def extra_logs(self, epoch: Epoch) -> dict[str, float]:
+        return {"advantage_abs_mean": float(epoch.advantages.abs().mean())}
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, _, text, column = micro.data

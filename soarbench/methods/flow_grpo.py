@@ -56,9 +56,8 @@ class FlowGRPO(PPOMethod):
         epoch.advantages = adv.to(ctx.device)
         epoch.extra["nonzero"] = nonzero
 
-    def epoch_logs(self, ctx: Ctx, epoch: Epoch) -> dict[str, float]:
-        return {"reward_mean": float(epoch.rewards.mean()),
-                "kept_fraction": float(epoch.extra["nonzero"].float().mean()), **self.score_logs(epoch)}
+    def extra_logs(self, epoch: Epoch) -> dict[str, float]:
+        return {"kept_fraction": float(epoch.extra["nonzero"].float().mean())}
 
     def loss(self, ctx: Ctx, micro: Micro) -> LossOutput:
         epoch, idx, _, text, column = micro.data

@@ -7,7 +7,7 @@
         def sample(self, ctx, share, text, noise)           # the rollout: a Trajectory (SDE) or clean latents (ODE)
         def advantages(self, ctx, epoch)                    # epoch.advantages (and epoch.kept, when it drops samples)
         def trained_columns(self, ctx, epoch) -> (N, K)     # the trained step of each sample, per column
-        def epoch_logs(self, ctx, epoch) -> dict            # the epoch's scalars
+        def extra_logs(self, epoch) -> dict                 # the method's own scalars of the epoch
         def loss(self, ctx, micro) -> LossOutput            # micro.data = (epoch, idx, row, text, column)
 
 One epoch (one unit of work; everything keyed by (seed, epoch, purpose, global sample index), so a step's
@@ -72,6 +72,7 @@ class GroupOptions:
     resolution: int = 0  # rollout size in pixels; 0: the VAE's sample_size (SD3.5: set 512)
 
     min_group: ClassVar[int] = 2  # the actor-critic's critic is its baseline: groups of one are allowed there
+    min_group_why: ClassVar[str] = "for group-relative advantages"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # TOML's 64 for a float option (and 4.0 for an int), nothing else
@@ -85,8 +86,7 @@ class GroupOptions:
     def check(self) -> None:
         k, n, steps = self.group_size, self.batch_size, self.optimizer_steps_per_epoch
         if k < self.min_group:
-            why = " for group-relative advantages" if self.min_group > 1 else ""
-            raise UserError(f"[method] group_size must be >= {self.min_group}{why}, got {k}")
+            raise UserError(f"[method] group_size must be >= {self.min_group} {self.min_group_why}, got {k}")
         if k > n:
             raise UserError(f"[method] group_size = {k} is larger than the batch of {n} images per epoch: one "
                             f"group must fit in a batch")
@@ -206,11 +206,12 @@ class GroupRollout(MethodBase):
         return epoch.traj.trainable_steps()[:, : self.trained_steps()]
 
     def epoch_logs(self, ctx: Ctx, epoch: Epoch) -> dict[str, float]:
-        return {"reward_mean": float(epoch.rewards.mean()), **self.score_logs(epoch)}
+        """reward_mean, the method's own scalars (`extra_logs`), then reward_<metric> for each metric."""
+        return {"reward_mean": float(epoch.rewards.mean()), **self.extra_logs(epoch),
+                **{f"reward_{name}": float(v.mean()) for name, v in epoch.scores.items()}}
 
-    @staticmethod
-    def score_logs(epoch: Epoch) -> dict[str, float]:
-        return {f"reward_{name}": float(v.mean()) for name, v in epoch.scores.items()}
+    def extra_logs(self, epoch: Epoch) -> dict[str, float]:
+        return {}
 
     @torch.no_grad()
     def collect(self, ctx: Ctx, data) -> Epoch:
@@ -293,7 +294,7 @@ class PPOMethod(GroupRollout):
 
     def train_cfg(self) -> int:
         """Forwards per trained (sample, step): 2 when the recomputation batches [uncond; cond] as the rollout."""
-        return self.cfg_factor(self.opt.guidance) if self.opt.cfg_train else 1
+        return self.cfg_factor(training_guidance(self.opt))
 
     def roles_needed(self) -> list[str]:
         return ["ref"] if self.opt.beta > 0 else []
@@ -313,10 +314,16 @@ class PPOMethod(GroupRollout):
         """The PPO-clip (+ beta KL to "ref") loss of the micro-batch's recorded step (a sum over its samples)."""
         o = self.opt
         traj = epoch.traj.select(idx)
-        step = ppo_step(ctx.adapter, traj, epoch.steps[idx, column], text, o.guidance if o.cfg_train else 1.0,
+        step = ppo_step(ctx.adapter, traj, epoch.steps[idx, column], text, training_guidance(o),
                         advantages, o.clip_range, o.beta, policy=ctx.velocity_of("policy"),
                         reference=ctx.velocity_of("ref") if o.beta > 0 else None)
         return LossOutput(loss=step.total.sum(), logs=ppo_logs(step, len(idx)))
+
+
+def training_guidance(opt) -> float:
+    """The CFG scale the log-probs are recomputed with: the rollouts' with cfg_train (so the first ratio is 1), else
+    1 (the conditional velocity alone)."""
+    return opt.guidance if opt.cfg_train else 1.0
 
 
 def ppo_logs(step: PPOStep, n: int) -> dict[str, tuple[float, float]]:
